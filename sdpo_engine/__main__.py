@@ -1,0 +1,3 @@
+from sdpo_engine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""`python -m sdpo_engine …`: the engine without a server.
+
+  tiny-model OUT_DIR              build the offline tiny model
+  base-model NAME_OR_PATH OUT_DIR a plain trainable directory from a built-in name or GGUF file
+  run …                           a whole sDPO job in this process
+  step SPEC.json                  one step (what a worker runs in a child process)
+  validate FILE                   the validation report as JSON (exit 0 only when valid)
+
+The command names and flags are a contract (see docs/CONTRACTS.md): the worker, the README and
+the benchmarks call them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdpo_engine", description="Stepwise DPO (sDPO) on TRL")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiny-model", help="build the deterministic tiny Llama-style model offline")
+    t.add_argument("out_dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+
+    b = sub.add_parser("base-model", help="materialise sdpo-tiny, smollm2-135m or a .gguf as a plain HF directory")
+    b.add_argument("model")
+    b.add_argument("out_dir")
+
+    r = sub.add_parser("run", help="run a whole sDPO job in this process")
+    r.add_argument("--model", required=True,
+                   help="a model directory, a .gguf file, sdpo-tiny, smollm2-135m, or a hub id (needs network)")
+    r.add_argument("--step-file", action="append", dest="step_files",
+                   help="one preference file per step, in order (repeat)")
+    r.add_argument("--train-file", help="one file to partition into --steps chunks")
+    r.add_argument("--partition", choices=["random", "stratified", "easy_to_hard", "hard_to_easy"])
+    r.add_argument("--steps", type=int, help="number of steps T for --partition")
+    r.add_argument("--sizes", help="comma-separated chunk sizes for --partition random")
+    r.add_argument("--eval-file", help="held-out pairs; metrics against the base model after every step")
+    r.add_argument("--out", required=True, help="output directory (re-running continues where it stopped)")
+    r.add_argument("--beta", type=float)
+    r.add_argument("--learning-rate", type=float)
+    r.add_argument("--epochs", type=int, dest="n_epochs")
+    r.add_argument("--batch-size", type=int)
+    r.add_argument("--gradient-accumulation-steps", type=int)
+    r.add_argument("--max-length", type=int)
+    r.add_argument("--loss-type")
+    r.add_argument("--warmup-ratio", type=float)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--source-field", default="source")
+    r.add_argument("--lora-r", type=int, help="train a LoRA adapter of this rank (merged after every step)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    s = sub.add_parser("step", help="run one step from a JSON spec (JSON lines on stdout)")
+    s.add_argument("spec")
+
+    v = sub.add_parser("validate", help="validate a preference file; prints the report as JSON")
+    v.add_argument("file")
+    v.add_argument("--source-field", default="source")
+    v.add_argument("--tokenizer", help="model directory whose tokenizer counts tokens")
+    v.add_argument("--max-length", type=int)
+    return p
+
+
+HPARAM_FLAGS = ("beta", "learning_rate", "n_epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+                "loss_type", "warmup_ratio")
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(summary: dict, file=sys.stdout) -> None:
+    """The per-step table a person reads: lineage and the numbers the method predicts."""
+    print(f"{'step':>4}  {'reference -> output':<44} {'first_loss':>10} {'gamma_ref':>10} {'last_loss':>10} "
+          f"{'rew_acc':>7} {'margin':>8} {'heldout_acc':>11}", file=file)
+    for s in summary["steps"]:
+        ref = s["reference"]["path"].rsplit("/", 1)[-1]
+        out = s["output"]["path"].rsplit("/", 1)[-1]
+        held = s.get("eval", {}).get("reward_accuracy")
+        print(f"{s['index']:>4}  {ref + ' -> ' + out:<44} {_fmt(s['first_loss'])!s:>10} "
+              f"{_fmt(s['mean_gamma_ref'], '.3f'):>10} {_fmt(s['last_loss']):>10} {_fmt(s['reward_accuracy'], '.3f'):>7} "
+              f"{_fmt(s['reward_margin'], '.3f'):>8} {_fmt(held, '.3f'):>11}", file=file)
+    print(f"final checkpoint: {summary['final_checkpoint']}", file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "step":
+        from .step import main_step
+
+        return main_step(args.spec)
+
+    if args.command == "validate":
+        from .data import validate_file
+
+        tokenizer = None
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        report = validate_file(args.file, source_field=args.source_field, tokenizer=tokenizer,
+                               max_length=args.max_length)
+        print(json.dumps(report, indent=2))
+        return 0 if report["valid"] else 1
+
+    if args.command == "tiny-model":
+        from .tiny import build_tiny_model
+
+        print(build_tiny_model(args.out_dir, seed=args.seed, overwrite=args.overwrite))
+        return 0
+
+    if args.command == "base-model":
+        from pathlib import Path
+
+        from .models import convert_gguf, resolve_base_model, smollm2_gguf_path
+        from .tiny import build_tiny_model
+
+        if args.model == "sdpo-tiny":
+            print(build_tiny_model(args.out_dir))
+        elif args.model == "smollm2-135m":
+            print(convert_gguf(smollm2_gguf_path(), args.out_dir))
+        elif args.model.endswith(".gguf"):
+            print(convert_gguf(args.model, args.out_dir))
+        else:
+            print(resolve_base_model(args.model, Path(args.out_dir).parent))
+        return 0
+
+    # run
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    from .partition import PartitionError
+    from .sdpo import run_sdpo
+
+    if args.train_file and not (args.partition and args.steps):
+        print("error: --train-file needs --partition and --steps", file=sys.stderr)
+        return 2
+    hyper = {k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None}
+
+    def emit(event):
+        if args.quiet:
+            return
+        if event.get("event") == "metrics":
+            print(f"step {event['step']} [{event['global_step']}/{event.get('max_steps')}] "
+                  f"loss={event.get('loss', float('nan')):.4f} acc={event.get('rewards/accuracies', 0):.2f} "
+                  f"margin={event.get('rewards/margins', 0):.3f}", file=sys.stderr)
+        elif event.get("event") == "info" and event.get("phase") in ("reference_logps", "eval", "source_scores"):
+            print(json.dumps(event), file=sys.stderr)
+
+    try:
+        summary = run_sdpo(
+            args.model, args.out, step_files=args.step_files, train_file=args.train_file, strategy=args.partition,
+            n_steps=args.steps, sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None,
+            eval_file=args.eval_file, hyperparameters=hyper, seed=args.seed, source_field=args.source_field,
+            lora={"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None, device=args.device,
+            emit=emit)
+    except (ConfigError, DataError, ModelError, PartitionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, DataError) and getattr(e, "report", None):
+            for err in e.report.get("errors", [])[:20]:
+                print(f"  line {err['line']}: {err.get('field') or '-'}: {err['reason']}", file=sys.stderr)
+        return 2
+    print_table(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The whole sDPO loop in one process: base model -> T steps, each starting from and referenced by
+the previous step's output. What `python -m sdpo_engine run` does; the service runs the same
+steps one by one on workers instead.
+
+Output layout under `out_dir`:
+  base/ (only when the base had to be built or converted), data/step-K.jsonl (each step's chunk),
+  step-K/ (checkpoint + manifest), work/step-K/ (trainer checkpoints for resume),
+  metrics.jsonl (one line per logged optimizer step), summary.json.
+
+Re-running the same command continues: a finished step (its checkpoint exists) is not trained
+again, and an interrupted one resumes from its trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import StepConfig
+from .data import load_pairs, write_pairs
+from .manifest import read_manifest
+from .partition import partition, source_order
+
+STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
+
+
+def score_sources(model_dir: str | Path, pairs: list[dict], *, max_length: int, device: str = "auto",
+                  batch_size: int = 8) -> dict[str, float]:
+    """The paper's (v2) difficulty of each source: share of its pairs where the initial model already
+    prefers the chosen answer (gamma > 0). Higher = easier."""
+    from .step import load_policy, pair_logps, resolve_device
+
+    device = resolve_device(device)
+    tokenizer, model = load_policy(model_dir, device)
+    chosen, rejected = pair_logps(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
+                                  device=device)
+    if len(chosen) != len(pairs):
+        raise ValueError("some pairs' prompts reach max_length; raise max_length to score sources")
+    wins: dict[str, list[int]] = {}
+    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
+        wins.setdefault(pair.get("source") or "(none)", []).append(int(c - r > 0))
+    return {source: sum(v) / len(v) for source, v in sorted(wins.items())}
+
+
+def plan_chunks(out_dir: Path, base: Path, *, step_files, train_file, strategy, n_steps, seed, sizes,
+                source_field, max_length, device, emit) -> tuple[list[Path], dict]:
+    """Write each step's chunk to out_dir/data and say how they were made."""
+    data_dir = out_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if step_files:
+        chunks = []
+        for k, f in enumerate(step_files, start=1):
+            target = data_dir / f"step-{k}.jsonl"
+            write_pairs(load_pairs(f, source_field=source_field), target)
+            chunks.append(target)
+        return chunks, {"strategy": "files", "files": [str(Path(f).resolve()) for f in step_files]}
+
+    pairs = load_pairs(train_file, source_field=source_field)
+    info: dict = {"strategy": strategy, "n_steps": n_steps, "seed": seed, "train_file": str(Path(train_file).resolve())}
+    scores = None
+    if strategy in ("easy_to_hard", "hard_to_easy"):
+        scores = score_sources(base, pairs, max_length=max_length, device=device)
+        info["source_scores"] = scores
+        info["source_order"] = source_order(scores, strategy)
+        emit({"event": "info", "phase": "source_scores", "scores": scores, "order": info["source_order"]})
+    index_chunks = partition(pairs, strategy, n_steps, seed=seed, sizes=sizes, source_scores=scores)
+    chunks = []
+    for k, idx in enumerate(index_chunks, start=1):
+        target = data_dir / f"step-{k}.jsonl"
+        write_pairs([pairs[i] for i in idx], target)
+        chunks.append(target)
+    info["sizes"] = [len(c) for c in index_chunks]
+    return chunks, info
+
+
+def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = None, train_file: str | None = None,
+             strategy: str | None = None, n_steps: int | None = None, sizes: list[int] | None = None,
+             eval_file: str | None = None, hyperparameters: dict | None = None, seed: int = 0,
+             source_field: str = "source", lora: dict | None = None, device: str = "auto",
+             emit: Callable[[dict], None] | None = None) -> dict:
+    """Run a whole sDPO job in this process and return the summary (also written to summary.json)."""
+    from .models import resolve_base_model
+    from .step import run_step
+
+    if bool(step_files) == bool(train_file):
+        raise ValueError("give either step files (one per step) or a train file with a partition strategy")
+    if train_file and strategy not in STRATEGIES:
+        raise ValueError(f"partition strategy must be one of {', '.join(STRATEGIES)}")
+    hyperparameters = {**(hyperparameters or {})}
+    hyperparameters.setdefault("seed", seed)
+    cfg = StepConfig.from_dict(hyperparameters)  # fail before any work on a bad value
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    user_emit = emit or (lambda e: None)
+    t0 = time.perf_counter()
+    base = resolve_base_model(model, out_dir / "base")
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_fh = metrics_path.open("a", encoding="utf-8")
+
+    def relay(event: dict):
+        if event.get("event") == "metrics":
+            metrics_fh.write(json.dumps({k: v for k, v in event.items() if k != "event"}) + "\n")
+            metrics_fh.flush()
+        user_emit(event)
+
+    try:
+        chunks, plan = plan_chunks(out_dir, base, step_files=step_files, train_file=train_file, strategy=strategy,
+                                   n_steps=n_steps, seed=seed, sizes=sizes, source_field=source_field,
+                                   max_length=cfg.max_length, device=device, emit=relay)
+        steps = []
+        previous = base
+        for k, chunk in enumerate(chunks, start=1):
+            output = out_dir / f"step-{k}"
+            manifest = read_manifest(output)
+            if manifest is None:
+                summary = run_step({
+                    "index": k, "policy_init": str(previous), "train_file": str(chunk),
+                    "output_dir": str(output), "work_dir": str(out_dir / "work" / f"step-{k}"),
+                    "hyperparameters": cfg.to_dict(), "eval_file": eval_file,
+                    "eval_reference": str(base) if eval_file else None, "lora": lora, "device": device,
+                    "source_field": source_field,
+                }, emit=relay)
+            else:  # finished in an earlier run of the same command
+                summary = {**manifest["metrics"], "reference": manifest["reference"],
+                           "output": {"path": str(output), "sha256": manifest["checkpoint_sha256"]}}
+                relay({"event": "info", "phase": "skip_finished_step", "step": k})
+            steps.append(_step_row(k, chunk, summary))
+            previous = output
+            gc.collect()
+    finally:
+        metrics_fh.close()
+
+    result = {
+        "model": model,
+        "base": str(base),
+        "partition": plan,
+        "hyperparameters": cfg.to_dict(),
+        "eval_file": str(Path(eval_file).resolve()) if eval_file else None,
+        "steps": steps,
+        "final_checkpoint": steps[-1]["output"]["path"],
+        "seconds": time.perf_counter() - t0,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _step_row(k: int, chunk: Path, summary: dict) -> dict:
+    keys = ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "pairs",
+            "train_seconds", "global_steps")
+    row = {"index": k, "chunk": str(chunk), "reference": summary["reference"], "output": summary["output"],
+           **{key: summary.get(key) for key in keys}}
+    if "eval" in summary:
+        row["eval"] = summary["eval"]
+    return row

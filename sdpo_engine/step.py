@@ -1,0 +1,504 @@
+"""One sDPO step on TRL's DPOTrainer. The only module of the engine that imports TRL.
+
+Step t of sDPO starts its policy from checkpoint M_{t-1} *and* uses that same checkpoint, frozen,
+as the reference. Because the reference is exactly the initial policy, its log-probs on the
+step's chunk are computed once before training with the policy itself
+(`precompute_ref_log_probs=True`, no `ref_model`): no second model sits in memory, and the first
+loss of every step is ln 2 with zero rewards (checked by the tests).
+
+`run_step(spec, emit)` reads top to bottom:
+  check the spec -> held-out reference log-probs (fixed reference, e.g. the base model) ->
+  load the policy -> build the trainer (precomputes the reference) -> train (resuming if a trainer
+  checkpoint exists) -> held-out metrics -> save the output atomically with a manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, StepConfig
+from .data import DataError, fingerprint, load_pairs
+from .manifest import checkpoint_identity, write_checkpoint_atomically
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a resumable trainer checkpoint
+
+Emit = Callable[[dict], None]
+
+
+class SpecError(ValueError):
+    """The step spec itself is wrong (missing key, bad path). No retry helps."""
+
+
+class StepStopped(Exception):
+    """Training stopped on SIGTERM or the stop file; a trainer checkpoint is in `work_dir`."""
+
+    def __init__(self, global_step: int, checkpoint: str | None):
+        super().__init__(f"stopped at global step {global_step}; resumable checkpoint: {checkpoint}")
+        self.global_step = global_step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class StepSpec:
+    """What one step needs. Paths are local; the worker downloads from storage before it runs."""
+
+    index: int
+    policy_init: str
+    train_file: str
+    output_dir: str
+    work_dir: str
+    hyperparameters: dict = field(default_factory=dict)
+    eval_file: str | None = None
+    eval_reference: str | None = None
+    stop_file: str | None = None
+    lora: LoraSpec | None = None
+    device: str = "auto"
+    source_field: str = "source"
+    save_steps: int = 0  # >0: also save a trainer checkpoint every N optimizer steps (crash recovery)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepSpec:
+        if not isinstance(d, dict):
+            raise SpecError("the step spec must be a JSON object")
+        required = ("index", "policy_init", "train_file", "output_dir", "work_dir")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise SpecError(f"step spec misses {', '.join(missing)}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"unknown step spec keys: {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("lora"):
+            d["lora"] = LoraSpec(**d["lora"])
+        spec = cls(**d)
+        if not isinstance(spec.index, int) or spec.index < 1:
+            raise SpecError("index must be an integer >= 1")
+        if not (Path(spec.policy_init) / "config.json").is_file():
+            raise SpecError(f"policy_init {spec.policy_init} is not a model directory (no config.json)")
+        if not Path(spec.train_file).is_file():
+            raise SpecError(f"train_file {spec.train_file} does not exist")
+        if spec.eval_file and not spec.eval_reference:
+            raise SpecError("eval_file needs eval_reference (the fixed reference model, normally the base model)")
+        if spec.device not in ("auto", "cpu", "cuda"):
+            raise SpecError("device must be auto, cpu or cuda")
+        return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device cuda requested but no CUDA device is available")
+    return device
+
+
+def load_policy(path: str | Path, device: str):
+    """Tokenizer and model from a local checkpoint directory. Never `trust_remote_code`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # float32 weights: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
+    # mixed precision while the optimizer keeps float32 master weights.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    return tokenizer, model.to(device)
+
+
+def to_trl_rows(pairs: list[dict], tokenizer) -> list[dict]:
+    """The engine's normalised pairs in the form TRL reads.
+
+    With a chat template the conversational form goes in as is (TRL applies the template). Without
+    one, messages are flattened to strings: a single-message prompt keeps its exact text, so a
+    standard-format file trains exactly as the user wrote it.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+
+    def flat(messages):
+        return "\n".join(m["content"] for m in messages)
+
+    return [{"prompt": flat(p["prompt"]), "chosen": flat(p["chosen"]), "rejected": flat(p["rejected"])}
+            for p in pairs]
+
+
+def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int = 0, **overrides):
+    """TRL's DPOConfig for one step. Every value that differs from TRL's defaults says why."""
+    import torch
+    from trl import DPOConfig
+
+    on_gpu = device == "cuda"
+    kwargs = dict(
+        output_dir=output_dir,
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.n_epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        loss_type=[cfg.loss_type],
+        # transformers 5 reads a float in [0, 1) as a ratio of the step's optimizer steps.
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else 0,
+        lr_scheduler_type="linear",
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # sDPO: the reference is the initial policy, so precompute it with the policy itself.
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=max(cfg.batch_size, 8),
+        # CPU cannot run bf16 and TRL defaults to it; on GPU use it when the card supports it.
+        bf16=bool(on_gpu and torch.cuda.is_bf16_supported()),
+        use_cpu=not on_gpu,
+        # Checkpointing trades compute for memory; small models and CPU runs do not need it.
+        gradient_checkpointing=False,
+        logging_steps=1,
+        logging_first_step=True,
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps if save_steps > 0 else 500,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    kwargs.update(overrides)
+    return DPOConfig(**kwargs)
+
+
+def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None):
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOTrainer
+
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        peft_config=peft_config,
+    )
+    # Our Relay callback reports every log as a JSON line; the printer would repeat it on stdout.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 8,
+               device: str = "cpu") -> tuple[list[float], list[float]]:
+    """Summed completion log-probs (chosen, rejected) of each pair under `model`.
+
+    Computed by TRL's own reference pass (same tokenization, truncation and masking as training),
+    so a gamma computed here equals the gamma_ref a step trained against.
+    """
+    with tempfile.TemporaryDirectory(prefix="sdpo-logps-") as tmp:
+        cfg = StepConfig(max_length=max_length, batch_size=batch_size)
+        args = dpo_config(cfg, tmp, device, precompute_ref_batch_size=batch_size)
+        trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer), args)
+        ds = trainer.train_dataset
+        chosen, rejected = list(ds["ref_chosen_logps"]), list(ds["ref_rejected_logps"])
+    return chosen, rejected
+
+
+def gammas(chosen: list[float], rejected: list[float]) -> list[float]:
+    """gamma = log p(chosen) - log p(rejected), the paper's per-pair preference."""
+    return [c - r for c, r in zip(chosen, rejected, strict=True)]
+
+
+def preference_metrics(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]],
+                       beta: float) -> dict:
+    """Held-out metrics against a fixed reference: implicit reward margin and its accuracy."""
+    pc, pr = policy
+    rc, rr = reference
+    margins = [beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc, pr, rc, rr, strict=True)]
+    n = len(margins)
+    if n == 0:
+        return {"pairs": 0}
+    return {
+        "pairs": n,
+        "reward_accuracy": sum(m > 0 for m in margins) / n,
+        "reward_margin": sum(margins) / n,
+        # reference-free: does the policy itself prefer the chosen answer?
+        "preference_accuracy": sum(g > 0 for g in gammas(pc, pr)) / n,
+        "mean_gamma": sum(gammas(pc, pr)) / n,
+    }
+
+
+class _StopRequest:
+    """Set by SIGTERM or by the stop file appearing; checked after every optimizer step."""
+
+    def __init__(self, stop_file: str | None):
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.signalled = False
+
+    def install(self):
+        def handler(signum, frame):
+            self.signalled = True
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. called from a test thread): stop file only
+            pass
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or bool(self.stop_file and self.stop_file.exists())
+
+
+def _callbacks(index: int, emit: Emit, stop: _StopRequest):
+    from transformers import TrainerCallback
+
+    class Relay(TrainerCallback):
+        """Turns every TRL log into one JSON metrics line, with tokens/s since the previous log."""
+
+        def __init__(self):
+            self.last_time = time.perf_counter()
+            self.last_tokens = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if "train_runtime" in logs:  # the trainer's closing summary, not a step
+                emit({"event": "info", "phase": "train_end", "step": index, "global_step": state.global_step,
+                      **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+                return
+            now = time.perf_counter()
+            tokens = logs.get("num_tokens")
+            tps = None
+            if tokens is not None and self.last_tokens is not None and now > self.last_time:
+                tps = (tokens - self.last_tokens) / (now - self.last_time)
+            self.last_time, self.last_tokens = now, tokens
+            emit({"event": "metrics", "step": index, "global_step": state.global_step,
+                  "max_steps": state.max_steps, **logs, "tokens_per_second": tps})
+
+    class Stopper(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return [Relay(), Stopper()]
+
+
+def _last_trainer_checkpoint(work_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(work_dir):
+        return None
+    return get_last_checkpoint(work_dir)
+
+
+def _summary_from_history(history: list[dict], n_epochs: int) -> dict:
+    """first/last loss and the last epoch's mean reward accuracy and margin, from the trainer's log."""
+    steps = [h for h in history if "loss" in h and "train_runtime" not in h]
+    if not steps:
+        return {}
+    last_epoch_start = max(0.0, float(n_epochs) - 1.0)
+    last_epoch = [h for h in steps if h.get("epoch", 0) > last_epoch_start] or steps[-1:]
+
+    def mean(key):
+        vals = [h[key] for h in last_epoch if key in h]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "first_loss": steps[0]["loss"],
+        "first_rewards_chosen": steps[0].get("rewards/chosen"),
+        "first_rewards_rejected": steps[0].get("rewards/rejected"),
+        "last_loss": steps[-1]["loss"],
+        "reward_accuracy": mean("rewards/accuracies"),
+        "reward_margin": mean("rewards/margins"),
+        "global_steps": steps[-1].get("step"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
+    """Run one sDPO step. Returns the summary (also written into the output's manifest).
+
+    Raises SpecError / ConfigError / DataError for bad input, StepStopped when stopped on request.
+    """
+    import torch
+    from transformers import set_seed
+
+    emit = emit or (lambda event: None)
+    if isinstance(spec, dict):
+        spec = StepSpec.from_dict(spec)
+    cfg = StepConfig.from_dict(spec.hyperparameters)
+    device = resolve_device(spec.device)
+    out_dir = Path(spec.output_dir).resolve()
+    if out_dir.exists():
+        raise SpecError(f"output_dir {out_dir} already exists; a step never overwrites a checkpoint")
+    stop = _StopRequest(spec.stop_file)
+    stop.install()
+    t_start = time.perf_counter()
+
+    pairs = load_pairs(spec.train_file, source_field=spec.source_field)
+    data_sha256 = fingerprint(spec.train_file)
+    reference = checkpoint_identity(spec.policy_init)
+    emit({"event": "info", "phase": "start", "step": spec.index, "pairs": len(pairs), "device": device,
+          "reference": reference, "data_sha256": data_sha256, "config": cfg.to_dict()})
+
+    # Held-out reference log-probs first, so at most one model is in memory at any time.
+    eval_pairs, eval_ref = None, None
+    if spec.eval_file:
+        eval_pairs = load_pairs(spec.eval_file, source_field=spec.source_field)
+        ref_tok, ref_model = load_policy(spec.eval_reference, device)
+        eval_ref = pair_logps(ref_model, ref_tok, eval_pairs, max_length=cfg.max_length,
+                              batch_size=max(cfg.batch_size, 8), device=device)
+        del ref_model
+        emit({"event": "info", "phase": "eval_reference", "step": spec.index, "pairs": len(eval_pairs)})
+
+    # Seed before the model (and a LoRA adapter) exist: the Trainer seeds only later.
+    set_seed(cfg.seed)
+    tokenizer, model = load_policy(spec.policy_init, device)
+    peft_config = None
+    if spec.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                                 target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps)
+    t_ref = time.perf_counter()
+    trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer), args,
+                            callbacks=_callbacks(spec.index, emit, stop), peft_config=peft_config)
+    ref_c = list(trainer.train_dataset["ref_chosen_logps"])
+    ref_r = list(trainer.train_dataset["ref_rejected_logps"])
+    g = gammas(ref_c, ref_r)
+    mean_gamma_ref = sum(g) / len(g) if g else float("nan")
+    emit({"event": "info", "phase": "reference_logps", "step": spec.index, "mean_gamma_ref": mean_gamma_ref,
+          "pairs_used": len(g), "pairs_dropped": len(pairs) - len(g),
+          "seconds": time.perf_counter() - t_ref})
+    if not g:
+        raise DataError(f"every pair's prompt reaches max_length={cfg.max_length}; nothing to train on")
+
+    resume_from = _last_trainer_checkpoint(spec.work_dir)
+    if resume_from:
+        emit({"event": "info", "phase": "resume", "step": spec.index, "checkpoint": resume_from})
+    if stop.requested:
+        raise StepStopped(0, resume_from)
+    t_train = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - t_train
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        checkpoint = _last_trainer_checkpoint(spec.work_dir)
+        raise StepStopped(trainer.state.global_step, checkpoint)
+
+    policy = trainer.model
+    if spec.lora:
+        # Merge so the saved checkpoint is a plain model: the next step's reference is then really
+        # this step's output, not the adapter-disabled base.
+        policy = policy.merge_and_unload()
+    policy.eval()
+
+    summary = {
+        "index": spec.index,
+        "mean_gamma_ref": mean_gamma_ref,
+        **_summary_from_history(trainer.state.log_history, cfg.n_epochs),
+        "pairs": len(pairs),
+        "pairs_used": len(g),
+        "train_seconds": train_seconds,
+        "resumed_from": resume_from,
+    }
+    if eval_pairs is not None:
+        eval_policy = pair_logps(policy, tokenizer, eval_pairs, max_length=cfg.max_length,
+                                 batch_size=max(cfg.batch_size, 8), device=device)
+        summary["eval"] = preference_metrics(eval_policy, eval_ref, cfg.beta)
+        emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"]})
+
+    manifest = {
+        "format": "sdpo-checkpoint/1",
+        "step": spec.index,
+        "config": cfg.to_dict(),
+        "lora": spec.lora.__dict__ if spec.lora else None,
+        "data_sha256": data_sha256,
+        "train_file": str(Path(spec.train_file).resolve()),
+        "reference": reference,
+        "metrics": summary,
+        "torch": torch.__version__,
+    }
+
+    def write(tmp: Path):
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    written = write_checkpoint_atomically(out_dir, write, manifest)
+    summary["output"] = {"path": str(out_dir), "sha256": written["checkpoint_sha256"]}
+    summary["reference"] = reference
+    summary["seconds"] = time.perf_counter() - t_start
+    emit({"event": "result", "step": spec.index, "summary": summary})
+    return summary
+
+
+def main_step(spec_path: str) -> int:
+    """`python -m sdpo_engine step SPEC.json`: JSON lines on stdout, exit code per CONTRACTS.md."""
+    import sys
+
+    # TRL/transformers print to stdout; keep stdout for our JSON lines only.
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr
+
+    def emit(event: dict):
+        out.write(json.dumps(_jsonable(event)) + "\n")
+        out.flush()
+
+    try:
+        with open(spec_path) as fh:
+            spec = StepSpec.from_dict(json.load(fh))
+        run_step(spec, emit)
+        return EXIT_OK
+    except StepStopped as e:
+        emit({"event": "stopped", "global_step": e.global_step, "checkpoint": e.checkpoint})
+        return EXIT_STOPPED
+    except (SpecError, ConfigError, DataError, json.JSONDecodeError, FileNotFoundError) as e:
+        payload = {"event": "error", "code": "invalid_input", "message": str(e)}
+        if isinstance(e, ConfigError):
+            payload["param"] = e.param
+        if isinstance(e, DataError) and getattr(e, "report", None):
+            payload["errors"] = e.report.get("errors", [])[:20]
+        emit(payload)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # the supervisor needs a line it can show, not only a traceback
+        import traceback
+
+        traceback.print_exc()
+        emit({"event": "error", "code": "step_failed", "message": f"{type(e).__name__}: {e}"})
+        return EXIT_FAILED
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
