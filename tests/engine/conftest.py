@@ -1,0 +1,27 @@
+"""Fixtures for the engine tests: one tiny model per session and small seeded preference files."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdpo_engine.sample_data import make_pairs, write_jsonl
+
+# Small enough (mirrored in test_step.py, since conftest modules are not importable) that a step takes about a second on two CPU cores, large enough to move the model.
+TINY_HPARAMS = {"learning_rate": 1e-3, "batch_size": 4, "max_length": 96, "beta": 0.1, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from sdpo_engine.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture()
+def chunk_files(tmp_path):
+    """Two step chunks and a held-out file, each mixing the easy and the hard source."""
+    return (
+        write_jsonl(make_pairs(8, seed=1), tmp_path / "c1.jsonl"),
+        write_jsonl(make_pairs(8, seed=2), tmp_path / "c2.jsonl"),
+        write_jsonl(make_pairs(6, seed=3), tmp_path / "eval.jsonl"),
+    )
