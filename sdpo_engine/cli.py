@@ -4,6 +4,7 @@
   base-model NAME_OR_PATH OUT_DIR a plain trainable directory from a built-in name or GGUF file
   run …                           a whole sDPO job in this process
   step SPEC.json                  one step (what a worker runs in a child process)
+  score-sources --model --file    the easy-to-hard scores of a file's sources (JSON)
   validate FILE                   the validation report as JSON (exit 0 only when valid)
 
 The command names and flags are a contract (see docs/CONTRACTS.md): the worker, the README and
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("step", help="run one step from a JSON spec (JSON lines on stdout)")
     s.add_argument("spec")
 
+    sc = sub.add_parser("score-sources", help="each source's share of pairs the model already prefers (JSON)")
+    sc.add_argument("--model", required=True)
+    sc.add_argument("--file", required=True)
+    sc.add_argument("--max-length", type=int, default=512)
+    sc.add_argument("--source-field", default="source")
+    sc.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
     v = sub.add_parser("validate", help="validate a preference file; prints the report as JSON")
     v.add_argument("file")
     v.add_argument("--source-field", default="source")
@@ -107,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                                max_length=args.max_length)
         print(json.dumps(report, indent=2))
         return 0 if report["valid"] else 1
+
+    if args.command == "score-sources":
+        from .data import load_pairs
+        from .sdpo import score_sources
+
+        pairs = load_pairs(args.file, source_field=args.source_field)
+        scores = score_sources(args.model, pairs, max_length=args.max_length, device=args.device)
+        print(json.dumps(scores))
+        return 0
 
     if args.command == "tiny-model":
         from .tiny import build_tiny_model

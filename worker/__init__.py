@@ -1,0 +1,1 @@
+"""The Celery worker: prepares jobs, runs each sDPO step in a supervised child process, finalises."""
