@@ -31,7 +31,7 @@ from core.queue import enqueue_after_commit, job_chain, make_celery
 from core.settings import get_settings
 from core.states import STEP_TERMINAL, JobStatus, StepStatus, sources, transition
 from sdpo_engine.data import load_pairs
-from sdpo_engine.manifest import read_manifest
+from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.partition import PartitionError, partition, source_order
 from worker import db
 from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
@@ -229,13 +229,21 @@ def run_step(job_id: str, index: int) -> Outcome:
         eval_file = _local(s.get(File, job.validation_file_id).storage_uri) if job.validation_file_id else None
         hyperparameters = dict(step.hyperparameters)
         source_field = (job.partition or {}).get("source_field") or "source"
-        owner = job.owner
+        owner, job_model = job.owner, job.model
         add_event(s, job_id, f"Step {index}/{job.n_steps} started (attempt {attempt}) on {me}; reference and "
                   f"initial policy: {reference_id or job.model}.", step_index=index,
                   data={"reference_checkpoint": reference_id, "attempt": attempt, "worker": me})
 
     base = _materialize(base_source)
     policy_init = policy_init or base
+    # A checkpoint handed over through storage is checked against its manifest before it is
+    # trained on: a truncated copy or a flipped byte must fail loudly, not train silently.
+    if read_manifest(policy_init) is not None:
+        problems = verify_checkpoint(policy_init)
+        if problems:
+            return _fail_job(job_id, index, "corrupt_checkpoint",
+                             f"Step {index} failed: its initial checkpoint {reference_id or job_model} is corrupt "
+                             f"({'; '.join(problems[:3])})", attempt=attempt)
     work = step_work_dir(job_id, index)
     attempt_dir = work / f"attempt-{attempt}"
     out_dir = attempt_dir / "output"

@@ -1,0 +1,51 @@
+"""The embedded default: `sdpo up` with SQLite and kombu's SQLAlchemy transport, no Redis."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from sdpo_cli.demo import run_demo
+
+from .conftest import free_port
+
+
+def test_sdpo_up_runs_the_two_step_demo_job_without_redis_or_postgres(tmp_path):
+    home = tmp_path / "home"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPO_")}
+    env.update({"SDPO_HOME": str(home), "SDPO_ADMIN_KEY": "sk-sdpo-embedded-test-key", "SDPO_DEVICE": "cpu"})
+    up = subprocess.Popen([sys.executable, "-m", "sdpo_cli.main", "up", "--port", str(port)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert up.poll() is None, up.stdout.read()
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "sdpo up did not become ready"
+            time.sleep(0.5)
+        out = io.StringIO()
+        job = run_demo(url, "sk-sdpo-embedded-test-key", n_epochs=1, timeout=600, out=out)
+        report = out.getvalue()
+        assert job["status"] == "succeeded", report + "".join((home / "logs" / "worker.log").read_text()[-3000:])
+        steps = httpx.get(f"{url}/v1/fine_tuning/jobs/{job['id']}/steps",
+                          headers={"Authorization": "Bearer sk-sdpo-embedded-test-key"}).json()["data"]
+        assert steps[1]["reference_checkpoint"] == steps[0]["output_checkpoint"]
+        assert "final checkpoint" in report and "heldout_acc" in report
+        # everything lives under SDPO_HOME: the SQLite database, the broker's file, the store
+        assert (home / "sdpo.db").is_file() and (home / "broker.db").is_file()
+        assert list((home / "storage" / "checkpoints" / job["id"]).glob("*/model.safetensors"))
+    finally:
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
