@@ -1,0 +1,1 @@
+"""/v1/files: upload (streamed and validated), list, retrieve, content, delete."""

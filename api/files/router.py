@@ -1,0 +1,121 @@
+"""HTTP only: parse, call the service, respond."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio.from_thread
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import AppServices, Principal, get_db, get_principal, get_services
+from api.files import service
+from api.files.schemas import FileDeleted, FileList, FileObject, file_object
+from api.idempotency import respond
+from core.errors import PayloadTooLarge
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+# Room for the multipart envelope (boundaries, part headers, the purpose field) around the file.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["file", "purpose"],
+            "properties": {
+                "file": {"type": "string", "format": "binary",
+                         "description": "JSONL preference pairs (standard, conversational or OpenAI format)."},
+                "purpose": {"type": "string", "enum": ["fine-tune"]},
+            },
+        }}},
+    }
+}
+
+
+def _blocking_chunks(request: Request) -> Iterator[bytes]:
+    """The request body as a plain iterator, for code running in a worker thread: each chunk is
+    awaited on the event loop as it is needed, so the body is never buffered whole."""
+    stream = request.stream().__aiter__()
+
+    async def next_chunk() -> bytes | None:
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    while (chunk := anyio.from_thread.run(next_chunk)) is not None:
+        yield chunk
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY,
+             summary="Upload a preference file (streamed, validated line by line)")
+async def create_file(
+    request: Request,
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
+) -> JSONResponse:
+    limit = services.settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + _MULTIPART_OVERHEAD:
+        raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.", param="file")
+
+    def upload() -> JSONResponse:
+        received = service.receive_upload(db, services, request.headers.get("content-type"),
+                                          _blocking_chunks(request))
+        return respond(request, db, principal, received.identity(),
+                       lambda: service.create_file(db, principal, received))
+
+    # Storage writes, hashing, validation and the database are blocking: run them off the loop.
+    return await run_in_threadpool(upload)
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    after: str | None = None,
+    limit: int | None = Query(None, description="1 to 10,000 (default 10,000)."),
+    order: str = Query("desc", description="asc or desc by creation time."),
+    purpose: str | None = None,
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+):
+    return service.list_files(db, principal, after=after, limit=limit, order=order, purpose=purpose)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    return file_object(service.get_file(db, principal, file_id))
+
+
+@router.get("/{file_id}/content", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def file_content(
+    file_id: str,
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
+) -> StreamingResponse:
+    row = service.get_file(db, principal, file_id)
+    return StreamingResponse(
+        service.file_content(services, row),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(row.bytes),
+                 "Content-Disposition": f"attachment; filename=\"{row.id}.jsonl\""},
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(
+    file_id: str,
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
+):
+    body = service.delete_file(db, services, principal, file_id)
+    db.commit()
+    return body

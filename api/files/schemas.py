@@ -1,0 +1,59 @@
+"""Response shapes of /v1/files (OpenAI's file object plus sDPO extensions)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from core.clock import to_unix
+from core.models import File
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None = None
+    expires_at: int | None = None
+    # Extensions
+    sha256: str
+    format: str | None
+    rows: int
+    stats: dict[str, Any] | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+def file_object(row: File) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "object": "file",
+        "bytes": row.bytes,
+        "created_at": to_unix(row.created_at),
+        "filename": row.filename,
+        "purpose": row.purpose,
+        "status": row.status,
+        "status_details": row.status_details,
+        "expires_at": None,
+        "sha256": row.sha256,
+        "format": row.format,
+        "rows": row.rows,
+        "stats": (row.report or {}).get("stats"),
+    }

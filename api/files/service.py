@@ -1,0 +1,164 @@
+"""Files: receive an upload into storage, validate it, and keep a row only for a valid file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.deps import AppServices, Principal
+from api.files import repository
+from api.files.multipart import MultipartUpload
+from api.files.schemas import file_object
+from api.pagination import check_limit, page
+from core import ids
+from core.clock import utcnow
+from core.db import after_commit, after_rollback
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.models import File, FileStatus
+from core.storage import StoredObject
+from sdpo_engine.data import validate_file
+
+PURPOSE = "fine-tune"
+MAX_FILENAME = 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_READ_CHUNK = 1 << 20
+
+
+@dataclass
+class ReceivedUpload:
+    """A stored, validated upload that has no row yet."""
+
+    file_id: str
+    stored: StoredObject
+    filename: str
+    purpose: str
+    report: dict[str, Any]
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two uploads "the same request" for Idempotency-Key."""
+        return {"purpose": self.purpose, "filename": self.filename, "sha256": self.stored.sha256,
+                "bytes": self.stored.bytes}
+
+
+def clean_filename(name: str | None) -> str:
+    """The client's file name as display metadata: no directories, no control characters."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = _CONTROL.sub("", name).strip()
+    return name[:MAX_FILENAME] or "upload.jsonl"
+
+
+def receive_upload(db: Session, services: AppServices, content_type: str | None,
+                   raw_chunks: Iterable[bytes]) -> ReceivedUpload:
+    """Stream the upload to storage, then validate it. Anything wrong deletes the stored object
+    and raises; a valid upload stays stored until the request commits or rolls back."""
+    settings, storage = services.settings, services.storage
+    upload = MultipartUpload(content_type, allowed_fields=("purpose",))
+    file_id = ids.new_id(ids.FILE)
+    # The key is built from our id only: the client's file name never reaches the file system.
+    stored = storage.save_stream(f"files/{file_id}", upload.file_chunks(raw_chunks),
+                                 max_bytes=settings.max_upload_bytes)
+    # If the request never commits (an error later, a lost idempotency race, a failed commit),
+    # the object goes too.
+    after_rollback(db, lambda: storage.delete(stored.uri))
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose is None:
+            raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                                 code="missing_required_parameter")
+        if purpose != PURPOSE:
+            raise InvalidRequest(f"Invalid purpose {purpose!r}: this service only accepts '{PURPOSE}'.",
+                                 param="purpose", code="invalid_purpose")
+        report = validate_file(storage.local_path(stored.uri), max_errors=settings.max_reported_errors,
+                               max_line_bytes=settings.max_line_bytes)
+        if not report["valid"]:
+            count = report["error_count"]
+            raise InvalidRequest(
+                f"The file has {count} problem{'s' if count != 1 else ''}; nothing was stored. "
+                "Each problem is listed in `errors` with its line, field and reason.",
+                param="file", code="invalid_file",
+                extra={"errors": report["errors"], "error_count": count, "format": report["format"],
+                       "rows": report["rows"]},
+            )
+    except BaseException:
+        # Deleted here as well as by the rollback hook, so the object is gone before the error
+        # response leaves (the session is only closed after).
+        storage.delete(stored.uri)
+        raise
+    return ReceivedUpload(file_id=file_id, stored=stored, filename=clean_filename(upload.filename),
+                          purpose=purpose, report=report)
+
+
+def create_file(db: Session, principal: Principal, upload: ReceivedUpload) -> dict[str, Any]:
+    row = File(
+        id=upload.file_id,
+        owner=principal.owner,
+        filename=upload.filename,
+        bytes=upload.stored.bytes,
+        sha256=upload.stored.sha256,
+        purpose=upload.purpose,
+        format=upload.report["format"],
+        rows=upload.report["rows"],
+        status=FileStatus.PROCESSED,
+        report=upload.report,
+        storage_uri=upload.stored.uri,
+    )
+    db.add(row)
+    db.flush()
+    return file_object(row)
+
+
+def get_file(db: Session, principal: Principal, file_id: str) -> File:
+    row = repository.get_visible(db, principal.owner, file_id)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
+    return row
+
+
+def list_files(db: Session, principal: Principal, *, after: str | None, limit: int | None, order: str,
+               purpose: str | None) -> dict[str, Any]:
+    limit = check_limit(limit, default=10_000, maximum=10_000)
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be 'asc' or 'desc'.", param="order", code="invalid_value")
+    cursor = None
+    if after is not None:
+        cursor = repository.get_visible(db, principal.owner, after)
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no file {after!r}.", param="after", code="invalid_cursor")
+    rows, has_more = repository.list_page(db, principal.owner, after=cursor, limit=limit,
+                                          descending=order == "desc", purpose=purpose)
+    return page([file_object(r) for r in rows], has_more=has_more)
+
+
+def file_content(services: AppServices, row: File) -> Iterator[bytes]:
+    """The stored bytes, a megabyte at a time (never the whole file in memory). The object is
+    opened before the response starts, so a missing object fails as an error, not a cut body."""
+    handle = services.storage.open(row.storage_uri)
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while block := handle.read(_READ_CHUNK):
+                yield block
+
+    return chunks()
+
+
+def delete_file(db: Session, services: AppServices, principal: Principal, file_id: str) -> dict[str, Any]:
+    """Soft-delete: the row stays (finished jobs still name it) but answers 404 from now on; the
+    stored bytes are removed once the deletion has committed."""
+    row = repository.get_visible(db, principal.owner, file_id, for_update=True)
+    if row is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id", code="file_not_found")
+    users = repository.active_jobs_using(db, row.id)
+    if users:
+        raise Conflict(f"File {file_id} is used by unfinished job(s) {', '.join(sorted(users))}; "
+                       "cancel them or wait for them to finish.", param="file_id", code="file_in_use")
+    row.status = FileStatus.DELETED
+    row.deleted_at = utcnow()
+    db.flush()
+    uri = row.storage_uri
+    after_commit(db, lambda: services.storage.delete(uri))
+    return {"id": row.id, "object": "file", "deleted": True}

@@ -1,0 +1,115 @@
+"""HTTP only: parse, call the service, respond."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api.deps import AppServices, Principal, get_db, get_principal, get_services, json_body
+from api.errors import from_validation_errors
+from api.idempotency import respond
+from api.jobs import service
+from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList, job_object
+from api.openapi import json_body_doc
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("", response_model=JobObject, openapi_extra=json_body_doc(JobCreate),
+             summary="Create a dpo (one step) or sdpo (stepwise) fine-tuning job")
+def create_job(
+    request: Request,
+    principal: Principal = Depends(get_principal),  # before the body: auth errors come first
+    payload: Any = Depends(json_body),
+    db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
+):
+    try:
+        body = JobCreate.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors()) from None
+    return respond(request, db, principal, payload, lambda: service.create_job(db, services, principal, body))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request,
+    after: str | None = None,
+    limit: int | None = Query(None, description="1 to 100 (default 20)."),
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+):
+    metadata = service.metadata_filter(request.query_params.multi_items())
+    return service.list_jobs(db, principal, after=after, limit=limit, metadata=metadata)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def retrieve_job(job_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    return job_object(service.find_job(db, principal, job_id))
+
+
+def _state_route(action: str, summary: str):
+    def change(
+        job_id: str,
+        request: Request,
+        principal: Principal = Depends(get_principal),
+        db: Session = Depends(get_db),
+        services: AppServices = Depends(get_services),
+    ):
+        return respond(request, db, principal, {"action": action},
+                       lambda: service.change_state(db, services, principal, job_id, action))
+
+    change.__name__ = f"{action}_job"
+    router.add_api_route(f"/{{job_id}}/{action}", change, methods=["POST"], response_model=JobObject,
+                         summary=summary)
+
+
+_state_route("cancel", "Cancel a job now; unfinished steps are cancelled and a running one is stopped")
+_state_route("pause", "Pause a job (queued: at once; running: after the step saves its state)")
+_state_route("resume", "Resume a paused job from its first unfinished step")
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def list_events(
+    job_id: str,
+    after: str | None = None,
+    limit: int | None = Query(None, description="1 to 100 (default 20)."),
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+):
+    return service.list_events(db, principal, job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(
+    job_id: str,
+    after: str | None = None,
+    limit: int | None = Query(None, description="1 to 100 (default 10)."),
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+):
+    return service.list_checkpoints(db, principal, job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/checkpoints/{checkpoint_id}/content", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-tar": {}}}},
+            summary="Download a checkpoint directory as a tar stream")
+def checkpoint_content(
+    job_id: str,
+    checkpoint_id: str,
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
+) -> StreamingResponse:
+    name, chunks = service.checkpoint_tar(db, services, principal, job_id, checkpoint_id)
+    return StreamingResponse(chunks, media_type="application/x-tar",
+                             headers={"Content-Disposition": f"attachment; filename=\"{name}\""})
+
+
+@router.get("/{job_id}/steps", response_model=StepList, summary="Per-step lineage, status and metrics (sDPO)")
+def list_steps(job_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    return service.list_steps(db, principal, job_id)

@@ -1,0 +1,270 @@
+"""Request and response shapes of /v1/fine_tuning/jobs.
+
+Requests are validated with these models (unknown fields refused at every level); responses
+follow OpenAI's objects, with sDPO extensions added as extra fields that OpenAI's SDK keeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from core.clock import to_unix
+from core.jobs import fine_tuned_model_name
+from core.models import Checkpoint, Event, Job, JobStep
+
+# ------------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DpoSpec(_Strict):
+    hyperparameters: dict[str, Any] | None = Field(
+        None, description="beta, learning_rate or learning_rate_multiplier, n_epochs, batch_size, max_length, "
+                          "loss_type, …: numbers or \"auto\".")
+
+
+class SdpoStepSpec(_Strict):
+    training_file: StrictStr
+    hyperparameters: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters.")
+
+
+class PartitionSpec(_Strict):
+    strategy: StrictStr = Field(description="random, stratified, easy_to_hard or hard_to_easy.")
+    n_steps: StrictInt = Field(description="T: the number of chunks (steps).")
+    source_field: StrictStr | None = Field(None, description="Field naming each pair's source (default source).")
+    sizes: list[StrictInt] | None = Field(None, description="Rows per chunk (random/stratified), summing to rows.")
+
+
+class SdpoSpec(_Strict):
+    hyperparameters: dict[str, Any] | None = None
+    steps: list[SdpoStepSpec] | None = Field(None, description="One uploaded file per step (as in the paper).")
+    partition: PartitionSpec | None = Field(None, description="Or: split training_file into n_steps chunks.")
+
+
+class MethodSpec(_Strict):
+    type: StrictStr = Field(description="dpo (one step) or sdpo (stepwise).")
+    dpo: DpoSpec | None = None
+    sdpo: SdpoSpec | None = None
+    # OpenAI's other methods, accepted in shape only to answer `unsupported_method`.
+    supervised: Any = None
+    reinforcement: Any = None
+
+
+class JobCreate(_Strict):
+    model: StrictStr
+    training_file: StrictStr | None = None
+    validation_file: StrictStr | None = None
+    hyperparameters: dict[str, Any] | None = Field(None, description="OpenAI's deprecated form of "
+                                                   "method.dpo.hyperparameters (used when method is absent).")
+    method: MethodSpec | None = None
+    seed: StrictInt | None = None
+    suffix: StrictStr | None = None
+    metadata: dict[str, Any] | None = None
+    integrations: list[Any] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Responses
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    hyperparameters: dict[str, Any]
+    training_file: str
+    validation_file: str | None
+    result_files: list[str]
+    trained_tokens: int | None
+    error: JobError | None
+    seed: int
+    estimated_finish: int | None
+    integrations: list[Any]
+    metadata: dict[str, str] | None
+    method: dict[str, Any]
+    user_provided_suffix: str | None
+    # Extensions
+    n_steps: int
+    current_step: int
+    started_at: int | None
+    updated_at: int | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobObject]
+    has_more: bool
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None
+    type: str
+    step: int | None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventObject]
+    has_more: bool
+
+
+class CheckpointObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+    step_index: int
+    sha256: str | None
+    bytes: int | None
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class StepObject(BaseModel):
+    object: Literal["fine_tuning.job.step"] = "fine_tuning.job.step"
+    index: int
+    status: str
+    training_file: str | None
+    chunk: dict[str, Any] | None
+    reference_checkpoint: str | None
+    policy_init_checkpoint: str | None
+    output_checkpoint: str | None
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+    attempt: int
+    error: dict[str, Any] | None
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+
+class StepList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StepObject]
+    has_more: bool
+
+
+OPENAI_HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs", "beta")
+STEP_METRICS = ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "eval")
+
+
+def job_object(job: Job) -> dict[str, Any]:
+    hp = job.hyperparameters or {}
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": to_unix(job.created_at),
+        "finished_at": to_unix(job.finished_at),
+        "model": job.model,
+        "fine_tuned_model": job.fine_tuned_model,
+        "organization_id": job.owner,
+        "status": job.status,
+        "hyperparameters": {k: hp.get(k) for k in OPENAI_HYPERPARAMETERS},
+        "training_file": job.training_file_id,
+        "validation_file": job.validation_file_id,
+        "result_files": [],
+        "trained_tokens": job.trained_tokens,
+        "error": job.error,
+        "seed": job.seed,
+        "estimated_finish": to_unix(job.estimated_finish),
+        "integrations": [],
+        "metadata": job.metadata_,
+        "method": job.method,
+        "user_provided_suffix": job.suffix,
+        "n_steps": job.n_steps,
+        "current_step": job.current_step,
+        "started_at": to_unix(job.started_at),
+        "updated_at": to_unix(job.updated_at),
+    }
+
+
+def event_object(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "object": "fine_tuning.job.event",
+        "created_at": to_unix(event.created_at),
+        "level": event.level,
+        "message": event.message,
+        "data": event.data,
+        "type": event.type,
+        "step": event.step_index,
+    }
+
+
+def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict[str, Any]:
+    metrics = dict(checkpoint.metrics or {})
+    # OpenAI's checkpoint metrics keys, filled from the step summary where one exists.
+    metrics.setdefault("step", checkpoint.step_index)
+    if "train_loss" not in metrics and metrics.get("last_loss") is not None:
+        metrics["train_loss"] = metrics["last_loss"]
+    return {
+        "id": checkpoint.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": to_unix(checkpoint.created_at),
+        "fine_tuned_model_checkpoint": f"{fine_tuned_model_name(job)}:ckpt-step-{checkpoint.step_index}",
+        "fine_tuning_job_id": checkpoint.job_id,
+        "metrics": metrics,
+        # OpenAI counts optimizer steps here; an sDPO checkpoint is the end of an sDPO step.
+        "step_number": checkpoint.step_index,
+        "step_index": checkpoint.step_index,
+        "sha256": checkpoint.sha256,
+        "bytes": checkpoint.bytes,
+    }
+
+
+def step_object(step: JobStep) -> dict[str, Any]:
+    recorded = step.metrics or {}
+    metrics = {key: recorded.get(key) for key in STEP_METRICS}
+    metrics.update({k: v for k, v in recorded.items() if k not in metrics})
+    chunk = None
+    if step.chunk_stats is not None or step.chunk_uri is not None:
+        # The chunk's storage location stays internal; its statistics are what users need.
+        chunk = {"stats": step.chunk_stats, "rows": (step.chunk_stats or {}).get("rows")}
+    hp = dict(step.hyperparameters or {})
+    return {
+        "object": "fine_tuning.job.step",
+        "index": step.index,
+        "status": step.status,
+        "training_file": step.training_file_id,
+        "chunk": chunk,
+        "reference_checkpoint": step.reference_checkpoint_id,
+        "policy_init_checkpoint": step.policy_init_checkpoint_id,
+        "output_checkpoint": step.output_checkpoint_id,
+        "hyperparameters": hp,
+        "metrics": metrics,
+        "attempt": step.attempt,
+        "error": step.error,
+        "created_at": to_unix(step.created_at),
+        "started_at": to_unix(step.started_at),
+        "finished_at": to_unix(step.finished_at),
+    }

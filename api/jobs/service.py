@@ -1,0 +1,156 @@
+"""Jobs: create (checked spec -> job + T steps + one chained message after the commit), read,
+and the cancel / pause / resume state changes (delegated to core.jobs, which the worker shares)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.deps import AppServices, Principal
+from api.jobs import repository, spec
+from api.jobs.schemas import JobCreate, checkpoint_object, event_object, job_object, step_object
+from api.pagination import check_limit, page
+from core import ids
+from core.errors import InvalidRequest, NotFound
+from core.jobs import add_event, cancel_job, get_job, get_steps, pause_job, resume_job
+from core.models import Job, JobStep
+from core.queue import enqueue_after_commit, job_chain
+from core.states import JobStatus, StepStatus, transition
+
+_METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
+
+
+def create_job(db: Session, services: AppServices, principal: Principal, body: JobCreate) -> dict[str, Any]:
+    plan = spec.build_plan(db, principal.owner, body, services.settings)
+    initial = plan.initial_checkpoint
+    job = Job(
+        id=ids.new_id(ids.JOB),
+        owner=principal.owner,
+        model=body.model,
+        model_id=plan.model.id,
+        initial_checkpoint_id=initial.id if initial else None,
+        training_file_id=plan.training_file.id,
+        validation_file_id=plan.validation_file.id if plan.validation_file else None,
+        method=plan.method,
+        hyperparameters=plan.hyperparameters,
+        partition=plan.partition,
+        n_steps=len(plan.steps),
+        status=JobStatus.VALIDATING_FILES,
+        seed=plan.seed,
+        suffix=plan.suffix,
+        metadata_=plan.metadata,
+    )
+    db.add(job)
+    for step in plan.steps:
+        # sDPO: step 1's policy and reference are the starting model (a checkpoint when branching;
+        # otherwise the registered model, recorded as None); later steps are filled by the worker
+        # with the previous step's output when it claims them.
+        start = initial.id if (initial and step.index == 1) else None
+        db.add(JobStep(
+            id=ids.new_id(ids.STEP),
+            job_id=job.id,
+            index=step.index,
+            status=StepStatus.PENDING,
+            training_file_id=step.training_file.id if step.training_file else None,
+            hyperparameters=step.config.to_dict(),
+            reference_checkpoint_id=start,
+            policy_init_checkpoint_id=start,
+        ))
+    # Files were validated at upload, so the job is queued in the same transaction.
+    transition(job, JobStatus.QUEUED)
+    db.flush()
+    enqueue_after_commit(db, job_chain(services.celery, job.id, [s.index for s in plan.steps]))
+    origin = f"checkpoint {initial.id}" if initial else f"model {plan.model.id}"
+    add_event(db, job.id, f"Created fine-tuning job {job.id}: {plan.method_type} with {job.n_steps} step(s) "
+                          f"from {origin}.", data={"n_steps": job.n_steps, "method": plan.method_type})
+    return job_object(job)
+
+
+def find_job(db: Session, principal: Principal, job_id: str, *, for_update: bool = False) -> Job:
+    job = get_job(db, job_id, owner=principal.owner, for_update=for_update)
+    if job is None:
+        raise NotFound(f"No fine-tuning job found with id {job_id}.", param="fine_tuning_job_id",
+                       code="job_not_found")
+    return job
+
+
+def metadata_filter(query_items: list[tuple[str, str]]) -> dict[str, str]:
+    """`metadata[key]=value` query parameters, as OpenAI's list endpoints take them."""
+    out = {}
+    for name, value in query_items:
+        match = _METADATA_QUERY.match(name)
+        if match:
+            out[match.group(1)] = value
+    return out
+
+
+def list_jobs(db: Session, principal: Principal, *, after: str | None, limit: int | None,
+              metadata: dict[str, str]) -> dict[str, Any]:
+    limit = check_limit(limit, default=20, maximum=100)
+    cursor = None
+    if after is not None:
+        cursor = get_job(db, after, owner=principal.owner)
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no job {after!r}.", param="after", code="invalid_cursor")
+    rows, has_more = repository.list_page(db, principal.owner, after=cursor, limit=limit, metadata=metadata)
+    return {"object": "list", "data": [job_object(j) for j in rows], "has_more": has_more}
+
+
+def change_state(db: Session, services: AppServices, principal: Principal, job_id: str,
+                 action: str) -> dict[str, Any]:
+    job = find_job(db, principal, job_id, for_update=True)
+    if action == "cancel":
+        cancel_job(db, job)
+    elif action == "pause":
+        pause_job(db, job)
+    elif action == "resume":
+        resume_job(db, job, services.celery)
+    else:  # pragma: no cover - routes pass fixed names
+        raise ValueError(action)
+    return job_object(job)
+
+
+def list_events(db: Session, principal: Principal, job_id: str, *, after: str | None,
+                limit: int | None) -> dict[str, Any]:
+    job = find_job(db, principal, job_id)
+    limit = check_limit(limit, default=20, maximum=100)
+    cursor = None
+    if after is not None:
+        cursor = repository.get_event(db, job.id, after)
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no event {after!r} in this job.", param="after",
+                                 code="invalid_cursor")
+    rows, has_more = repository.events_page(db, job.id, after=cursor, limit=limit)
+    return {"object": "list", "data": [event_object(e) for e in rows], "has_more": has_more}
+
+
+def list_checkpoints(db: Session, principal: Principal, job_id: str, *, after: str | None,
+                     limit: int | None) -> dict[str, Any]:
+    job = find_job(db, principal, job_id)
+    limit = check_limit(limit, default=10, maximum=100)
+    cursor = None
+    if after is not None:
+        cursor = repository.get_checkpoint(db, job.id, after)
+        if cursor is None:
+            raise InvalidRequest(f"Invalid cursor: no checkpoint {after!r} in this job.", param="after",
+                                 code="invalid_cursor")
+    rows, has_more = repository.checkpoints_page(db, job.id, after=cursor, limit=limit)
+    return page([checkpoint_object(c, job) for c in rows], has_more=has_more)
+
+
+def checkpoint_tar(db: Session, services: AppServices, principal: Principal, job_id: str,
+                   checkpoint_id: str) -> tuple[str, Iterator[bytes]]:
+    job = find_job(db, principal, job_id)
+    checkpoint = repository.get_checkpoint(db, job.id, checkpoint_id)
+    if checkpoint is None or not services.storage.exists(checkpoint.uri):
+        raise NotFound(f"No checkpoint {checkpoint_id} in job {job_id}.", param="checkpoint_id",
+                       code="checkpoint_not_found")
+    return f"{checkpoint.id}.tar", services.storage.iter_tar(checkpoint.uri)
+
+
+def list_steps(db: Session, principal: Principal, job_id: str) -> dict[str, Any]:
+    job = find_job(db, principal, job_id)
+    return {"object": "list", "data": [step_object(s) for s in get_steps(db, job.id)], "has_more": False}

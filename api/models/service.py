@@ -1,0 +1,82 @@
+"""Models: list what a caller may train from; let an admin register server-side models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.deps import AppServices, Principal
+from api.models import repository
+from api.models.schemas import ModelRegister, model_object
+from core.errors import Conflict, InvalidRequest, NotFound
+from core.models import ModelSource, RegisteredModel
+from sdpo_engine.config import ConfigError, StepConfig
+
+# No ":" (reserved for ft: names) and no "/" (ids are path segments).
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RESERVED_PREFIXES = ("ft-", "ftckpt-", "ftjob-", "file-")
+
+
+def list_models(db: Session, principal: Principal) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(r) for r in repository.list_visible(db, principal.owner)]}
+
+
+def get_model(db: Session, principal: Principal, model_id: str) -> dict[str, Any]:
+    row = repository.get_visible(db, principal.owner, model_id)
+    if row is None:
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    return model_object(row)
+
+
+def register_model(db: Session, services: AppServices, body: ModelRegister) -> dict[str, Any]:
+    if not MODEL_ID_RE.match(body.id) or body.id.startswith(RESERVED_PREFIXES):
+        raise InvalidRequest("id must be 1 to 128 of letters, digits, '.', '_' or '-', and must not start with "
+                             f"{', '.join(RESERVED_PREFIXES)}.", param="id", code="invalid_value")
+    path = _check_path(services, body.path, body.format)
+    defaults = dict(body.default_hyperparameters or {})
+    try:
+        # Checked now so that every job on this model starts from valid defaults.
+        StepConfig.from_dict(defaults)
+    except ConfigError as exc:
+        raise InvalidRequest(exc.message, param=f"default_hyperparameters.{exc.param}",
+                             code="invalid_hyperparameter") from None
+    if "seed" in defaults:
+        raise InvalidRequest("seed is set per job, not per model.", param="default_hyperparameters.seed",
+                             code="unknown_parameter")
+    if repository.exists(db, body.id):
+        raise Conflict(f"A model named '{body.id}' already exists.", param="id", code="model_exists")
+    row = RegisteredModel(
+        id=body.id,
+        owner=None,  # registered by an admin for everyone
+        source=ModelSource.GGUF if body.format == "gguf" else ModelSource.LOCAL,
+        uri=path.as_uri(),
+        default_hyperparameters=defaults,
+    )
+    db.add(row)
+    try:
+        db.flush()
+    except IntegrityError:  # a concurrent registration of the same id won the race
+        raise Conflict(f"A model named '{body.id}' already exists.", param="id", code="model_exists") from None
+    return model_object(row)
+
+
+def _check_path(services: AppServices, raw: str, fmt: str) -> Path:
+    path = Path(raw)
+    if not path.is_absolute():
+        raise InvalidRequest("path must be absolute.", param="path", code="invalid_value")
+    path = path.resolve()
+    roots = services.settings.model_roots
+    if roots and not any(path.is_relative_to(root) for root in roots):
+        raise InvalidRequest("path is outside the folders allowed by SDPO_MODEL_ROOTS.", param="path",
+                             code="path_not_allowed")
+    if fmt == "hf":
+        if not (path / "config.json").is_file():
+            raise InvalidRequest("path must be a Hugging Face model directory (with config.json).", param="path",
+                                 code="invalid_model_path")
+    elif not (path.is_file() and path.suffix == ".gguf"):
+        raise InvalidRequest("path must be a .gguf file.", param="path", code="invalid_model_path")
+    return path

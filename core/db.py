@@ -1,0 +1,134 @@
+"""Engine and session setup for Postgres and SQLite, and the after-commit / after-rollback hooks.
+
+Rules this module makes easy to follow:
+
+- The caller that owns the unit of work (an HTTP request, a worker task) commits; services only
+  add and flush. `session_scope()` is that owner for scripts and tasks.
+- Side effects outside the database (sending a Celery message, deleting a stored object) are
+  registered with `after_commit()` / `after_rollback()` and run only once the outcome is known,
+  so a rolled-back request never leaves a queued task or a deleted file behind.
+- A worker process builds its own engine after fork (`make_engine` in the child); engines and
+  sessions are never shared across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_AFTER_COMMIT = "sdpo_after_commit"
+_AFTER_ROLLBACK = "sdpo_after_rollback"
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An engine for `url`, with the SQLite settings the embedded mode needs."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False}, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record):
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (see _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL: readers never block the writer (API reads while the worker heartbeats).
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # IMMEDIATE takes the write lock up front. A deferred transaction that reads and then
+        # writes fails at once with SQLITE_BUSY (busy_timeout cannot help it) when another
+        # writer committed in between; taking the lock first turns that into a short wait.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: the API renders objects after the commit without reloading them.
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any exception, always close."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        close_session(session)
+
+
+def close_session(session: Session) -> None:
+    """Close `session`, running the after-rollback callbacks of work that was never committed."""
+    try:
+        session.close()
+    finally:
+        _run(session, _AFTER_ROLLBACK)
+
+
+# ----------------------------------------------------------------------------------------------
+# After-commit / after-rollback callbacks, kept in session.info and run by session events.
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` once the session's outermost transaction has committed (dropped on rollback)."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def after_rollback(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` if the work is rolled back or the session is closed without a commit
+    (dropped on commit). Use it to undo a side effect that was done before the commit, such as a
+    stored upload."""
+    session.info.setdefault(_AFTER_ROLLBACK, []).append(callback)
+
+
+def _run(session: Session, which: str) -> None:
+    callbacks = session.info.pop(which, [])
+    session.info.pop(_AFTER_COMMIT if which == _AFTER_ROLLBACK else _AFTER_ROLLBACK, None)
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # one failing callback must not hide the others or the commit
+            log.exception("%s callback failed", which)
+
+
+@event.listens_for(Session, "after_commit")
+def _session_committed(session: Session) -> None:
+    # SQLAlchemy also fires after_commit when a SAVEPOINT is released; only the outermost commit
+    # makes the work visible to others.
+    if session.in_nested_transaction():
+        return
+    _run(session, _AFTER_COMMIT)
+
+
+@event.listens_for(Session, "after_rollback")
+def _session_rolled_back(session: Session) -> None:
+    if session.in_nested_transaction():
+        return
+    _run(session, _AFTER_ROLLBACK)

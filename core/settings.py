@@ -1,0 +1,89 @@
+"""One `Settings` object, read from `SDPO_*` environment variables once per process.
+
+Every path default is derived from `home` so that the embedded mode (`sdpo up` on a laptop) needs
+no configuration at all: SQLite database, SQLite-backed broker and local storage all live under
+one folder. Production overrides `database_url`, `broker_url` and `storage_dir` and must set a
+real admin key (refused otherwise, so a forgotten variable never exposes an open server).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_PRODUCTION_ADMIN_KEY_LENGTH = 32
+
+
+class Settings(BaseSettings):
+    """Configuration of the API and the worker. Build with `get_settings()` in a process, or
+    `Settings(home=..., database_url=...)` explicitly (tests, tools)."""
+
+    model_config = SettingsConfigDict(env_prefix="SDPO_", extra="ignore")
+
+    home: Path = Field(Path(".sdpo"), description="Folder for every default path (made absolute).")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///{home}/sdpo.db. Postgres: postgresql+psycopg://…")
+    broker_url: str | None = Field(
+        None, description="Celery broker; default kombu's SQLAlchemy transport on {home}/broker.db.")
+    storage_dir: Path | None = Field(None, description="Root of the local file store; default {home}/storage.")
+    admin_key: str | None = Field(None, description="Admin API key, registered (hashed) at API start-up.")
+    environment: Literal["development", "production"] = "development"
+
+    max_upload_bytes: int = Field(1 << 30, gt=0, description="Largest accepted upload (413 above).")
+    max_line_bytes: int = Field(1 << 20, gt=0, description="Longest accepted JSONL line.")
+    max_reported_errors: int = Field(
+        1000, gt=0, description="Problems listed in an upload's error report (error_count has the total).")
+    max_steps: int = Field(32, gt=0, description="Most sDPO steps one job may have.")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="If set (os.pathsep-separated), POST /v1/models only accepts paths under these folders.")
+
+    # For the worker (next issue); defined here so API and worker read the same values.
+    step_heartbeat_seconds: float = Field(15.0, gt=0)
+    step_stale_seconds: float = Field(120.0, gt=0)
+    max_step_attempts: int = Field(3, ge=1)
+    broker_visibility_timeout: int = Field(
+        6 * 3600, gt=0, description="Seconds before Redis redelivers an unacked task: longer than any step.")
+
+    light_queue: str = "sdpo.light"
+    train_queue: str = "sdpo.train"
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value):
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.home / 'sdpo.db'}"
+        if self.broker_url is None:
+            # kombu wants four slashes before an absolute path: "sqla+sqlite:////abs/broker.db".
+            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
+        self.storage_dir = (self.storage_dir or self.home / "storage").expanduser().resolve()
+        self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
+        if self.environment == "production":
+            if not self.admin_key:
+                raise ValueError("SDPO_ADMIN_KEY must be set when SDPO_ENVIRONMENT=production")
+            if len(self.admin_key) < MIN_PRODUCTION_ADMIN_KEY_LENGTH:
+                raise ValueError(
+                    f"SDPO_ADMIN_KEY must be at least {MIN_PRODUCTION_ADMIN_KEY_LENGTH} characters in production")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return str(self.database_url).startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

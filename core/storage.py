@@ -1,0 +1,238 @@
+"""Object storage for uploads, chunks and checkpoints.
+
+`Storage` is the interface the API and the worker use; `LocalStorage` keeps objects under one
+folder (a shared volume when API and workers run on several hosts). An S3-compatible store can
+implement the same methods later: `local_path` and `get_tree` would download to a local cache.
+
+Keys are always built by this service from ids (`files/file-…`, `checkpoints/ftjob-…/step-1`),
+never from user input; `_check_key` refuses anything that could escape the root anyway. A user's
+filename is kept as metadata in the database only.
+
+URIs look like `local://files/file-abc`: relative to the store's root, so a volume mounted at a
+different path on another host still resolves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from core.errors import PayloadTooLarge
+
+LOCAL_SCHEME = "local://"
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+_BLOCK = 512
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    uri: str
+    sha256: str
+    bytes: int
+
+
+class Storage(ABC):
+    """Where files and checkpoints live. Every method takes or returns a storage URI."""
+
+    @abstractmethod
+    def save_stream(self, key: str, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredObject:
+        """Write `chunks` to `key` atomically, hashing as it goes.
+
+        Raises `PayloadTooLarge` as soon as more than `max_bytes` arrive (the caller stops reading
+        its input); nothing is left behind then, nor on any other error.
+        """
+
+    @abstractmethod
+    def open(self, uri: str) -> BinaryIO:
+        """The object's bytes, as a binary file object (the caller closes it)."""
+
+    @abstractmethod
+    def local_path(self, uri: str) -> Path:
+        """A local path holding the object (for a remote store: a cached download)."""
+
+    @abstractmethod
+    def exists(self, uri: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, uri: str) -> None:
+        """Remove an object or a tree. Deleting what does not exist is not an error."""
+
+    @abstractmethod
+    def put_tree(self, local_dir: str | os.PathLike, key: str) -> str:
+        """Copy a directory (a checkpoint) into the store atomically; return its URI."""
+
+    @abstractmethod
+    def get_tree(self, uri: str, dest_dir: str | os.PathLike) -> Path:
+        """Copy a stored directory to `dest_dir` (which must not exist); return it."""
+
+    @abstractmethod
+    def iter_tar(self, uri: str) -> Iterator[bytes]:
+        """Stream a stored directory as an uncompressed tar, without building it in memory."""
+
+
+class LocalStorage(Storage):
+    """Objects as files under `root`. Writes go to a temp name, are fsynced, then renamed, so a
+    reader (or a crash) never sees half an object."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.root / ".tmp"
+        self._tmp.mkdir(exist_ok=True)
+
+    # -- keys and URIs
+
+    def uri_for(self, key: str) -> str:
+        _check_key(key)
+        return LOCAL_SCHEME + key
+
+    def _path(self, uri: str) -> Path:
+        if not uri.startswith(LOCAL_SCHEME):
+            raise ValueError(f"not a local storage uri: {uri!r}")
+        key = uri[len(LOCAL_SCHEME):]
+        _check_key(key)
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):  # belt and braces: _check_key already refuses ".."
+            raise ValueError(f"storage key escapes the root: {key!r}")
+        return path
+
+    def _temp_path(self) -> Path:
+        return self._tmp / uuid.uuid4().hex
+
+    # -- objects
+
+    def save_stream(self, key: str, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredObject:
+        uri = self.uri_for(key)
+        final = self._path(uri)
+        tmp = self._temp_path()
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in chunks:
+                    if not chunk:
+                        continue
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise PayloadTooLarge(
+                            f"The file is larger than the limit of {max_bytes} bytes.", param="file")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return StoredObject(uri=uri, sha256=digest.hexdigest(), bytes=size)
+
+    def open(self, uri: str) -> BinaryIO:
+        return open(self._path(uri), "rb")
+
+    def local_path(self, uri: str) -> Path:
+        return self._path(uri)
+
+    def exists(self, uri: str) -> bool:
+        return self._path(uri).exists()
+
+    def delete(self, uri: str) -> None:
+        path = self._path(uri)
+        if path.is_dir():
+            # Rename first so a half-deleted tree is never visible under its key.
+            doomed = self._temp_path()
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    # -- trees (checkpoints)
+
+    def put_tree(self, local_dir: str | os.PathLike, key: str) -> str:
+        source = Path(local_dir)
+        if not source.is_dir():
+            raise NotADirectoryError(source)
+        uri = self.uri_for(key)
+        final = self._path(uri)
+        tmp = self._temp_path()
+        try:
+            shutil.copytree(source, tmp)
+            _fsync_tree(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)  # fails if `final` is a non-empty directory: never overwrite
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return uri
+
+    def get_tree(self, uri: str, dest_dir: str | os.PathLike) -> Path:
+        dest = Path(dest_dir)
+        shutil.copytree(self._path(uri), dest)
+        return dest
+
+    def iter_tar(self, uri: str) -> Iterator[bytes]:
+        root = self._path(uri)
+        if not root.is_dir():
+            raise FileNotFoundError(uri)
+        return _tar_stream(root)
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid storage key: {key!r}")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _tar_stream(root: Path) -> Iterator[bytes]:
+    """Yield a tar of `root` (entries relative to it) a header or a megabyte at a time.
+
+    `tarfile` would copy each member whole into its output; writing headers with `tobuf()` and
+    the contents ourselves keeps memory flat for multi-gigabyte weight files.
+    """
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        info = tarfile.TarInfo(rel)
+        stat = path.stat()
+        info.mtime = int(stat.st_mtime)
+        info.mode = 0o755 if path.is_dir() else 0o644
+        if path.is_dir():
+            info.type = tarfile.DIRTYPE
+            yield info.tobuf(format=tarfile.PAX_FORMAT)
+            continue
+        if not path.is_file():
+            continue  # links and devices have no place in a checkpoint
+        info.size = stat.st_size
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        sent = 0
+        with open(path, "rb") as f:
+            while sent < info.size:
+                block = f.read(min(_READ_CHUNK, info.size - sent))
+                if not block:
+                    raise OSError(f"{path} shrank while being sent")
+                sent += len(block)
+                yield block
+        remainder = info.size % _BLOCK
+        if remainder:
+            yield b"\0" * (_BLOCK - remainder)
+    yield b"\0" * (2 * _BLOCK)  # end-of-archive marker
+
+
+def make_storage(storage_dir: str | os.PathLike) -> Storage:
+    """The store for these settings. Only local folders today; an `s3://` branch goes here."""
+    return LocalStorage(storage_dir)

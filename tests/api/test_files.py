@@ -1,0 +1,194 @@
+"""Uploads: streamed, hashed, validated line by line; an invalid upload stores nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import pytest
+
+from core.models import File
+from tests.conftest import FORMATS, bearer, jsonl_bytes, preference_rows, stored_objects
+
+
+def _post_file(client, key, content: bytes, *, purpose="fine-tune", filename="pairs.jsonl", headers=None):
+    return client.post("/v1/files", headers={**bearer(key), **(headers or {})}, data={"purpose": purpose},
+                       files={"file": (filename, content, "application/jsonl")})
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_is_accepted_hashed_and_described(client, user_key, settings, db, fmt):
+    content = jsonl_bytes(preference_rows(12, fmt=fmt))
+    response = _post_file(client, user_key, content)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "file" and body["id"].startswith("file-")
+    assert body["status"] == "processed" and body["purpose"] == "fine-tune"
+    assert body["bytes"] == len(content)
+    assert body["sha256"] == hashlib.sha256(content).hexdigest()
+    assert body["format"] == fmt and body["rows"] == 12
+    assert body["stats"]["sources"] == {"easy": 6, "hard": 6}
+    row = db.get(File, body["id"])
+    assert row.owner == "alice" and row.report["valid"] is True
+    # Stored under our id, byte for byte.
+    assert client.get(f"/v1/files/{body['id']}/content", headers=bearer(user_key)).content == content
+    assert [p.name for p in stored_objects(settings)] == [body["id"]]
+
+
+def test_bad_lines_are_each_reported_and_nothing_is_stored(client, user_key, settings, count_rows):
+    good = preference_rows(3)
+    lines = [
+        json.dumps(good[0]),
+        "this is not json",
+        json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),
+        json.dumps(good[1]),
+        json.dumps({"prompt": "p", "chosen": 5, "rejected": "r"}),
+        json.dumps({"prompt": "p", "chosen": "c"}),
+    ]
+    before = count_rows()
+    response = _post_file(client, user_key, ("\n".join(lines) + "\n").encode())
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_file" and error["param"] == "file" and error["type"] == "invalid_request_error"
+    bad_lines = sorted({e["line"] for e in error["errors"]})
+    assert bad_lines == [2, 3, 5, 6]
+    assert error["error_count"] == len(error["errors"]) == 4
+    assert all(set(e) == {"line", "field", "reason"} for e in error["errors"])
+    by_line = {e["line"]: e for e in error["errors"]}
+    assert by_line[5]["field"] == "chosen" and by_line[6]["field"] == "rejected"
+    assert "4 problems" in error["message"]
+    assert count_rows() == before
+    assert stored_objects(settings) == []
+
+
+def test_unsupported_purpose_is_refused_and_nothing_stored(client, user_key, settings, count_rows):
+    before = count_rows()
+    response = _post_file(client, user_key, jsonl_bytes(preference_rows(2)), purpose="assistants")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_purpose"
+    assert count_rows() == before and stored_objects(settings) == []
+
+
+def test_missing_file_part_and_wrong_content_type(client, user_key):
+    response = client.post("/v1/files", headers=bearer(user_key), data={"purpose": "fine-tune"},
+                           files={"other": ("x", b"1")})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unknown_parameter"
+    response = client.post("/v1/files", headers=bearer(user_key), json={"purpose": "fine-tune"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_content_type"
+
+
+def test_upload_over_the_limit_is_413_by_header(make_client, user_key, settings, count_rows):
+    small = make_client(max_upload_bytes=1000)
+    before = count_rows()
+    response = _post_file(small, user_key, jsonl_bytes(preference_rows(200)))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "file_too_large"
+    assert count_rows() == before and stored_objects(settings) == []
+
+
+def test_upload_over_the_limit_is_stopped_mid_stream(make_live_server, user_key, settings, count_rows,
+                                                     monkeypatch):
+    """Without a Content-Length (chunked upload to a real server), the limit is enforced while
+    streaming: the reader stops pulling the body at the limit instead of reading it to the end."""
+    from api.files.multipart import MultipartUpload
+
+    pulled = []
+    real_file_chunks = MultipartUpload.file_chunks
+
+    def counting(self, raw_chunks):
+        for chunk in real_file_chunks(self, raw_chunks):
+            pulled.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(MultipartUpload, "file_chunks", counting)
+    url = make_live_server(max_upload_bytes=1000)
+    boundary = "testboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n").encode()
+    block = jsonl_bytes(preference_rows(100))
+    n_blocks = 1000  # about 9 MB
+
+    def body():
+        yield head
+        for _ in range(n_blocks):
+            yield block
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    before = count_rows()
+    try:
+        response = httpx.post(f"{url}/v1/files", content=body(), timeout=30, headers={
+            **bearer(user_key), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    except httpx.TransportError:
+        # The server answered 413 and closed the connection while this client was still
+        # sending (what any HTTP server does to refuse an oversized body): also a refusal.
+        response = None
+    if response is not None:
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "file_too_large"
+    assert count_rows() == before and stored_objects(settings) == []
+    # It stopped within a network read or two of the limit, not at the end of the 9 MB body.
+    assert 1000 < sum(pulled) < 512 * 1024 < n_blocks * len(block)
+
+
+def test_list_retrieve_paginate_and_delete(client, user_key, upload, settings):
+    ids = [upload(user_key, preference_rows(2, start=i))["id"] for i in range(3)]
+    listed = client.get("/v1/files", headers=bearer(user_key)).json()
+    assert listed["object"] == "list" and [f["id"] for f in listed["data"]] == ids[::-1]
+    first = client.get("/v1/files", headers=bearer(user_key), params={"limit": 2}).json()
+    assert [f["id"] for f in first["data"]] == ids[:0:-1] and first["has_more"] is True
+    rest = client.get("/v1/files", headers=bearer(user_key), params={"limit": 2, "after": first["last_id"]}).json()
+    assert [f["id"] for f in rest["data"]] == ids[:1] and rest["has_more"] is False
+    ascending = client.get("/v1/files", headers=bearer(user_key), params={"order": "asc"}).json()
+    assert [f["id"] for f in ascending["data"]] == ids
+
+    assert client.get(f"/v1/files/{ids[0]}", headers=bearer(user_key)).json()["id"] == ids[0]
+    deleted = client.delete(f"/v1/files/{ids[0]}", headers=bearer(user_key))
+    assert deleted.json() == {"id": ids[0], "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{ids[0]}", headers=bearer(user_key)).status_code == 404
+    assert client.get(f"/v1/files/{ids[0]}/content", headers=bearer(user_key)).status_code == 404
+    assert client.delete(f"/v1/files/{ids[0]}", headers=bearer(user_key)).status_code == 404
+    assert ids[0] not in [f["id"] for f in client.get("/v1/files", headers=bearer(user_key)).json()["data"]]
+    assert ids[0] not in {p.name for p in stored_objects(settings)}
+
+
+def test_bad_list_parameters(client, user_key):
+    for params, param in [({"limit": 0}, "limit"), ({"limit": "x"}, "limit"), ({"order": "up"}, "order"),
+                          ({"after": "file-nope"}, "after")]:
+        response = client.get("/v1/files", headers=bearer(user_key), params=params)
+        assert response.status_code == 400, params
+        assert response.json()["error"]["param"] == param
+
+
+def test_a_hostile_filename_is_metadata_only(client, user_key, settings):
+    response = _post_file(client, user_key, jsonl_bytes(preference_rows(2)), filename="../../etc/passwd")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["filename"] == "passwd"
+    [stored] = stored_objects(settings)
+    assert stored.name == body["id"] and stored.is_relative_to(settings.storage_dir)
+
+
+def test_delete_is_refused_while_an_unfinished_job_uses_the_file(client, user_key, upload, base_model):
+    file_id = upload(user_key)["id"]
+    job = client.post("/v1/fine_tuning/jobs", headers=bearer(user_key),
+                      json={"model": "tiny-base", "training_file": file_id}).json()
+    response = client.delete(f"/v1/files/{file_id}", headers=bearer(user_key))
+    assert response.status_code == 409 and response.json()["error"]["code"] == "file_in_use"
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=bearer(user_key))
+    assert client.delete(f"/v1/files/{file_id}", headers=bearer(user_key)).status_code == 200
+    # The finished job still names its file.
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=bearer(user_key)).json()["training_file"] == file_id
+
+
+def test_idempotent_upload(client, user_key, settings, count_rows):
+    content = jsonl_bytes(preference_rows(4))
+    first = _post_file(client, user_key, content, headers={"Idempotency-Key": "up-1"})
+    again = _post_file(client, user_key, content, headers={"Idempotency-Key": "up-1"})
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json()
+    assert count_rows()["files"] == 1 and len(stored_objects(settings)) == 1
+    other = _post_file(client, user_key, jsonl_bytes(preference_rows(5)), headers={"Idempotency-Key": "up-1"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert count_rows()["files"] == 1 and len(stored_objects(settings)) == 1
