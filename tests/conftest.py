@@ -162,6 +162,10 @@ def settings(database_url: str, redis_url: str, sdpo_home: Path) -> Settings:
         admin_key="sk-sdpo-test-admin-" + secrets.token_hex(16),
         environment="development",
         model_roots=[],
+        # Queue names of their own: several test runs may share one Redis database on a
+        # developer's machine, and must not see each other's messages.
+        light_queue=f"sdpo.light.test-{secrets.token_hex(4)}",
+        train_queue=f"sdpo.train.test-{secrets.token_hex(4)}",
     )
 
 

@@ -55,7 +55,10 @@ class Service:
         self.env = {**os.environ, "SDPO_HOME": str(home), "SDPO_DATABASE_URL": database_url,
                     "SDPO_BROKER_URL": broker_url, "SDPO_STORAGE_DIR": str(home / "storage"),
                     "SDPO_ADMIN_KEY": self.admin_key, "SDPO_STEP_HEARTBEAT_SECONDS": "1",
-                    "SDPO_DEVICE": "cpu", "PYTHONUNBUFFERED": "1"}
+                    "SDPO_DEVICE": "cpu", "PYTHONUNBUFFERED": "1",
+                    # queues of their own, so concurrent test runs on one Redis never mix
+                    "SDPO_LIGHT_QUEUE": f"sdpo.light.e2e-{secrets.token_hex(4)}",
+                    "SDPO_TRAIN_QUEUE": f"sdpo.train.e2e-{secrets.token_hex(4)}"}
         self.procs: list[subprocess.Popen] = []
         self.workers: list[subprocess.Popen] = []
         self.url = ""
@@ -78,7 +81,7 @@ class Service:
     def start_worker(self, name: str) -> subprocess.Popen:
         log = open(self.home / f"worker-{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
-                                 "sdpo.train,sdpo.light", "--concurrency", "1", "-n", f"{name}@%h",
+                                 f"{self.env['SDPO_TRAIN_QUEUE']},{self.env['SDPO_LIGHT_QUEUE']}", "--concurrency", "1", "-n", f"{name}@%h",
                                  "--loglevel", "INFO"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         self.workers.append(proc)
