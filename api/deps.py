@@ -112,8 +112,26 @@ async def json_body(request: Request) -> Any:
     if not raw.strip():
         raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     except (ValueError, RecursionError) as exc:  # NaN/Infinity, absurd nesting or integers
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    _reject_nul(value)
+    return value
+
+
+def _reject_nul(value: Any) -> None:
+    """No string of a body (key or value) may hold a NUL character: Postgres refuses them in text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidRequest("The request body contains a NUL character (\\u0000).",
+                                     code="invalid_value")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)

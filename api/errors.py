@@ -7,7 +7,8 @@ of range, query parameters of the wrong type: `param` names the field as a dotte
 `method.sdpo.steps[0].training_file`); 401 bad key; 403 admin-only; 404 unknown route or object
 (including another owner's object); 405 wrong method; 409 state conflicts; 413 too large.
 422 is not used: FastAPI's request validation errors are reported as 400 like the rest.
-A bug is a 500 with type `server_error` and no internals.
+A bug is a 500 with type `server_error` and no internals; the database being unreachable (a
+restart) is a 503 `database_unavailable` with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.db import is_transient_db_error
 from core.errors import InvalidRequest, ServiceError
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -67,7 +72,27 @@ def from_validation_errors(errors: Sequence[dict[str, Any]], *, drop_prefix: boo
     return InvalidRequest(f"Invalid value for '{param}': {message}.", param=param, code=code)
 
 
+class RejectNulMiddleware:
+    """400 for a NUL character anywhere in the URL (path or query), before any route runs: no
+    database stores one, and Postgres refuses it in a query with an error that would be a 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ("\x00" in scope.get("path", "")
+                                        or b"%00" in scope.get("query_string", b"")
+                                        or b"\x00" in scope.get("query_string", b"")):
+            body = error_body("The request URL contains a NUL character.", code="invalid_value")
+            response = JSONResponse(body, status_code=400)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_middleware(RejectNulMiddleware)
+
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc)
@@ -89,6 +114,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, sa_exc.DataError):
+            # A value the database cannot hold (a NUL byte, an integer out of the column's range)
+            # that got past the checks: the request's fault, not the server's.
+            log.warning("refused a value on %s %s: %s", request.method, request.url.path,
+                        (str(exc.orig or exc).splitlines() or [""])[0][:200])
+            return JSONResponse(error_body("A value in the request cannot be stored or looked up.",
+                                           code="invalid_value"), status_code=400)
+        if is_transient_db_error(exc):
+            # The database is restarting or unreachable: not a bug, and the client may retry.
+            log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                        type(exc.__cause__ or exc).__name__)
+            return JSONResponse(
+                error_body("The service's database is unavailable; retry shortly.", type="server_error",
+                           code="database_unavailable"),
+                status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         # Logged with its traceback for the operator; the client learns nothing internal.
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(

@@ -19,11 +19,16 @@ from api.errors import install_error_handlers
 from api.files.router import router as files_router
 from api.jobs.router import router as jobs_router
 from api.jobs.schemas import JobCreate
+from api.metrics import install_metrics
 from api.models.router import router as models_router
 from api.models.schemas import ModelRegister
 from api.openapi import install_openapi
+from api.ui.router import install_ui
+from api.webhooks.router import router as webhooks_router
+from api.webhooks.schemas import WebhookCreate
 from core.db import make_engine, make_session_factory, session_scope
 from core.keys import ensure_settings_admin_key
+from core.logging import configure_logging
 from core.queue import make_celery
 from core.settings import Settings, get_settings
 from core.storage import make_storage
@@ -37,6 +42,7 @@ official `openai` SDK at this server's `/v1`. Extensions: the `sdpo` method, `â€
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging()
     engine = make_engine(settings.database_url)
     services = AppServices(
         settings=settings,
@@ -63,7 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router)
     app.include_router(models_router)
     app.include_router(jobs_router)
-    install_openapi(app, [JobCreate, ModelRegister])
+    app.include_router(webhooks_router)
+    install_metrics(app)
+    install_ui(app)
+    install_openapi(app, [JobCreate, ModelRegister, WebhookCreate])
     return app
 
 

@@ -1,13 +1,24 @@
 """One DPO step: plain TRL as a user writes it (a) against this engine's step (b), side by side.
 
-    python bench/step_vs_trl.py --model tiny --epochs 1 2
-    python bench/step_vs_trl.py --model smollm2 --epochs 1 2 --pairs 16 --prompt-ratio 3
+    python bench/step_vs_trl.py --model tiny --epochs 1 2 --prompt-ratio 3 1
+    python bench/step_vs_trl.py --model smollm2 --epochs 1 2 --pairs 16 --prompt-ratio 3 1
 
 (a) follows TRL's docs: the reference model loaded as a second model, DPOConfig defaults except
-what a CPU needs (bf16=False) and logging every step (to compare the loss curves). (b) is
-`sdpo_engine.step.run_step`: the reference log-probs precomputed once by the initial policy.
+what a CPU needs (bf16=False) and logging every step (to compare the loss curves); TRL's default
+gradient checkpointing stays on. (b) is `sdpo_engine.step.run_step` as the worker runs it: the
+reference log-probs precomputed once by the initial policy, shared-prompt packing, and the
+checkpoint saved and hashed (b's wall time includes that; a's has no save).
 Each variant runs in its own process (so peak RSS is its own) on the same data, seed and
-hyperparameters, alternating a/b to spread machine noise. Prints ratios, never absolute claims.
+hyperparameters, alternating a/b to spread machine noise; each ratio is the median over the
+repeats of the ratio of an a run and the b run right after it. Prints ratios, never absolute
+claims. Columns:
+  wall a/b        whole step, model load to trained model (b: to the saved checkpoint)
+  cpu a/b         the same span in CPU seconds (less sensitive to other load on the machine)
+  tok/s b/a       train tokens per second of the training loop (TRL's num_tokens: both count the
+                  same tokens, b's reference pass excluded)
+  mem b/a         peak resident memory of the process
+  |loss a-b|      largest difference between the two loss curves, step by step
+With --unpacked, (b2) is the engine with SDPO_PACKING=off (two sequences per pair, as TRL).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,8 +69,12 @@ def child(args) -> None:
     from sdpo_engine.step import run_step, to_trl_rows
 
     t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     hp = json.loads(args.hparams)
-    if args.child == "engine":
+    reference_seconds = None
+    if args.child in ("engine", "engine-unpacked"):
+        if args.child == "engine-unpacked":
+            os.environ["SDPO_PACKING"] = "off"
         events = []
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_step({"index": 1, "policy_init": args.model_dir, "train_file": args.data,
@@ -68,6 +84,7 @@ def child(args) -> None:
         losses = [e["loss"] for e in events if e["event"] == "metrics"]
         tokens = max((e.get("num_tokens") or 0) for e in events if e["event"] == "metrics")
         train_seconds = summary["train_seconds"]
+        reference_seconds = next(e["seconds"] for e in events if e.get("phase") == "reference_logps")
     else:
         set_seed(hp["seed"])
         tok = AutoTokenizer.from_pretrained(args.model_dir)
@@ -89,15 +106,18 @@ def child(args) -> None:
         logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
         losses = [h["loss"] for h in logs]
         tokens = max(h.get("num_tokens", 0) for h in logs)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"variant": args.child, "wall": wall, "train_seconds": train_seconds, "tokens": tokens,
-                      "peak_mb": peak_mb, "losses": losses}))
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    print(json.dumps({"variant": args.child, "wall": wall, "cpu": cpu, "train_seconds": train_seconds,
+                      "reference_seconds": reference_seconds, "tokens": tokens, "peak_mb": r1.ru_maxrss / 1024,
+                      "losses": losses}))
 
 
 def run_variant(variant: str, model_dir: str, data: Path, hp: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model-dir", model_dir, "--data", str(data),
            "--hparams", json.dumps(hp)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "SDPO_PACKING"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -111,18 +131,19 @@ def model_dir_for(name: str, cache: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--child", choices=["plain", "engine"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["plain", "engine", "engine-unpacked"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--hparams", help=argparse.SUPPRESS)
     p.add_argument("--model", default="tiny", help="tiny, smollm2 or a model directory")
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--pairs", type=int, default=64)
-    p.add_argument("--prompt-ratio", type=float, default=3.0, help="prompt length / answer length")
+    p.add_argument("--prompt-ratio", type=float, nargs="+", default=[3.0], help="prompt length / answer length")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--repeats", type=int, default=1, help="a/b pairs per setting (alternated)")
+    p.add_argument("--unpacked", action="store_true", help="also run b2: the engine without shared-prompt packing")
     p.add_argument("--cache", default=str(ROOT / ".sdpo" / "bench-models"))
     args = p.parse_args()
     if args.child:
@@ -131,26 +152,47 @@ def main() -> None:
 
     model_dir = model_dir_for(args.model, Path(args.cache))
     lr = args.learning_rate or (1e-3 if args.model == "tiny" else 5e-6)
+    print(f"model {args.model} ({model_dir}), {args.pairs} pairs, batch {args.batch_size}, "
+          f"max_length {args.max_length}, lr {lr}, {args.repeats} repeat(s), median of paired ratios")
+    header = (f"{'ratio':>5} {'epochs':>6} {'wall a/b':>9} {'cpu a/b':>8} {'tok/s b/a':>10} {'mem b/a':>8} "
+              f"{'|loss a-b|':>11} {'a wall s':>9} {'b wall s':>9} {'b ref s':>8} {'a MB':>6} {'b MB':>6}")
+    if args.unpacked:
+        header += f" {'wall a/b2':>10} {'mem b2/a':>9}"
+    print(header)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "pairs.jsonl"
-        make_data(data, args.pairs, args.prompt_ratio, seed=0)
-        print(f"model {args.model} ({model_dir}), {args.pairs} pairs, prompt/answer ~{args.prompt_ratio}x, "
-              f"batch {args.batch_size}, max_length {args.max_length}, lr {lr}")
-        print(f"{'epochs':>6} {'wall a/b':>9} {'train tok/s b/a':>16} {'peak mem b/a':>13} {'max |loss a-b|':>15} "
-              f"{'a wall s':>9} {'b wall s':>9} {'a peak MB':>10} {'b peak MB':>10}")
-        for epochs in args.epochs:
-            hp = {"beta": 0.1, "learning_rate": lr, "n_epochs": epochs, "batch_size": args.batch_size,
-                  "max_length": args.max_length, "warmup_ratio": 0.1, "seed": 0}
-            a_runs, b_runs = [], []
-            for _ in range(args.repeats):
-                a_runs.append(run_variant("plain", model_dir, data, hp))
-                b_runs.append(run_variant("engine", model_dir, data, hp))
-            a = min(a_runs, key=lambda r: r["wall"])
-            b = min(b_runs, key=lambda r: r["wall"])
-            diff = max((abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)), default=float("nan"))
-            tps_a, tps_b = a["tokens"] / a["train_seconds"], b["tokens"] / b["train_seconds"]
-            print(f"{epochs:>6} {a['wall'] / b['wall']:>9.2f} {tps_b / tps_a:>16.2f} {b['peak_mb'] / a['peak_mb']:>13.2f} "
-                  f"{diff:>15.2e} {a['wall']:>9.1f} {b['wall']:>9.1f} {a['peak_mb']:>10.0f} {b['peak_mb']:>10.0f}")
+        for ratio in args.prompt_ratio:
+            data = Path(tmp) / f"pairs-{ratio}.jsonl"
+            make_data(data, args.pairs, ratio, seed=0)
+            for epochs in args.epochs:
+                hp = {"beta": 0.1, "learning_rate": lr, "n_epochs": epochs, "batch_size": args.batch_size,
+                      "max_length": args.max_length, "warmup_ratio": 0.1, "seed": 0}
+                runs = []
+                for _ in range(args.repeats):
+                    run = {"a": run_variant("plain", model_dir, data, hp),
+                           "b": run_variant("engine", model_dir, data, hp)}
+                    if args.unpacked:
+                        run["b2"] = run_variant("engine-unpacked", model_dir, data, hp)
+                    runs.append(run)
+
+                def med(f, runs=runs):
+                    return statistics.median(f(r) for r in runs)
+
+                def tps(x):
+                    return x["tokens"] / x["train_seconds"]
+
+                diff = max(max((abs(x - y) for x, y in zip(r["a"]["losses"], r["b"]["losses"], strict=True)),
+                               default=float("nan")) for r in runs)
+                line = (f"{ratio:>5g} {epochs:>6} {med(lambda r: r['a']['wall'] / r['b']['wall']):>9.2f} "
+                        f"{med(lambda r: r['a']['cpu'] / r['b']['cpu']):>8.2f} "
+                        f"{med(lambda r: tps(r['b']) / tps(r['a'])):>10.2f} "
+                        f"{med(lambda r: r['b']['peak_mb'] / r['a']['peak_mb']):>8.2f} {diff:>11.1e} "
+                        f"{med(lambda r: r['a']['wall']):>9.1f} {med(lambda r: r['b']['wall']):>9.1f} "
+                        f"{med(lambda r: r['b']['reference_seconds']):>8.1f} {med(lambda r: r['a']['peak_mb']):>6.0f} "
+                        f"{med(lambda r: r['b']['peak_mb']):>6.0f}")
+                if args.unpacked:
+                    line += (f" {med(lambda r: r['a']['wall'] / r['b2']['wall']):>10.2f} "
+                             f"{med(lambda r: r['b2']['peak_mb'] / r['a']['peak_mb']):>9.2f}")
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

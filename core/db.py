@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,6 +64,20 @@ def _configure_sqlite(engine: Engine) -> None:
         # writes fails at once with SQLITE_BUSY (busy_timeout cannot help it) when another
         # writer committed in between; taking the lock first turns that into a short wait.
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """True for errors that mean "the database is not reachable right now" (restarting, a dropped
+    connection, a pool timeout, SQLite busy), as opposed to a bug or a refused statement: the
+    worker retries these, and the API answers them with 503 instead of 500."""
+    orig = getattr(exc, "orig", None)
+    if orig is not None and type(orig).__module__.startswith("sqlite3"):
+        # SQLite reports a missing table as an OperationalError too; only "locked"/"busy" pass.
+        return "locked" in str(orig) or "busy" in str(orig)
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+                        sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

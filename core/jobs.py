@@ -51,11 +51,15 @@ def add_event(
     type: str = "message",
     data: dict[str, Any] | None = None,
     step_index: int | None = None,
+    event_id: str | None = None,
 ) -> Event:
-    """Append one event to a job's log (`type` "metrics" carries numbers in `data`)."""
+    """Append one event to a job's log (`type` "metrics" carries numbers in `data`).
+
+    `event_id` lets a writer that may retry a transaction (the worker, while the database
+    restarts) choose the id beforehand and skip events that an earlier try already committed."""
     if level not in EVENT_LEVELS or type not in EVENT_TYPES:
         raise ValueError(f"bad event level/type: {level!r}/{type!r}")
-    event = Event(id=ids.new_id(ids.EVENT), job_id=job_id, message=message, level=level, type=type,
+    event = Event(id=event_id or ids.new_id(ids.EVENT), job_id=job_id, message=message, level=level, type=type,
                   data=data, step_index=step_index)
     session.add(event)
     return event

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     step_heartbeat_seconds: float = Field(15.0, gt=0)
     step_stale_seconds: float = Field(120.0, gt=0)
     max_step_attempts: int = Field(3, ge=1)
+    step_save_steps: int = Field(
+        50, ge=0, description="Save a resumable trainer checkpoint every N optimizer steps (0: only on pause "
+        "or stop). A step whose worker dies redoes at most the optimizer steps since the last save.")
+    db_retry_seconds: float = Field(
+        300.0, gt=0, description="How long the worker retries a database write (the database restarting) "
+        "before giving up on it.")
     broker_visibility_timeout: int = Field(
         6 * 3600, gt=0, description="Seconds before Redis redelivers an unacked task: longer than any step.")
 

@@ -128,7 +128,12 @@ def _demo(args: argparse.Namespace) -> int:
     key = os.environ.get("SDPO_API_KEY") or up_cmd.admin_key(settings)
     t0 = time.time()
     try:
-        job = run_demo(url, key, n_epochs=args.epochs)
+        if args.model == "smollm2-135m":
+            from sdpo_cli.smollm2_demo import run_smollm2_demo
+
+            job = run_smollm2_demo(url, key)
+        else:
+            job = run_demo(url, key, n_epochs=args.epochs)
     finally:
         if started is not None and not args.keep_running:
             up_cmd.stop(started)
@@ -143,5 +148,8 @@ def register_demo(commands: argparse._SubParsersAction) -> None:
                                     "else start the embedded one)")
     demo.add_argument("--port", type=int, help="port for an embedded service started by the demo")
     demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--model", choices=["sdpo-tiny", "smollm2-135m"], default="sdpo-tiny",
+                      help="smollm2-135m: align the real SmolLM2-135M-Instruct and print answers before and after "
+                           "(sdpo_cli.smollm2_demo)")
     demo.add_argument("--keep-running", action="store_true", help="leave a service the demo started running")
     demo.set_defaults(handler=_demo)

@@ -5,6 +5,7 @@
     sdpo keys create --name NAME [--owner OWNER] [--admin]   print a new API key (shown once)
     sdpo keys list                                           keys, without their secrets
     sdpo keys revoke KEY_ID                                  revoke a key
+    sdpo files|jobs|checkpoints …                            the HTTP client (sdpo_cli.client)
 
 Commands read the same SDPO_* settings as the API (core.settings), so `keys create` writes to
 the database the API uses. Each command is a `register_*` function that adds its sub-parser and
@@ -23,6 +24,7 @@ from core.db import make_engine, make_session_factory, session_scope
 from core.errors import ServiceError
 from core.keys import create_api_key, list_keys, revoke_key
 from core.settings import get_settings
+from sdpo_cli.client import register_client
 from sdpo_cli.demo import register_demo
 from sdpo_cli.up import register_up
 
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_keys(commands)
     register_up(commands)
     register_demo(commands)
+    register_client(commands)
     return parser
 
 

@@ -1,10 +1,16 @@
-"""One sDPO step on TRL's DPOTrainer. The only module of the engine that imports TRL.
+"""One sDPO step on TRL's DPOTrainer. With `packing.py` (its helper), the only module of the engine
+that imports TRL.
 
 Step t of sDPO starts its policy from checkpoint M_{t-1} *and* uses that same checkpoint, frozen,
 as the reference. Because the reference is exactly the initial policy, its log-probs on the
 step's chunk are computed once before training with the policy itself
 (`precompute_ref_log_probs=True`, no `ref_model`): no second model sits in memory, and the first
 loss of every step is ln 2 with zero rewards (checked by the tests).
+
+The trainer is TRL's DPOTrainer with two changes that keep its math (tests/engine/
+test_perf_equivalence.py): each pair runs as one sequence whose prompt is computed once for both
+answers (`packing.py`, where proven identical for the model, else TRL's two sequences), and the
+reference pass runs its batches sorted by length, without gradients, once per step.
 
 `run_step(spec, emit)` reads top to bottom:
   check the spec -> held-out reference log-probs (fixed reference, e.g. the base model) ->
@@ -176,7 +182,8 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
         # CPU cannot run bf16 and TRL defaults to it; on GPU use it when the card supports it.
         bf16=bool(on_gpu and torch.cuda.is_bf16_supported()),
         use_cpu=not on_gpu,
-        # Checkpointing trades compute for memory; small models and CPU runs do not need it.
+        # Checkpointing trades compute for memory: off, and turned on by `plan_activation_checkpointing`
+        # only when a batch's activations would not fit.
         gradient_checkpointing=False,
         logging_steps=1,
         logging_first_step=True,
@@ -191,12 +198,16 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
     return DPOConfig(**kwargs)
 
 
-def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None):
+def packing_default() -> bool:
+    """Shared-prompt packing is on unless SDPO_PACKING=off (it still falls back where not proven identical)."""
+    return os.environ.get("SDPO_PACKING", "auto").strip().lower() not in ("off", "0", "false", "no")
+
+
+def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool | None = None):
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
-    from trl import DPOTrainer
 
-    trainer = DPOTrainer(
+    trainer = _trainer_class()(
         model=model,
         ref_model=None,
         args=args,
@@ -204,10 +215,137 @@ def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), pef
         processing_class=tokenizer,
         callbacks=list(callbacks),
         peft_config=peft_config,
+        pack=packing_default() if pack is None else pack,
     )
     # Our Relay callback reports every log as a JSON line; the printer would repeat it on stdout.
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+_TRAINER_CLASS = None
+
+
+def _trainer_class():
+    """`SDPOTrainer`, defined on first use so that importing this module does not import TRL."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is None:
+        _TRAINER_CLASS = _define_trainer_class()
+    return _TRAINER_CLASS
+
+
+_NO_HASH = "sdpo-engine: reference log-probs kept in memory, no TRL cache"
+
+
+def _no_hash(module) -> str:
+    return _NO_HASH
+
+
+def _define_trainer_class():
+    import torch
+    import trl.trainer.dpo_trainer as dpo_module
+    from datasets import Dataset, concatenate_datasets
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from . import packing
+
+    class SDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer, same loss and metrics, with
+
+        - shared-prompt packing (packing.py) for training and the reference pass, where proven
+          identical for the model; `packing` says why not otherwise (None = packed);
+        - the reference pass in length-sorted batches (less padding; the log-probs of a pair do
+          not depend on its batch), kept in memory instead of TRL's cache file.
+        """
+
+        def __init__(self, *args, pack: bool = True, **kwargs):
+            self._pack_requested = pack
+            self._packing_checked = False
+            self.packing: str | None = "not checked"
+            train_args = kwargs.get("args")
+            # TRL hashes every weight (a copy of each to CPU, then sha256) to name its on-disk cache of
+            # the reference log-probs. Our single-process reference pass below keeps them in memory and
+            # never reads that cache, so skip the hash there; any path that falls back to TRL's pass
+            # computes it first (`_precompute_ref_logps`).
+            single = (train_args is not None and train_args.world_size == 1 and not train_args.deepspeed
+                      and not train_args.fsdp)
+            original_hash = dpo_module.hash_module
+            if single:
+                dpo_module.hash_module = _no_hash
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                dpo_module.hash_module = original_hash
+            self._install_packing()
+
+        def _install_packing(self):
+            if self._packing_checked:
+                return
+            self._packing_checked = True
+            if not self._pack_requested:
+                reason = "disabled (SDPO_PACKING=off)"
+            elif type(self.data_collator) is not DataCollatorForPreference:
+                reason = "custom or vision collator"
+            else:
+                reason = packing.packing_unsupported(self.model, self.args)
+            self.packing = reason
+            if reason is None:
+                self.data_collator = packing.SharedPromptCollator(self.data_collator)
+
+        @property
+        def packed(self) -> bool:
+            return self.packing is None
+
+        def _packed_forward(self, model, outputs):
+            unwrapped = self.accelerator.unwrap_model(model) is model
+            compact = unwrapped and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+            return packing.PackedForward(model, outputs=outputs, compact=compact, autocast=self.accelerator.autocast())
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            if "packed_input_ids" in inputs:
+                outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+                if self.use_weighting:
+                    outputs += ("log_sum_sq_probs",)
+                model = self._packed_forward(model, outputs)
+            return super()._compute_loss(model, inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            if "packed_input_ids" in inputs:
+                model = self._packed_forward(model, ("log_probs",))
+            return super().compute_ref_log_probs(model, inputs)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self._install_packing()
+            if (not isinstance(dataset, Dataset) or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
+                    or self.is_fsdp_enabled):
+                if self._precompute_model_hash is _NO_HASH:
+                    self._precompute_model_hash = dpo_module.hash_module(self.ref_model or self.model)
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
+            max_length = self.args.max_length
+
+            def length(row):
+                if self.packed:
+                    return packing.packed_length(row, max_length)
+                longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+                return min(longest, max_length) if max_length else longest
+
+            order = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
+            chosen = torch.zeros(len(rows), dtype=torch.float32)
+            rejected = torch.zeros(len(rows), dtype=torch.float32)
+            model = self.ref_model or self.model
+            device = self.accelerator.device
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = self.data_collator([rows[i] for i in idx])
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                ref_c, ref_r = self.compute_ref_log_probs(model, batch)
+                chosen[idx] = ref_c.detach().float().cpu()
+                rejected[idx] = ref_r.detach().float().cpu()
+            ref = Dataset.from_dict({"ref_chosen_logps": chosen.numpy(), "ref_rejected_logps": rejected.numpy()})
+            return concatenate_datasets([dataset, ref], axis=1)
+
+    return SDPOTrainer
 
 
 def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 8,
@@ -224,6 +362,79 @@ def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_si
         ds = trainer.train_dataset
         chosen, rejected = list(ds["ref_chosen_logps"]), list(ds["ref_rejected_logps"])
     return chosen, rejected
+
+
+def activation_bytes(trainer) -> int:
+    """Activations the largest training batch keeps for backward without checkpointing (an estimate).
+
+    Per token and decoder layer a Llama-style block keeps about 8 hidden-sized and 4
+    intermediate-sized vectors (norm inputs, q/k/v, attention output, MLP gate/up/act/product); the
+    largest batch is the batch size times the longest sequence of the data (packed or not).
+    """
+    from .packing import packed_length, truncated_lengths
+
+    config = _language_model_of(trainer.model).config.get_text_config()
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    width = 2 if trainer.args.bf16 or trainer.args.fp16 else 4
+    per_token = layers * (8 * hidden + 4 * intermediate) * width
+    ds = trainer.train_dataset
+    max_length = trainer.args.max_length
+    longest = 0
+    for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True):
+        row = {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        if trainer.packed:
+            longest = max(longest, packed_length(row, max_length))
+        else:
+            lp, lc, lr = truncated_lengths(row, max_length)
+            longest = max(longest, 2 * (lp + max(lc, lr)))
+    return per_token * longest * trainer.args.per_device_train_batch_size
+
+
+def free_memory_bytes(device: str) -> int:
+    """Memory free for this process's tensors: the GPU's free memory, else the host's MemAvailable."""
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: assume plenty
+
+
+def plan_activation_checkpointing(trainer, device: str) -> dict:
+    """Turn activation checkpointing on only where memory needs it.
+
+    Needed when the largest batch's activations exceed half of what stays free once the optimizer
+    has its states and the gradients exist (Adam: 2 + 1 times the trainable parameters). Off
+    otherwise: recomputing every layer's forward costs about a third more compute per step.
+    SDPO_ACTIVATION_CHECKPOINTING=on|off overrides.
+    """
+    trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    free = free_memory_bytes(device) - 3 * trainable
+    estimate = activation_bytes(trainer)
+    forced = os.environ.get("SDPO_ACTIVATION_CHECKPOINTING", "auto").strip().lower()
+    if forced in ("on", "off"):
+        needed = forced == "on"
+    else:
+        needed = bool(trainer.args.gradient_checkpointing) or estimate > 0.5 * max(free, 0)
+    if needed and not trainer.args.gradient_checkpointing:
+        # The Trainer switches it on when training starts; a LoRA model needs input gradients for it.
+        trainer.args.activation_checkpointing = trainer.args.gradient_checkpointing = True
+        if hasattr(trainer.model, "enable_input_require_grads") and hasattr(trainer.model, "peft_config"):
+            trainer.model.enable_input_require_grads()
+    return {"activation_checkpointing": needed, "activation_estimate_mb": round(estimate / 2**20),
+            "free_mb": round(max(free, 0) / 2**20)}
+
+
+def _language_model_of(model):
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
 def gammas(chosen: list[float], rejected: list[float]) -> list[float]:
@@ -396,9 +607,11 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     mean_gamma_ref = sum(g) / len(g) if g else float("nan")
     emit({"event": "info", "phase": "reference_logps", "step": spec.index, "mean_gamma_ref": mean_gamma_ref,
           "pairs_used": len(g), "pairs_dropped": len(pairs) - len(g),
+          "packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
           "seconds": time.perf_counter() - t_ref})
     if not g:
         raise DataError(f"every pair's prompt reaches max_length={cfg.max_length}; nothing to train on")
+    emit({"event": "info", "phase": "memory", "step": spec.index, **plan_activation_checkpointing(trainer, device)})
 
     resume_from = _last_trainer_checkpoint(spec.work_dir)
     if resume_from:

@@ -6,10 +6,14 @@ Start a worker:  celery -A worker.app worker -Q sdpo.train,sdpo.light --concurre
 
 from __future__ import annotations
 
-from celery.signals import worker_process_init
+import logging
 
+from celery.signals import worker_process_init, worker_ready
+
+from core.celery_config import REAP
 from core.queue import make_celery
 from core.settings import get_settings
+from core.webhooks import webhook_settings
 
 settings = get_settings()
 app = make_celery(settings, name="sdpo-worker")
@@ -18,7 +22,13 @@ app.conf.update(
     # The reaper requeues steps whose worker died (their heartbeat went stale). Run by `celery beat`
     # (or `worker -B` in the embedded mode).
     beat_schedule={
-        "reap-stale-steps": {"task": "sdpo.reap", "schedule": max(5.0, settings.step_stale_seconds / 4)},
+        # It also re-sends the work of jobs whose message the broker lost. A tick that waited too
+        # long behind other work expires: the next one does the same job.
+        "reap-stale-steps": {"task": "sdpo.reap", "schedule": max(5.0, settings.step_stale_seconds / 4),
+                             "options": {"expires": max(5.0, settings.step_stale_seconds / 4) * 4}},
+        # Sends due webhook deliveries (worker.webhooks); an unclaimed tick expires instead of piling up.
+        "deliver-webhooks": {"task": "sdpo.deliver_webhooks", "schedule": webhook_settings().dispatch_seconds,
+                             "options": {"expires": webhook_settings().dispatch_seconds * 5}},
     },
     worker_hijack_root_logger=False,
 )
@@ -30,3 +40,13 @@ def _fresh_engine_after_fork(**_kwargs):
     from worker import db
 
     db.reset()
+
+
+@worker_ready.connect
+def _sweep_at_start_up(sender=None, **_kwargs):
+    # The broker is not the truth: on start-up, requeue what died with a previous worker and
+    # re-send what the broker lost (worker.flows.reap), in a task like any other.
+    try:
+        app.send_task(REAP, kwargs={"startup": True})
+    except Exception:  # the broker is down: the periodic reap will do it
+        logging.getLogger(__name__).warning("could not send the start-up reap", exc_info=True)

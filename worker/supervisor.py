@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import queue
 import signal
@@ -22,7 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 PR_SET_PDEATHSIG = 1
+RETRY_FIRST_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 10.0
+MAX_PENDING_EVENTS = 100_000
+QUIET_SECONDS = 30.0
 
 GO, PAUSE, CANCEL = "go", "pause", "cancel"
 
@@ -64,15 +71,37 @@ def supervise(
     heartbeat_seconds: float = 15.0,
     poll_seconds: float = 1.0,
     pause_grace_seconds: float = 600.0,
+    flush_seconds: float = 300.0,
     env: dict | None = None,
 ) -> ChildOutcome:
-    """Run `cmd`, relaying its JSON lines in batches; returns when the child has exited."""
+    """Run `cmd`, relaying its JSON lines in batches; returns when the child has exited.
+
+    The callbacks write to the database, which may be restarting: a failing `relay` keeps its
+    events and is tried again (with a growing pause) until it succeeds, a failing `heartbeat` is
+    tried again at the next poll, and a failing `control` counts as "go on". Training is never
+    stopped because the database did not answer for a while; the last events are flushed, for up to
+    `flush_seconds`, once the child has exited. If the supervisor itself fails, the child is killed:
+    a step never trains on unsupervised.
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, text=True,
                                 env=child_env, preexec_fn=_die_with_parent)
+    try:
+        return _supervise(proc, log_path, relay=relay, control=control, heartbeat=heartbeat,
+                          heartbeat_seconds=heartbeat_seconds, poll_seconds=poll_seconds,
+                          pause_grace_seconds=pause_grace_seconds, flush_seconds=flush_seconds)
+    except BaseException:
+        if proc.poll() is None:
+            _signal(proc, signal.SIGKILL)
+            proc.wait()
+        raise
+
+
+def _supervise(proc: subprocess.Popen, log_path: Path, *, relay, control, heartbeat, heartbeat_seconds: float,
+               poll_seconds: float, pause_grace_seconds: float, flush_seconds: float) -> ChildOutcome:
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read():
@@ -86,7 +115,12 @@ def supervise(
 
     outcome = ChildOutcome(returncode=-1, log_path=str(log_path))
     pending: list[dict] = []
-    last_beat = last_poll = last_flush = time.monotonic()
+    start = time.monotonic()
+    last_beat = last_poll = last_flush = start
+    beat_due = False
+    quiet = _Quiet()
+    relay_retry_at = 0.0
+    relay_delay = RETRY_FIRST_DELAY_S
     signalled_at: float | None = None
     eof = False
     while not eof:
@@ -102,6 +136,8 @@ def supervise(
                 event = json.loads(line)
             except json.JSONDecodeError:
                 event = {"event": "output", "text": line.rstrip()[:2000]}
+            if not isinstance(event, dict):
+                event = {"event": "output", "text": line.rstrip()[:2000]}
             kind = event.get("event")
             if kind == "result":
                 outcome.result = event
@@ -112,19 +148,30 @@ def supervise(
             elif kind == "metrics":
                 outcome.last_metrics = event
             pending.append(event)
+            if len(pending) > MAX_PENDING_EVENTS:  # the database has been away for very long
+                del pending[: len(pending) - MAX_PENDING_EVENTS]
         now = time.monotonic()
-        if pending and (eof or now - last_flush >= 0.5 or len(pending) >= 200):
-            relay(pending)
-            pending = []
-            last_flush = now
         if eof:
             break
-        if now - last_beat >= heartbeat_seconds:
-            heartbeat()
+        if pending and now >= relay_retry_at and (now - last_flush >= 0.5 or len(pending) >= 200):
+            if _attempt("relaying events", relay, pending, quiet=quiet):
+                pending = []
+                relay_delay = RETRY_FIRST_DELAY_S
+            else:
+                relay_retry_at = now + relay_delay
+                relay_delay = min(relay_delay * 2, RETRY_MAX_DELAY_S)
+            last_flush = now
+        if (beat_due and now - last_beat >= poll_seconds) or now - last_beat >= heartbeat_seconds:
+            # A failed beat is tried again at the next poll rather than a whole period later.
+            beat_due = not _attempt("heartbeat", heartbeat, quiet=quiet)
             last_beat = now
         if now - last_poll >= poll_seconds and outcome.action == GO:
             last_poll = now
-            decision = control()
+            try:
+                decision = control()
+            except Exception as exc:
+                quiet.warn("control check", exc, "training goes on")
+                decision = GO
             if decision == CANCEL:
                 # Nothing of a cancelled step is kept, so there is no state to save: kill at once.
                 outcome.action = CANCEL
@@ -139,7 +186,46 @@ def supervise(
     outcome.returncode = proc.wait()
     reader.join(timeout=5)
     outcome.tail = _tail(log_path)
+    # The child is gone; its last lines (the result among them) still go to the database.
+    deadline = time.monotonic() + flush_seconds
+    while pending:
+        if _attempt("relaying the last events", relay, pending, quiet=quiet):
+            break
+        if time.monotonic() + relay_delay > deadline:
+            log.error("dropped %d engine events: the database did not come back in %.0f s", len(pending),
+                      flush_seconds)
+            break
+        time.sleep(relay_delay)
+        relay_delay = min(relay_delay * 2, RETRY_MAX_DELAY_S)
     return outcome
+
+
+class _Quiet:
+    """Warns of a failing callback once, then at most every QUIET_SECONDS, not at every retry."""
+
+    def __init__(self):
+        self.last: dict[str, float] = {}
+
+    def warn(self, what: str, exc: Exception, then: str = "will retry") -> None:
+        now = time.monotonic()
+        if now - self.last.get(what, -QUIET_SECONDS) >= QUIET_SECONDS:
+            self.last[what] = now
+            log.warning("%s failed (%s: %s); %s", what, type(exc).__name__,
+                        (str(exc).splitlines() or [""])[0][:200], then)
+
+    def ok(self, what: str) -> None:
+        if self.last.pop(what, None) is not None:
+            log.warning("%s works again", what)
+
+
+def _attempt(what: str, callback: Callable[..., None], *args, quiet: _Quiet) -> bool:
+    try:
+        callback(*args)
+    except Exception as exc:
+        quiet.warn(what, exc)
+        return False
+    quiet.ok(what)
+    return True
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

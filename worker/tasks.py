@@ -8,6 +8,7 @@ from celery.exceptions import Ignore
 from core.celery_config import FINALIZE_JOB, PREPARE_JOB, REAP, RUN_STEP
 from worker import flows
 from worker.app import app
+from worker.webhooks import deliver_webhooks  # noqa: F401  (registers sdpo.deliver_webhooks; JSON logs)
 
 
 def _chain_on(outcome: flows.Outcome) -> None:
@@ -33,5 +34,5 @@ def finalize_job(job_id: str) -> None:
 
 
 @app.task(name=REAP, ignore_result=True)
-def reap() -> int:
-    return flows.reap()
+def reap(startup: bool = False) -> int:
+    return flows.reap(startup=startup)

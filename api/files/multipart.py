@@ -17,6 +17,7 @@ from core.errors import InvalidRequest
 FILE_FIELD = "file"
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 16
+MAX_HEADER_BYTES = 8 * 1024
 # Form fields the OpenAI SDK may send that this service accepts and ignores.
 IGNORED_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
 
@@ -87,9 +88,16 @@ class MultipartUpload:
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_field += data[start:end]
+        self._check_header_size()
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
         self._header_value += data[start:end]
+        self._check_header_size()
+
+    def _check_header_size(self) -> None:
+        # A part's headers are a line or two; without a bound they would grow with the body.
+        if len(self._header_field) + len(self._header_value) > MAX_HEADER_BYTES or len(self._headers) > 16:
+            raise InvalidRequest("A part's headers in the multipart body are too long.", code="invalid_multipart")
 
     def _header_end(self) -> None:
         self._headers[self._header_field.lower()] = self._header_value

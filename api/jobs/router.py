@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -13,8 +13,11 @@ from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.errors import from_validation_errors
 from api.idempotency import respond
 from api.jobs import service
-from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList, job_object
+from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList
 from api.openapi import json_body_doc
+from api.stream import HEADERS as STREAM_HEADERS
+from api.stream import MEDIA_TYPE as STREAM_MEDIA_TYPE
+from api.stream import job_event_stream
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -49,7 +52,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobObject)
 def retrieve_job(job_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return job_object(service.find_job(db, principal, job_id))
+    return service.job_with_progress(db, service.find_job(db, principal, job_id))
 
 
 def _state_route(action: str, summary: str):
@@ -73,14 +76,25 @@ _state_route("pause", "Pause a job (queued: at once; running: after the step sav
 _state_route("resume", "Resume a paused job from its first unfinished step")
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{job_id}/events", response_model=EventList,
+            responses={200: {"content": {"text/event-stream": {}}}},
+            summary="List a job's events (newest first), or follow them live with stream=true (server-sent events)")
 def list_events(
     job_id: str,
     after: str | None = None,
     limit: int | None = Query(None, description="1 to 100 (default 20)."),
+    stream: bool = Query(False, description="Server-sent events, oldest first, until the job ends; "
+                                            "resume after the `Last-Event-ID` header's event."),
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     principal: Principal = Depends(get_principal),
     db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
 ):
+    if stream:
+        after_seq = service.stream_start(db, principal, job_id, last_event_id)
+        db.close()  # the stream polls with short sessions of its own; hold no connection meanwhile
+        return StreamingResponse(job_event_stream(services.session_factory, job_id, after_seq),
+                                 media_type=STREAM_MEDIA_TYPE, headers=STREAM_HEADERS)
     return service.list_events(db, principal, job_id, after=after, limit=limit)
 
 

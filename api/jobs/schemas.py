@@ -6,6 +6,7 @@ follow OpenAI's objects, with sDPO extensions added as extra fields that OpenAI'
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
@@ -78,6 +79,20 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class JobProgress(BaseModel):
+    """Where the job is (see api.jobs.progress)."""
+
+    step: int = Field(description="The sDPO step k running or last run (0 before step 1 starts).")
+    n_steps: int = Field(description="T, the job's number of steps.")
+    step_status: str | None
+    global_step: int | None = Field(description="Optimizer steps done in step k.")
+    max_steps: int | None = Field(description="Optimizer steps of step k.")
+    percent: float
+    tokens_per_second: float | None
+    eta_seconds: int | None
+    queue_position: int | None = Field(description="1 = next, while the job waits for a worker.")
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -104,6 +119,7 @@ class JobObject(BaseModel):
     current_step: int
     started_at: int | None
     updated_at: int | None
+    progress: JobProgress | None = None
 
 
 class JobList(BaseModel):
@@ -178,8 +194,11 @@ OPENAI_HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs", 
 STEP_METRICS = ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "eval")
 
 
-def job_object(job: Job) -> dict[str, Any]:
+def job_object(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     hp = job.hyperparameters or {}
+    estimated_finish = to_unix(job.estimated_finish)
+    if estimated_finish is None and progress and progress.get("eta_seconds") is not None:
+        estimated_finish = int(time.time()) + progress["eta_seconds"]
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -196,7 +215,7 @@ def job_object(job: Job) -> dict[str, Any]:
         "trained_tokens": job.trained_tokens,
         "error": job.error,
         "seed": job.seed,
-        "estimated_finish": to_unix(job.estimated_finish),
+        "estimated_finish": estimated_finish,
         "integrations": [],
         "metadata": job.metadata_,
         "method": job.method,
@@ -205,6 +224,7 @@ def job_object(job: Job) -> dict[str, Any]:
         "current_step": job.current_step,
         "started_at": to_unix(job.started_at),
         "updated_at": to_unix(job.updated_at),
+        "progress": progress,
     }
 
 

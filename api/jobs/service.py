@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import AppServices, Principal
 from api.jobs import repository, spec
+from api.jobs.progress import job_progress
 from api.jobs.schemas import JobCreate, checkpoint_object, event_object, job_object, step_object
 from api.pagination import check_limit, page
 from core import ids
@@ -66,7 +67,7 @@ def create_job(db: Session, services: AppServices, principal: Principal, body: J
     origin = f"checkpoint {initial.id}" if initial else f"model {plan.model.id}"
     add_event(db, job.id, f"Created fine-tuning job {job.id}: {plan.method_type} with {job.n_steps} step(s) "
                           f"from {origin}.", data={"n_steps": job.n_steps, "method": plan.method_type})
-    return job_object(job)
+    return job_with_progress(db, job)
 
 
 def find_job(db: Session, principal: Principal, job_id: str, *, for_update: bool = False) -> Job:
@@ -75,6 +76,12 @@ def find_job(db: Session, principal: Principal, job_id: str, *, for_update: bool
         raise NotFound(f"No fine-tuning job found with id {job_id}.", param="fine_tuning_job_id",
                        code="job_not_found")
     return job
+
+
+def job_with_progress(db: Session, job: Job) -> dict[str, Any]:
+    """The job object with its `progress` (step k of T, percent, tokens/s, ETA, queue position)."""
+    db.flush()
+    return job_object(job, job_progress(db, [job])[job.id])
 
 
 def metadata_filter(query_items: list[tuple[str, str]]) -> dict[str, str]:
@@ -96,7 +103,8 @@ def list_jobs(db: Session, principal: Principal, *, after: str | None, limit: in
         if cursor is None:
             raise InvalidRequest(f"Invalid cursor: no job {after!r}.", param="after", code="invalid_cursor")
     rows, has_more = repository.list_page(db, principal.owner, after=cursor, limit=limit, metadata=metadata)
-    return {"object": "list", "data": [job_object(j) for j in rows], "has_more": has_more}
+    progress = job_progress(db, rows)
+    return {"object": "list", "data": [job_object(j, progress[j.id]) for j in rows], "has_more": has_more}
 
 
 def change_state(db: Session, services: AppServices, principal: Principal, job_id: str,
@@ -110,7 +118,7 @@ def change_state(db: Session, services: AppServices, principal: Principal, job_i
         resume_job(db, job, services.celery)
     else:  # pragma: no cover - routes pass fixed names
         raise ValueError(action)
-    return job_object(job)
+    return job_with_progress(db, job)
 
 
 def list_events(db: Session, principal: Principal, job_id: str, *, after: str | None,
@@ -125,6 +133,18 @@ def list_events(db: Session, principal: Principal, job_id: str, *, after: str | 
                                  code="invalid_cursor")
     rows, has_more = repository.events_page(db, job.id, after=cursor, limit=limit)
     return {"object": "list", "data": [event_object(e) for e in rows], "has_more": has_more}
+
+
+def stream_start(db: Session, principal: Principal, job_id: str, last_event_id: str | None) -> int:
+    """The `seq` after which a live stream of the job's events starts (0: the first event)."""
+    job = find_job(db, principal, job_id)
+    if not last_event_id:
+        return 0
+    cursor = repository.get_event(db, job.id, last_event_id.strip())
+    if cursor is None:
+        raise InvalidRequest(f"Invalid Last-Event-ID: no event {last_event_id!r} in this job.",
+                             param="Last-Event-ID", code="invalid_cursor")
+    return cursor.seq
 
 
 def list_checkpoints(db: Session, principal: Principal, job_id: str, *, after: str | None,

@@ -241,9 +241,12 @@ def _usable_file(db: Session, owner: str, file_id: str, param: str) -> File:
         raise bad(f"Invalid file '{file_id}': no such file.", param, "file_not_found")
     if row.purpose != FILE_PURPOSE:
         raise bad(f"File '{file_id}' was not uploaded with purpose '{FILE_PURPOSE}'.", param, "invalid_file_purpose")
-    if row.status != FileStatus.PROCESSED:
+    if row.status == FileStatus.ERROR:
         detail = f": {row.status_details}" if row.status_details else ""
         raise bad(f"File '{file_id}' failed validation and cannot be trained on{detail}.", param,
+                  "file_not_processed")
+    if row.status != FileStatus.PROCESSED:
+        raise bad(f"File '{file_id}' is not processed yet (status {row.status}); retry once it is.", param,
                   "file_not_processed")
     return row
 

@@ -8,6 +8,7 @@ from core.models.file import File, FileStatus
 from core.models.idempotency import IdempotencyKey
 from core.models.job import Job, JobStep
 from core.models.model import ModelSource, RegisteredModel
+from core.models.webhook import Webhook, WebhookDelivery
 
 __all__ = [
     "ApiKey",
@@ -21,4 +22,10 @@ __all__ = [
     "JobStep",
     "ModelSource",
     "RegisteredModel",
+    "Webhook",
+    "WebhookDelivery",
 ]
+
+# The webhook outbox listens to every session's flushes (job and step status changes); importing it
+# here registers it in every process that uses the models. Last: it imports the names above.
+import core.webhooks  # noqa: E402,F401

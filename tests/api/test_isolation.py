@@ -97,3 +97,24 @@ def test_idempotency_keys_are_per_owner(client, upload, user_key, other_key, bas
     assert a_job.status_code == b_job.status_code == 200
     assert a_job.json()["id"] != b_job.json()["id"]
     assert b_job.json()["organization_id"] == "bob"
+
+
+def test_another_owners_ids_do_not_work_through_ones_own_job(client, alices, upload, other_key, base_model, db):
+    """Bob names Alice's checkpoint, event or checkpoint cursor under his own job: nothing leaks."""
+    from core.models import Event
+
+    bobs_file = upload(other_key, preference_rows(4))["id"]
+    bobs_job = client.post(JOBS, headers=bearer(other_key), json={"model": "tiny-base", "training_file": bobs_file})
+    bob_job = f"{JOBS}/{bobs_job.json()['id']}"
+    alices_event = db.query(Event).filter_by(job_id=alices["job"]).first().id
+    response = client.get(f"{bob_job}/checkpoints/{alices['checkpoint']}/content", headers=bearer(other_key))
+    assert response.status_code == 404 and response.json()["error"]["code"] == "checkpoint_not_found"
+    response = client.get(f"{bob_job}/events", headers=bearer(other_key), params={"after": alices_event})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_cursor"
+    response = client.get(f"{bob_job}/checkpoints", headers=bearer(other_key), params={"after": alices["checkpoint"]})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_cursor"
+    # Alice's objects are named nowhere in what Bob can read.
+    seen = " ".join(client.get(path, headers=bearer(other_key)).text for path in (
+        "/v1/files", JOBS, "/v1/models", f"{bob_job}/events", f"{bob_job}/steps", f"{bob_job}/checkpoints"))
+    for name in alices.values():
+        assert name not in seen

@@ -15,7 +15,7 @@ from core.models import Base
 from tests.conftest import create_postgres_database, drop_postgres_database
 
 TABLES = {"api_keys", "files", "models", "jobs", "job_steps", "checkpoints", "events", "idempotency_keys",
-          "alembic_version"}
+          "webhooks", "webhook_deliveries", "alembic_version"}
 
 
 def _diff(url: str) -> list:

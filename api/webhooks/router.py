@@ -1,0 +1,68 @@
+"""HTTP only: parse, call the service, respond."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api.deps import Principal, get_db, get_principal, json_body
+from api.errors import from_validation_errors
+from api.idempotency import respond
+from api.openapi import json_body_doc
+from api.webhooks import service
+from api.webhooks.schemas import (
+    DeliveryList,
+    WebhookCreate,
+    WebhookDeleted,
+    WebhookList,
+    WebhookObject,
+    webhook_object,
+)
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+
+@router.post("", response_model=WebhookObject, openapi_extra=json_body_doc(WebhookCreate),
+             summary="Register a URL for signed job.* and step.* notifications (the secret is shown once)")
+def create_webhook(
+    request: Request,
+    principal: Principal = Depends(get_principal),  # before the body: auth errors come first
+    payload: Any = Depends(json_body),
+    db: Session = Depends(get_db),
+):
+    try:
+        body = WebhookCreate.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_errors(exc.errors()) from None
+    return respond(request, db, principal, payload, lambda: service.create_webhook(db, principal, body))
+
+
+@router.get("", response_model=WebhookList)
+def list_webhooks(principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    return service.list_webhooks(db, principal)
+
+
+@router.get("/{webhook_id}", response_model=WebhookObject)
+def retrieve_webhook(webhook_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    return webhook_object(service.find(db, principal, webhook_id))
+
+
+@router.delete("/{webhook_id}", response_model=WebhookDeleted)
+def delete_webhook(webhook_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    body = service.delete_webhook(db, principal, webhook_id)
+    db.commit()
+    return body
+
+
+@router.get("/{webhook_id}/deliveries", response_model=DeliveryList,
+            summary="The webhook's deliveries, newest first: status, attempts, last response")
+def list_deliveries(
+    webhook_id: str,
+    limit: int | None = Query(None, description="1 to 100 (default 20)."),
+    principal: Principal = Depends(get_principal),
+    db: Session = Depends(get_db),
+):
+    return service.list_deliveries(db, principal, webhook_id, limit=limit)

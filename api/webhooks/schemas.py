@@ -1,0 +1,79 @@
+"""Request and response shapes of /v1/webhooks."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from core.clock import to_unix
+from core.models import Webhook, WebhookDelivery
+from core.webhooks import EVENT_TYPES
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: StrictStr = Field(description="An http(s) URL that receives a signed POST per event.")
+    events: list[StrictStr] | None = Field(
+        None, description=f"Event types to receive (default all): {', '.join(EVENT_TYPES)}.")
+    description: StrictStr | None = Field(None, description="A label for the webhook (up to 255 characters).")
+
+
+class WebhookObject(BaseModel):
+    id: str
+    object: Literal["webhook"] = "webhook"
+    url: str
+    events: list[str]
+    description: str | None
+    created_at: int
+    secret: str | None = Field(None, description="The signing secret: only in the response that creates it.")
+
+
+class WebhookList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookObject]
+    has_more: bool
+
+
+class WebhookDeleted(BaseModel):
+    id: str
+    object: Literal["webhook"] = "webhook"
+    deleted: bool
+
+
+class DeliveryObject(BaseModel):
+    id: str
+    object: Literal["webhook.delivery"] = "webhook.delivery"
+    webhook_id: str
+    event_type: str
+    fine_tuning_job_id: str | None
+    step_index: int | None
+    status: str
+    attempts: int
+    next_attempt_at: int | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: int
+    delivered_at: int | None
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeliveryObject]
+    has_more: bool
+
+
+def webhook_object(row: Webhook, *, with_secret: bool = False) -> dict[str, Any]:
+    return {"id": row.id, "object": "webhook", "url": row.url, "events": list(row.events or []),
+            "description": row.description, "created_at": to_unix(row.created_at),
+            "secret": row.secret if with_secret else None}
+
+
+def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
+    return {"id": row.id, "object": "webhook.delivery", "webhook_id": row.webhook_id, "event_type": row.event_type,
+            "fine_tuning_job_id": row.job_id, "step_index": row.step_index, "status": row.status,
+            "attempts": row.attempts,
+            "next_attempt_at": to_unix(row.next_attempt_at) if row.status == "pending" else None,
+            "last_status_code": row.last_status_code, "last_error": row.last_error,
+            "created_at": to_unix(row.created_at), "delivered_at": to_unix(row.delivered_at)}

@@ -1,0 +1,1 @@
+"""Reproduce the sDPO paper's findings in miniature: `python -m experiments.paper` (see __main__)."""

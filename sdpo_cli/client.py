@@ -1,0 +1,547 @@
+"""`sdpo files|jobs|checkpoints …`: a command-line client of a running service, over HTTP only.
+
+    sdpo files upload PATH                         upload and validate; prints the report
+    sdpo files list
+    sdpo jobs create --model M --training-file F [--steps T --partition S …] [--spec job.yaml] [--watch]
+    sdpo jobs list | get JOB | cancel JOB
+    sdpo jobs watch JOB                            a progress bar per step and live metrics (SSE)
+    sdpo checkpoints list JOB
+    sdpo checkpoints download JOB [CHECKPOINT] [-o PATH] [--extract]
+
+Where the server is and which key to use, first found wins: `--url`/`--api-key`; the environment
+(`SDPO_URL`, `SDPO_API_KEY`); a config file (`--config`, `$SDPO_CONFIG`, or
+`~/.config/sdpo/config.yaml`, with `url:` and `api_key:`); the service `sdpo up` started under
+SDPO_HOME (its URL and admin key); else http://127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import yaml
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_CONFIG = Path("~/.config/sdpo/config.yaml")
+TERMINAL = ("succeeded", "failed", "cancelled")
+BAR_WIDTH = 24
+
+
+class ClientError(Exception):
+    """An error to print as one line (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Where and who
+
+
+@dataclass
+class Target:
+    url: str
+    api_key: str | None
+    source: str
+
+
+def _config_file(path: str | None) -> dict[str, Any]:
+    candidate = Path(path or os.environ.get("SDPO_CONFIG") or DEFAULT_CONFIG).expanduser()
+    if not candidate.is_file():
+        if path:
+            raise ClientError(f"config file {candidate} does not exist")
+        return {}
+    data = yaml.safe_load(candidate.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ClientError(f"config file {candidate} must be a mapping with url: and api_key:")
+    return data
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    config = _config_file(getattr(args, "config", None))
+    url = args.url or os.environ.get("SDPO_URL") or config.get("url")
+    key = args.api_key or os.environ.get("SDPO_API_KEY") or config.get("api_key")
+    source = "flags/environment/config"
+    if url is None or key is None:
+        # The service `sdpo up` started on this machine (its admin key is in SDPO_HOME).
+        from core.settings import get_settings
+        from sdpo_cli import up
+
+        settings = get_settings()
+        info = up.running_service(settings)
+        if info is not None:
+            url = url or info["url"]
+            if key is None and (settings.admin_key or (settings.home / "admin_key").is_file()):
+                key = up.admin_key(settings)
+            source = f"the service started by `sdpo up` in {settings.home}"
+    return Target(url=(url or DEFAULT_URL).rstrip("/"), api_key=key, source=source)
+
+
+class Api:
+    """The JSON API with the error envelope turned into `ClientError`."""
+
+    def __init__(self, target: Target, *, timeout: float = 60.0):
+        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        self.target = target
+        self.http = httpx.Client(base_url=target.url, headers=headers, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.target.url} ({type(exc).__name__}); start it with `sdpo up` "
+                              "or set SDPO_URL") from None
+        if response.status_code >= 400:
+            raise ClientError(_error_text(response))
+        return response.json()
+
+    def get(self, path: str, **kwargs) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> Any:
+        return self.request("POST", path, **kwargs)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+    text = f"{error.get('message')} ({response.status_code} {error.get('code')})"
+    for problem in (error.get("errors") or [])[:20]:
+        text += f"\n  line {problem.get('line')}: {problem.get('field') or '-'}: {problem.get('reason')}"
+    return text
+
+
+def _print_json(data: Any, out: TextIO = sys.stdout) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+
+
+def upload_file(api: Api, path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ClientError(f"{path} is not a file")
+    with open(path, "rb") as fh:
+        return api.post("/v1/files", files={"file": (path.name, fh, "application/jsonl")},
+                        data={"purpose": "fine-tune"}, timeout=None)
+
+
+def _files_upload(args: argparse.Namespace) -> int:
+    api = Api(resolve_target(args))
+    file = upload_file(api, Path(args.path))
+    if args.json:
+        _print_json(file)
+        return 0
+    stats = file.get("stats") or {}
+    sources = ", ".join(f"{k}: {v}" for k, v in (stats.get("sources") or {}).items()) or "-"
+    print(file["id"])
+    print(f"valid {file['format']} file: {file['rows']} pairs, {file['bytes']} bytes; sources {sources}; "
+          f"duplicates {stats.get('duplicates', '-')}", file=sys.stderr)
+    return 0
+
+
+def _files_list(args: argparse.Namespace) -> int:
+    files = Api(resolve_target(args)).get("/v1/files")["data"]
+    if args.json:
+        _print_json(files)
+        return 0
+    for f in files:
+        print(f"{f['id']}\t{f['rows']:>6} pairs\t{f['format']}\t{f['filename']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# jobs
+
+
+def _file_ref(api: Api, value: str | None) -> str | None:
+    """A file id as is; a path on this machine is uploaded first."""
+    if value is None or value.startswith("file-"):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ClientError(f"{value} is neither a file id (file-…) nor a file on this machine")
+    file = upload_file(api, path)
+    print(f"uploaded {path.name}: {file['id']} ({file['rows']} pairs)", file=sys.stderr)
+    return file["id"]
+
+
+def build_job_body(args: argparse.Namespace, api: Api) -> dict[str, Any]:
+    """The POST /v1/fine_tuning/jobs body: the spec file (YAML or JSON, the API's shape) with the
+    flags on top. Training and validation files may be paths; they are uploaded."""
+    body: dict[str, Any] = {}
+    if args.spec:
+        spec_path = Path(args.spec)
+        if not spec_path.is_file():
+            raise ClientError(f"spec file {spec_path} does not exist")
+        loaded = yaml.safe_load(spec_path.read_text())  # YAML is a superset of JSON
+        if not isinstance(loaded, dict):
+            raise ClientError(f"{spec_path} must hold one job object")
+        body.update(loaded)
+    for flag, field in (("model", "model"), ("training_file", "training_file"),
+                        ("validation_file", "validation_file"), ("suffix", "suffix"), ("seed", "seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            body[field] = value
+    hyper = {name: getattr(args, name) for name in ("n_epochs", "beta", "learning_rate_multiplier", "batch_size",
+                                                     "learning_rate", "max_length")
+             if getattr(args, name) is not None}
+    method_type = args.method or (body.get("method") or {}).get("type") or ("sdpo" if args.steps else "dpo")
+    method = dict(body.get("method") or {"type": method_type})
+    method["type"] = method_type
+    inner = dict(method.get(method_type) or {})
+    if hyper:
+        inner["hyperparameters"] = {**(inner.get("hyperparameters") or {}), **hyper}
+    if method_type == "sdpo" and args.steps:
+        inner["partition"] = {**(inner.get("partition") or {}), "strategy": args.partition or "random",
+                              "n_steps": args.steps}
+    method[method_type] = inner
+    body["method"] = method
+    if not body.get("model"):
+        raise ClientError("a job needs --model (or `model:` in --spec)")
+    body["training_file"] = _file_ref(api, body.get("training_file"))
+    body["validation_file"] = _file_ref(api, body.get("validation_file"))
+    for step in (method.get("sdpo") or {}).get("steps") or []:
+        if isinstance(step, dict):
+            step["training_file"] = _file_ref(api, step.get("training_file"))
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _jobs_create(args: argparse.Namespace) -> int:
+    api = Api(resolve_target(args))
+    body = build_job_body(args, api)
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    job = api.post("/v1/fine_tuning/jobs", json=body, headers=headers)
+    if args.json and not args.watch:
+        _print_json(job)
+        return 0
+    print(job["id"])
+    print(f"created {job['id']}: {job['method']['type']} with {job['n_steps']} step(s) on {job['model']} "
+          f"({job['status']})", file=sys.stderr)
+    if args.watch:
+        return watch_job(api, job["id"], out=sys.stderr)
+    return 0
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    p = job.get("progress") or {}
+    where = f"step {p.get('step', job.get('current_step'))}/{job['n_steps']}"
+    if p.get("queue_position"):
+        where = f"queue #{p['queue_position']}"
+    return (f"{job['id']}\t{job['status']:<10}\t{where:<12}\t{p.get('percent', 0):5.1f}%\t{job['model']}\t"
+            f"{job.get('fine_tuned_model') or ''}")
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    jobs = Api(resolve_target(args)).get("/v1/fine_tuning/jobs", params={"limit": args.limit})["data"]
+    if args.json:
+        _print_json(jobs)
+        return 0
+    for job in jobs:
+        print(_job_line(job))
+    return 0
+
+
+def _jobs_get(args: argparse.Namespace) -> int:
+    api = Api(resolve_target(args))
+    job = api.get(f"/v1/fine_tuning/jobs/{args.job_id}")
+    if args.json:
+        _print_json(job)
+    else:
+        print(_job_line(job))
+        steps = api.get(f"/v1/fine_tuning/jobs/{args.job_id}/steps")["data"]
+        print_lineage(job, steps)
+    return 0
+
+
+def _jobs_cancel(args: argparse.Namespace) -> int:
+    job = Api(resolve_target(args)).post(f"/v1/fine_tuning/jobs/{args.job_id}/cancel")
+    print(f"{job['id']} {job['status']}")
+    return 0
+
+
+def _jobs_watch(args: argparse.Namespace) -> int:
+    return watch_job(Api(resolve_target(args)), args.job_id, out=sys.stdout)
+
+
+# ------------------------------------------------------------------------------------------------
+# watching: server-sent events, one progress bar per step
+
+
+def iter_events(api: Api, job_id: str, *, retry_seconds: float = 1.0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(kind, data) for every event of the job, in order, then ("done", {...}); reconnects with
+    Last-Event-ID when the connection drops."""
+    last_id: str | None = None
+    failures = 0
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if last_id:
+            headers["Last-Event-ID"] = last_id
+        try:
+            with api.http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"},
+                                 headers=headers, timeout=httpx.Timeout(30.0, read=60.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_error_text(response))
+                failures = 0
+                event, data, event_id = "message", [], None
+                for line in response.iter_lines():
+                    if line == "":
+                        if data:
+                            payload = json.loads("\n".join(data))
+                            if event_id:
+                                last_id = event_id
+                            if event == "done":
+                                yield "done", payload
+                                return
+                            yield "event", payload
+                        event, data, event_id = "message", [], None
+                    elif line.startswith(":"):
+                        continue
+                    else:
+                        field, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if field == "data":
+                            data.append(value)
+                        elif field == "event":
+                            event = value
+                        elif field == "id":
+                            event_id = value
+        except httpx.HTTPError:
+            failures += 1
+            if failures > 30:
+                raise ClientError(f"lost the event stream of {job_id} ({api.target.url})") from None
+        time.sleep(retry_seconds)
+
+
+class ProgressView:
+    """One progress bar per sDPO step with its latest metrics; plain lines when not on a terminal."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.tty = out.isatty()
+        self.step: int | None = None
+        self.line = ""
+        self.printed = ""
+
+    def _bar(self, done: int, total: int) -> str:
+        filled = int(BAR_WIDTH * done / total) if total else 0
+        return "#" * filled + "-" * (BAR_WIDTH - filled)
+
+    def metrics(self, data: dict[str, Any], n_steps: int | None) -> None:
+        step, gs, ms = data.get("step"), data.get("global_step") or 0, data.get("max_steps") or 0
+        if step != self.step:
+            self.finish_bar()
+            self.step = step
+        parts = [f"step {step}/{n_steps or '?'} [{self._bar(gs, ms)}] {gs}/{ms}"]
+        for label, key, spec in (("loss", "loss", ".4f"), ("acc", "rewards/accuracies", ".2f"),
+                                 ("margin", "rewards/margins", ".3f")):
+            if data.get(key) is not None:
+                parts.append(f"{label} {format(data[key], spec)}")
+        if data.get("tokens_per_second"):
+            parts.append(f"{data['tokens_per_second']:.0f} tok/s")
+        self.line = "  ".join(parts)
+        if self.tty:
+            self.out.write("\r\x1b[2K" + self.line)
+            self.out.flush()
+        elif self.line != self.printed:
+            print(self.line, file=self.out, flush=True)
+            self.printed = self.line
+
+    def finish_bar(self) -> None:
+        if self.tty and self.line:
+            self.out.write("\n")
+            self.out.flush()
+        self.line = ""
+
+    def message(self, text: str) -> None:
+        if self.tty and self.line:
+            self.out.write("\r\x1b[2K")
+        print(text, file=self.out, flush=True)
+        if self.tty and self.line:
+            self.out.write(self.line)
+            self.out.flush()
+
+
+def print_lineage(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO = sys.stdout) -> None:
+    chain = [job["model"]] + [s.get("output_checkpoint") or f"(step {s['index']} {s['status']})" for s in steps]
+    print("lineage: " + " -> ".join(chain), file=out)
+    print(f"{'step':>4}  {'status':<10} {'reference':<31} {'output':<31} {'first_loss':>10} {'gamma_ref':>9} "
+          f"{'last_loss':>9} {'rew_acc':>7} {'margin':>7}", file=out)
+    for s in steps:
+        m = s.get("metrics") or {}
+
+        def f(v, spec=".4f"):
+            return "-" if v is None else format(v, spec)
+
+        print(f"{s['index']:>4}  {s['status']:<10} {str(s.get('reference_checkpoint') or job['model']):<31} "
+              f"{str(s.get('output_checkpoint') or '-'):<31} {f(m.get('first_loss')):>10} "
+              f"{f(m.get('mean_gamma_ref'), '.3f'):>9} {f(m.get('last_loss')):>9} "
+              f"{f(m.get('reward_accuracy'), '.3f'):>7} {f(m.get('reward_margin'), '.3f'):>7}", file=out)
+
+
+def watch_job(api: Api, job_id: str, *, out: TextIO = sys.stdout) -> int:
+    """Follow a job to its end. Exit code 0 when it succeeded, 1 otherwise."""
+    job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
+    view = ProgressView(out)
+    for kind, data in iter_events(api, job_id):
+        if kind == "done":
+            break
+        if data.get("type") == "metrics":
+            view.metrics(data.get("data") or {}, job["n_steps"])
+        else:
+            level = data.get("level")
+            prefix = "!" if level in ("warn", "error") else "-"
+            view.message(f"{prefix} {data.get('message')}")
+    view.finish_bar()
+    job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
+    steps = api.get(f"/v1/fine_tuning/jobs/{job_id}/steps")["data"]
+    print("", file=out)
+    print_lineage(job, steps, out=out)
+    print(f"\njob {job['id']} {job['status']}" + (f": {job['fine_tuned_model']}" if job.get("fine_tuned_model") else "")
+          + (f" ({job['error']['message']})" if job.get("error") else ""), file=out)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoints_list(args: argparse.Namespace) -> int:
+    data = Api(resolve_target(args)).get(f"/v1/fine_tuning/jobs/{args.job_id}/checkpoints",
+                                         params={"limit": 100})["data"]
+    if args.json:
+        _print_json(data)
+        return 0
+    for c in data:
+        m = c.get("metrics") or {}
+        print(f"{c['id']}\tstep {c['step_index']}\t{c.get('bytes') or 0:>12} bytes\tlast loss {m.get('last_loss')}")
+    return 0
+
+
+def _checkpoints_download(args: argparse.Namespace) -> int:
+    api = Api(resolve_target(args), timeout=None)
+    checkpoint_id = args.checkpoint_id
+    if checkpoint_id is None:  # the final one: the latest step's
+        data = api.get(f"/v1/fine_tuning/jobs/{args.job_id}/checkpoints", params={"limit": 1})["data"]
+        if not data:
+            raise ClientError(f"job {args.job_id} has no checkpoint yet")
+        checkpoint_id = data[0]["id"]
+    target = Path(args.output or (checkpoint_id if args.extract else f"{checkpoint_id}.tar"))
+    if target.exists():
+        raise ClientError(f"{target} already exists")
+    url = f"/v1/fine_tuning/jobs/{args.job_id}/checkpoints/{checkpoint_id}/content"
+    size = 0
+    # Streamed to a partial file first: an interrupted download never looks complete.
+    partial = target.with_name(f".{target.name}.partial")
+    with api.http.stream("GET", url) as response:
+        if response.status_code >= 400:
+            response.read()
+            raise ClientError(_error_text(response))
+        with open(partial.with_suffix(".tar") if args.extract else partial, "wb") as fh:
+            for chunk in response.iter_bytes():
+                fh.write(chunk)
+                size += len(chunk)
+    if args.extract:
+        tar_path = partial.with_suffix(".tar")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(partial, filter="data")
+        finally:
+            tar_path.unlink(missing_ok=True)
+    partial.rename(target)
+    print(str(target))
+    print(f"downloaded {checkpoint_id}: {size} bytes", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The parsers
+
+
+def _guard(handler):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+    return run
+
+
+def _connection() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="the service (default: SDPO_URL, the config file, or `sdpo up`'s)")
+    common.add_argument("--api-key", help="an API key (default: SDPO_API_KEY or the config file)")
+    common.add_argument("--config", help="a YAML file with url: and api_key: (default ~/.config/sdpo/config.yaml)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON")
+    return common
+
+
+def register_client(commands: argparse._SubParsersAction) -> None:
+    common = _connection()
+
+    files = commands.add_parser("files", help="upload and list preference files")
+    sub = files.add_subparsers(dest="files_command", required=True)
+    p = sub.add_parser("upload", parents=[common], help="upload a JSONL file; prints its id and validation report")
+    p.add_argument("path")
+    p.set_defaults(handler=_guard(_files_upload))
+    sub.add_parser("list", parents=[common], help="list your files").set_defaults(handler=_guard(_files_list))
+
+    jobs = commands.add_parser("jobs", help="create, follow, list and cancel fine-tuning jobs")
+    sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    p = sub.add_parser("create", parents=[common], help="create a job from flags or a YAML/JSON spec")
+    p.add_argument("--spec", help="a YAML or JSON file with the job body (the API's shape); flags override it")
+    p.add_argument("--model")
+    p.add_argument("--training-file", help="a file id, or a local path (uploaded first)")
+    p.add_argument("--validation-file", help="a file id, or a local path (uploaded first)")
+    p.add_argument("--method", choices=["dpo", "sdpo"], help="default: sdpo with --steps, else dpo")
+    p.add_argument("--steps", type=int, help="sDPO: split the training file into this many steps")
+    p.add_argument("--partition", choices=["random", "stratified", "easy_to_hard", "hard_to_easy"],
+                   help="how to split it (default random)")
+    p.add_argument("--epochs", type=int, dest="n_epochs")
+    p.add_argument("--beta", type=float)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--learning-rate-multiplier", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--suffix")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--idempotency-key")
+    p.add_argument("--watch", action="store_true", help="then follow it like `sdpo jobs watch`")
+    p.set_defaults(handler=_guard(_jobs_create))
+    p = sub.add_parser("list", parents=[common], help="your jobs, newest first, with progress")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(handler=_guard(_jobs_list))
+    for name, handler, text in (("get", _jobs_get, "one job, its lineage and per-step metrics"),
+                                ("watch", _jobs_watch, "follow a job live: a progress bar per step, metrics"),
+                                ("cancel", _jobs_cancel, "cancel a job")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job_id")
+        p.set_defaults(handler=_guard(handler))
+
+    checkpoints = commands.add_parser("checkpoints", help="list and download a job's checkpoints")
+    sub = checkpoints.add_subparsers(dest="checkpoints_command", required=True)
+    p = sub.add_parser("list", parents=[common], help="a job's checkpoints, one per finished step")
+    p.add_argument("job_id")
+    p.set_defaults(handler=_guard(_checkpoints_list))
+    p = sub.add_parser("download", parents=[common], help="download a checkpoint (default: the final one)")
+    p.add_argument("job_id")
+    p.add_argument("checkpoint_id", nargs="?")
+    p.add_argument("-o", "--output", help="a .tar file, or with --extract a directory (default: the checkpoint id)")
+    p.add_argument("--extract", action="store_true", help="unpack into a directory instead of keeping the tar")
+    p.set_defaults(handler=_guard(_checkpoints_download))

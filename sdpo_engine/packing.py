@@ -1,0 +1,257 @@
+"""Shared-prompt packing: one sequence per preference pair instead of two.
+
+TRL's DPOTrainer runs every pair as two sequences, prompt + chosen and prompt + rejected, so the
+prompt goes through the model twice. Here each pair is one sequence
+
+    shared prompt P[:-1] | P[-1] chosen | P[-1] rejected
+
+with a block attention mask: the chosen branch sees the shared prompt and itself (causally), the
+rejected branch sees the shared prompt and itself, never the chosen tokens, and the position ids of
+both branches continue from the shared prompt (the rejected branch restarts where the chosen one
+started). The last prompt token starts both branches: its hidden state predicts the first token of
+either answer, so each branch carries its own copy (one extra token per pair) and every scored
+token is predicted, as in TRL, by the token right before it. The math is TRL's: every scored
+token attends to exactly the keys, at exactly the positions, it attends to in TRL's two sequences.
+
+The packed forward is hidden behind a stand-in for the model: it takes the call TRL makes
+(`model(input_ids, attention_mask, labels, fused_lm_head=True)`, two-sequence layout), runs the
+packed sequences and returns per-token outputs laid out as TRL's two sequences would have them, so
+TRL's own `_compute_loss` (every loss type, every metric) runs unchanged on top. The LM head
+projects only the scored positions (TRL projects every position on CPU).
+
+Packing is used only where it is proven identical (tests/engine/test_perf_equivalence.py): decoder
+families whose attention takes a custom 4D mask and whose positions come from `position_ids` alone,
+with the sdpa or eager attention, `keep_start` truncation, no sliding window, and no
+prompt-learning adapter. Everything else runs TRL's two-sequence path.
+
+Depends on TRL 1.16's collator output and on its chunked log-prob kernel (pinned in pyproject).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Families checked by tests/engine/test_perf_equivalence.py (per-pair log-probs within 1e-5, losses and
+# gradients within 1e-4 of the two-sequence path). Add a family only together with its test.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+# Config attributes that change the logits after the LM head; the compact head below does not apply them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segments", "packed_src_row", "packed_src_col")
+
+try:  # TRL's chunked log-prob kernel: the fused LM head without materialising the logits
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+except ImportError:  # pragma: no cover - another TRL version: no packing, plain TRL
+    ChunkedLogProbFunction = None
+    FusedCausalLMOutput = None
+    _CHUNKED_LOGPROB_CHUNK_SIZE = 32768
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _language_model(model):
+    """The `...ForCausalLM` under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def packing_unsupported(model, args) -> str | None:
+    """None if the packed path is proven identical for this model and config, else why not."""
+    if FusedCausalLMOutput is None:
+        return "this TRL version lacks the chunked log-prob kernel"
+    if _is_peft(model):
+        peft_config = model.active_peft_config if hasattr(model, "active_peft_config") else None
+        if peft_config is None or getattr(peft_config, "is_prompt_learning", False):
+            return "prompt-learning adapters prepend virtual tokens"
+    lm = _language_model(model)
+    config = lm.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text_config is not config:
+        return "multimodal model"
+    if config.model_type not in PACKABLE_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not proven identical under packing"
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PACKABLE_ATTENTION:
+        return f"attention implementation {impl!r} takes no custom 4D mask"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if any(getattr(config, k, None) is not None for k in _LOGIT_TRANSFORMS):
+        return "logit scaling or softcapping"
+    if args.truncation_mode != "keep_start":
+        return "keep_end truncation cuts the prompt differently in the chosen and rejected sequences"
+    if getattr(args, "padding_free", False):
+        return "padding_free"
+    if getattr(args, "use_logits_to_keep", False):
+        return "use_logits_to_keep"
+    return None
+
+
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None):
+    """TRL's keep_start truncation of prompt+chosen and prompt+rejected, both cut at max_length."""
+    if max_length is None:
+        return prompt, chosen, rejected
+    prompt = prompt[:max_length]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room]
+
+
+def pack_examples(examples: list[dict[str, Any]], *, pad_token_id: int, max_length: int | None,
+                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """The packed tensors of a batch.
+
+    packed_input_ids / packed_position_ids / packed_segments: (B, L); segment 0 = shared prompt,
+    1 = chosen branch, 2 = rejected branch, -1 = padding.
+    packed_src_row / packed_src_col: for every scored token, in the order of TRL's two-sequence
+    layout (chosen rows first, then rejected rows, each left to right), the packed position whose
+    hidden state predicts it; the token itself sits one position later.
+    """
+    ids_rows, pos_rows, seg_rows = [], [], []
+    src_chosen: list[tuple[int, int]] = []
+    src_rejected: list[tuple[int, int]] = []
+    for row, ex in enumerate(examples):
+        prompt, chosen, rejected = _truncate(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length)
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        shared = max(p - 1, 0)
+        anchor = prompt[shared:]  # the last prompt token, copied at the start of each branch
+        a = len(anchor)
+        ids_rows.append(list(prompt) + list(chosen) + list(anchor) + list(rejected))
+        pos_rows.append(list(range(p + c)) + list(range(shared, shared + a + r)))
+        seg_rows.append([0] * shared + [1] * (a + c) + [2] * (a + r))
+        # chosen token at t (t >= p) is predicted by packed position t - 1, as in TRL's prompt+chosen
+        src_chosen += [(row, t - 1) for t in range(max(p, 1), p + c)]
+        # rejected token k sits at p + c + a + k; the position before it is the anchor copy or the previous token
+        base = p + c + a
+        src_rejected += [(row, base + k - 1) for k in range(r) if p + k >= 1]
+    length = max(len(x) for x in ids_rows)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    pos = torch.zeros((len(examples), length), dtype=torch.long)
+    seg = torch.full((len(examples), length), -1, dtype=torch.int8)
+    for i, (a, b, s) in enumerate(zip(ids_rows, pos_rows, seg_rows, strict=True)):
+        ids[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        pos[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        seg[i, : len(s)] = torch.tensor(s, dtype=torch.int8)
+    src = src_chosen + src_rejected
+    return {
+        "packed_input_ids": ids,
+        "packed_position_ids": pos,
+        "packed_segments": seg,
+        "packed_src_row": torch.tensor([s[0] for s in src], dtype=torch.long),
+        "packed_src_col": torch.tensor([s[1] for s in src], dtype=torch.long),
+    }
+
+
+def truncated_lengths(example: dict[str, Any], max_length: int | None) -> tuple[int, int, int]:
+    """Prompt, chosen and rejected lengths after TRL's keep_start truncation."""
+    prompt, chosen, rejected = _truncate(example["prompt_ids"], example["chosen_ids"], example["rejected_ids"],
+                                         max_length)
+    return len(prompt), len(chosen), len(rejected)
+
+
+def packed_length(example: dict[str, Any], max_length: int | None) -> int:
+    """Tokens of the pair's packed sequence: prompt, chosen, the last prompt token again, rejected."""
+    p, c, r = truncated_lengths(example, max_length)
+    return p + c + r + min(p, 1)
+
+
+@dataclass
+class SharedPromptCollator:
+    """TRL's preference collator plus the packed tensors (TRL's two-sequence tensors are kept: they
+    are cheap, TRL's loss code reads their masks, and its token count stays comparable)."""
+
+    base: Any  # trl.trainer.dpo_trainer.DataCollatorForPreference
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = self.base(examples)
+        out.update(pack_examples(examples, pad_token_id=self.base.pad_token_id, max_length=self.base.max_length,
+                                 pad_to_multiple_of=self.base.pad_to_multiple_of))
+        return out
+
+
+def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) mask: causal, no padding keys, and a branch never sees the other branch.
+
+    Each padding query sees itself, so no softmax row is empty (its output is never used).
+    """
+    length = segments.shape[1]
+    idx = torch.arange(length, device=segments.device)
+    causal = idx[None, :] <= idx[:, None]
+    seg_q = segments[:, :, None]
+    seg_k = segments[:, None, :]
+    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
+    allowed = allowed[:, None]
+    if attn_implementation == "eager":  # eager adds the mask to the scores
+        zero = torch.zeros((), dtype=dtype, device=segments.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+    return allowed  # sdpa: True = attend
+
+
+class PackedForward:
+    """Stands in for the model in TRL's `_compute_loss` / `compute_ref_log_probs`.
+
+    Called as TRL calls the model (two-sequence tensors plus the packed ones from the collator), it
+    runs one packed sequence per pair and returns a `FusedCausalLMOutput` whose per-token fields have
+    the two-sequence shape (2B, S-1), zero where no completion token is scored, like TRL's.
+
+    compact: call the backbone and project only the scored positions through the LM head (the
+    model must be unwrapped: no DDP/FSDP/DeepSpeed wrapper); else go through the model's own
+    forward with its fused LM head.
+    """
+
+    def __init__(self, model, *, outputs: tuple[str, ...], compact: bool, autocast=None):
+        self.model = model
+        self.outputs = outputs
+        self.compact = compact
+        self.autocast = autocast
+
+    def __call__(self, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, use_cache=None,
+                 packed_input_ids=None, packed_position_ids=None, packed_segments=None, packed_src_row=None,
+                 packed_src_col=None, **kwargs):
+        if not fused_lm_head:  # TRL's deprecated logits path: the plain two-sequence forward
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+        if kwargs.get("output_router_logits"):
+            raise ValueError("packing does not support MoE router logits")
+        lm = _language_model(self.model)
+        shift_mask = labels[:, 1:] != -100
+        n_rows, width = packed_input_ids.shape
+        src = packed_src_row * width + packed_src_col
+        if src.numel() != int(shift_mask.sum()):
+            raise RuntimeError("packed batch does not match the two-sequence batch")
+        targets = packed_input_ids.reshape(-1)[src + 1]
+        impl = lm.config._attn_implementation
+        param = lm.get_output_embeddings().weight
+        mask = block_mask(packed_segments, impl, param.dtype)
+        if self.compact:
+            import contextlib
+
+            with self.autocast or contextlib.nullcontext():
+                hidden = lm.base_model(input_ids=packed_input_ids, attention_mask=mask,
+                                       position_ids=packed_position_ids, use_cache=False).last_hidden_state
+                head = lm.get_output_embeddings()
+                chosen_hidden = hidden.reshape(-1, hidden.shape[-1])[src].to(head.weight.device)
+                per_token = ChunkedLogProbFunction.apply(chosen_hidden, head.weight, head.bias,
+                                                         targets.to(head.weight.device), 1.0,
+                                                         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, self.outputs)
+        else:
+            packed_labels = torch.full_like(packed_input_ids, -100)
+            packed_labels.view(-1)[src + 1] = targets
+            out = self.model(input_ids=packed_input_ids, attention_mask=mask, position_ids=packed_position_ids,
+                             labels=packed_labels, fused_lm_head=True, **kwargs)
+            flat = packed_src_row * (width - 1) + packed_src_col
+            per_token = tuple(None if x is None else x.reshape(-1)[flat]
+                              for x in (out.log_probs, out.entropy, out.log_sum_sq_probs, out.mean_logits,
+                                        out.is_top1))
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(shift_mask.shape).masked_scatter(shift_mask.to(x.device), x)
+            for x in per_token
+        )
+        return FusedCausalLMOutput(loss=None, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=shift_mask, aux_loss=None)
