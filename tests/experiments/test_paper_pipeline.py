@@ -36,7 +36,7 @@ def test_quick_reproduction_writes_report_tables_and_plots(tmp_path):
         assert row is not None, label
         assert any(ch.isdigit() for ch in row)
     assert "| seed | step-2 source | γ_S (train)" in report
-    assert "| seed | first loss, from M1 |" in report
+    assert "| seed | first batch loss, from M1 |" in report
 
     plots = out / "paper-plots"
     for name in ("fig2_gamma_ref.png", "fig3_step2_loss.png", "heldout_preference_accuracy.png",
