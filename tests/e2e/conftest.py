@@ -20,7 +20,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from core.db import make_engine, make_session_factory, session_scope
 from core.migrate import upgrade_head
@@ -124,9 +123,8 @@ def service(tmp_path, postgres_server_url, redis_url, tiny_model_dir) -> Iterato
     """A fresh service (database, broker db, store); the test starts the API and workers it needs."""
     database_url = create_postgres_database(postgres_server_url, prefix="sdpo_e2e")
     broker_url = redis_url.rsplit("/", 1)[0] + f"/{E2E_REDIS_DB}"
-    r = redis.Redis.from_url(broker_url)
-    r.flushdb()
-    r.close()
+    # No flushdb: queue names are unique per service, and flushing would erase the messages of
+    # another test run sharing this Redis database.
     (tmp_path / "home").mkdir()
     svc = Service(tmp_path / "home", database_url, broker_url, tiny_model_dir)
     try:
