@@ -5,8 +5,11 @@ the database is the truth, several API replicas must agree, and the worker's wor
 durations, tokens/s) is visible without the worker exposing anything. Only the HTTP request
 counters are per process (labelled by route template, never by id).
 
-The endpoint is public like /healthz: it carries aggregate counts only (no ids, owners, names
-or secrets). Scrape it from inside the deployment, or keep it behind the proxy if counts matter.
+The endpoint carries aggregate counts only (no ids, owners, names or secrets), so by default it is
+public like /healthz (Prometheus scrapes it from inside the deployment without an API key). Where
+even the counts matter, set SDPO_METRICS_TOKEN: /metrics then wants `Authorization: Bearer TOKEN`
+(Prometheus' `authorization` scrape setting), compared in constant time; API keys are not used
+for it, so a scraper never holds a key that can read or train anything.
 
     sdpo_jobs{status}                     jobs by status
     sdpo_job_steps{status}                steps by status
@@ -21,6 +24,7 @@ or secrets). Scrape it from inside the deployment, or keep it behind the proxy i
 
 from __future__ import annotations
 
+import hmac
 import re
 import threading
 import time
@@ -34,6 +38,7 @@ from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppServices, get_services
+from core.errors import AuthenticationError
 from core.logging import log_context
 from core.models import Event, File, Job, JobStep, WebhookDelivery
 from core.states import JobStatus, StepStatus
@@ -195,6 +200,12 @@ def _collect(db: Session, stats: _HttpStats) -> str:
 
 @router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics (aggregate counts only)")
 def metrics(request: Request, services: AppServices = Depends(get_services)) -> PlainTextResponse:
+    token = services.settings.metrics_token
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise AuthenticationError("/metrics needs `Authorization: Bearer <SDPO_METRICS_TOKEN>`.",
+                                      code="invalid_metrics_token")
     stats = getattr(request.app.state, "http_stats", None) or _HttpStats()
     with services.session_factory() as session:
         body = _collect(session, stats)

@@ -76,6 +76,13 @@ class PayloadTooLarge(ServiceError):
     code = "file_too_large"
 
 
+class TooManyRequests(ServiceError):
+    """429: a per-owner limit (active jobs) is reached; the request can succeed later."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+
 class InvalidTransition(Conflict):
     """A status change that the state machine forbids (a bug or a race, never silently applied)."""
 

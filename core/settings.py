@@ -33,12 +33,20 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(None, description="Root of the local file store; default {home}/storage.")
     admin_key: str | None = Field(None, description="Admin API key, registered (hashed) at API start-up.")
     environment: Literal["development", "production"] = "development"
+    metrics_token: str | None = Field(
+        None, description="If set, GET /metrics wants `Authorization: Bearer <token>`; unset, it is public "
+        "(aggregate counts only).")
 
     max_upload_bytes: int = Field(1 << 30, gt=0, description="Largest accepted upload (413 above).")
     max_line_bytes: int = Field(1 << 20, gt=0, description="Longest accepted JSONL line.")
     max_reported_errors: int = Field(
         1000, gt=0, description="Problems listed in an upload's error report (error_count has the total).")
+    max_file_rows: int = Field(1_000_000, gt=0, description="Most preference pairs (lines) in one upload.")
+    max_metadata_pairs: int = Field(16, gt=0, description="Most key/value pairs in a job's metadata.")
     max_steps: int = Field(32, gt=0, description="Most sDPO steps one job may have.")
+    max_active_jobs_per_owner: int = Field(
+        16, ge=0, description="Most unfinished jobs (validating, queued, running, pausing or paused) one owner "
+        "may have; a create beyond it gets 429 too_many_active_jobs. 0: no limit.")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="If set (os.pathsep-separated), POST /v1/models only accepts paths under these folders.")

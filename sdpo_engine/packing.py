@@ -17,7 +17,9 @@ The packed forward is hidden behind a stand-in for the model: it takes the call 
 (`model(input_ids, attention_mask, labels, fused_lm_head=True)`, two-sequence layout), runs the
 packed sequences and returns per-token outputs laid out as TRL's two sequences would have them, so
 TRL's own `_compute_loss` (every loss type, every metric) runs unchanged on top. The LM head
-projects only the scored positions (TRL projects every position on CPU).
+projects only the scored positions (TRL projects every position on CPU), and with tied input and
+output embeddings the two gradients of the shared matrix are summed without a second
+vocabulary-sized buffer (`_tied_head_weight`).
 
 Packing is used only where it is proven identical (tests/engine/test_perf_equivalence.py): decoder
 families whose attention takes a custom 4D mask and whose positions come from `position_ids` alone,
@@ -29,19 +31,20 @@ Depends on TRL 1.16's collator output and on its chunked log-prob kernel (pinned
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# Families checked by tests/engine/test_perf_equivalence.py (per-pair log-probs within 1e-5, losses and
-# gradients within 1e-4 of the two-sequence path). Add a family only together with its test.
+# Families proven identical by tests/engine/test_perf_equivalence.py (per-token log-probs equal to the
+# two-sequence ones in float64; losses, metrics and gradients within 1e-4 in float32). Add a family only
+# together with its test.
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
 # Config attributes that change the logits after the LM head; the compact head below does not apply them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
-PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segments", "packed_src_row", "packed_src_col")
 
 try:  # TRL's chunked log-prob kernel: the fused LM head without materialising the logits
     from trl.kernels import ChunkedLogProbFunction
@@ -194,6 +197,47 @@ def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dt
     return allowed  # sdpa: True = attend
 
 
+def _tied_head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A stand-in leaf for a weight tied between the input embedding and the LM head.
+
+    With tied weights autograd gets two dense vocab x hidden gradients for one tensor, the head's
+    and the embedding's, and holds both while it sums them: one such buffer more than needed, at
+    the end of every backward (about 113 MB for SmolLM2). Here the head's gradient lands on this
+    alias and is moved onto `weight.grad` as soon as it exists (early in the backward), and the
+    embedding, run with `sparse=True` (`_sparse_embedding`), hands back only the rows the batch
+    used, which autograd adds into that gradient in place. Same sum (in another order).
+    """
+    alias = weight.detach().requires_grad_()
+
+    def move(a: torch.Tensor) -> None:
+        grad, a.grad = a.grad, None
+        if weight.grad is None:
+            weight.grad = grad
+        else:
+            weight.grad.add_(grad)
+
+    alias.register_post_accumulate_grad_hook(move)
+    if not getattr(weight, "_sdpo_densify_hook", False):
+        # Safety net: should a sparse embedding gradient ever arrive without the head's (it cannot while
+        # the head scores the batch), make it dense for the optimizer.
+        def densify(w: torch.Tensor) -> None:
+            if w.grad is not None and w.grad.is_sparse:
+                w.grad = w.grad.to_dense()
+
+        weight.register_post_accumulate_grad_hook(densify)
+        weight._sdpo_densify_hook = True
+    return alias
+
+
+@contextlib.contextmanager
+def _sparse_embedding(embedding: torch.nn.Embedding):
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = False
+
+
 class PackedForward:
     """Stands in for the model in TRL's `_compute_loss` / `compute_ref_log_probs`.
 
@@ -221,7 +265,7 @@ class PackedForward:
             raise ValueError("packing does not support MoE router logits")
         lm = _language_model(self.model)
         shift_mask = labels[:, 1:] != -100
-        n_rows, width = packed_input_ids.shape
+        width = packed_input_ids.shape[1]
         src = packed_src_row * width + packed_src_col
         if src.numel() != int(shift_mask.sum()):
             raise RuntimeError("packed batch does not match the two-sequence batch")
@@ -230,15 +274,25 @@ class PackedForward:
         param = lm.get_output_embeddings().weight
         mask = block_mask(packed_segments, impl, param.dtype)
         if self.compact:
-            import contextlib
-
-            with self.autocast or contextlib.nullcontext():
+            head = lm.get_output_embeddings()
+            embedding = lm.get_input_embeddings()
+            weight = head.weight
+            tied = (torch.is_grad_enabled() and weight.requires_grad and isinstance(embedding, torch.nn.Embedding)
+                    and embedding.weight is weight and not embedding.sparse)
+            if tied:
+                head_weight, sparse_embedding = _tied_head_weight(weight), True
+            else:
+                head_weight, sparse_embedding = weight, False
+            with contextlib.ExitStack() as stack:
+                if self.autocast is not None:
+                    stack.enter_context(self.autocast)
+                if sparse_embedding:
+                    stack.enter_context(_sparse_embedding(embedding))
                 hidden = lm.base_model(input_ids=packed_input_ids, attention_mask=mask,
                                        position_ids=packed_position_ids, use_cache=False).last_hidden_state
-                head = lm.get_output_embeddings()
-                chosen_hidden = hidden.reshape(-1, hidden.shape[-1])[src].to(head.weight.device)
-                per_token = ChunkedLogProbFunction.apply(chosen_hidden, head.weight, head.bias,
-                                                         targets.to(head.weight.device), 1.0,
+                chosen_hidden = hidden.reshape(-1, hidden.shape[-1])[src].to(weight.device)
+                per_token = ChunkedLogProbFunction.apply(chosen_hidden, head_weight, head.bias,
+                                                         targets.to(weight.device), 1.0,
                                                          _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, self.outputs)
         else:
             packed_labels = torch.full_like(packed_input_ids, -100)

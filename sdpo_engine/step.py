@@ -241,8 +241,6 @@ def _no_hash(module) -> str:
 
 
 def _define_trainer_class():
-    import contextlib
-
     import torch
     import trl.trainer.dpo_trainer as dpo_module
     from datasets import Dataset, concatenate_datasets
@@ -315,41 +313,6 @@ def _define_trainer_class():
             if "packed_input_ids" in inputs:
                 model = self._packed_forward(model, ("log_probs",))
             return super().compute_ref_log_probs(model, inputs)
-
-        def train(self, *args, **kwargs):
-            with self._sparse_tied_embedding_grad():
-                return super().train(*args, **kwargs)
-
-        @contextlib.contextmanager
-        def _sparse_tied_embedding_grad(self):
-            """With tied input/output embeddings, let the input embedding's backward hand back a sparse
-            gradient (the rows the batch used) that autograd adds into the LM head's dense gradient,
-            instead of a second dense vocab x hidden tensor: the same sum, one vocab-sized buffer less
-            at the end of every backward. Only in a single process, unwrapped, fully fine-tuned model
-            whose head gradient is dense; a hook densifies the gradient if it ever arrives alone."""
-            model = self.model
-            embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-            usable = (self.packed and self.args.world_size == 1 and not self.is_deepspeed_enabled
-                      and not self.is_fsdp_enabled and not hasattr(model, "peft_config")
-                      and isinstance(embedding, torch.nn.Embedding) and head is not None
-                      and embedding.weight is head.weight and embedding.weight.requires_grad
-                      and not embedding.sparse)
-            if not usable:
-                yield
-                return
-
-            def densify(param):
-                if param.grad is not None and param.grad.is_sparse:
-                    param.grad = param.grad.to_dense()
-
-            handle = embedding.weight.register_post_accumulate_grad_hook(densify)
-            embedding.sparse = True
-            try:
-                yield
-            finally:
-                embedding.sparse = False
-                handle.remove()
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             self._install_packing()

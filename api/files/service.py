@@ -74,6 +74,11 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
                                  param="purpose", code="invalid_purpose")
         report = validate_file(storage.local_path(stored.uri), max_errors=settings.max_reported_errors,
                                max_line_bytes=settings.max_line_bytes)
+        if report["rows"] > settings.max_file_rows:
+            raise InvalidRequest(
+                f"The file has {report['rows']} lines; this service accepts at most {settings.max_file_rows} "
+                "pairs per file (SDPO_MAX_FILE_ROWS). Nothing was stored.",
+                param="file", code="too_many_rows", extra={"rows": report["rows"], "max_rows": settings.max_file_rows})
         if not report["valid"]:
             count = report["error_count"]
             raise InvalidRequest(

@@ -3,10 +3,24 @@ live in core.jobs)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from core.models import Checkpoint, Event, Job, RegisteredModel
+from core.states import JOB_ACTIVE
+
+
+def lock_owner_jobs(db: Session, owner: str) -> None:
+    """Serialise job creation per owner until the transaction ends, so two concurrent creates
+    cannot both pass the active-jobs limit. Postgres: a transaction-scoped advisory lock on the
+    owner; SQLite already lets one writer in at a time."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"jobs:{owner}"})
+
+
+def count_active(db: Session, owner: str) -> int:
+    return db.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.status.in_([s.value for s in JOB_ACTIVE]))) or 0
 
 
 def list_page(db: Session, owner: str, *, after: Job | None, limit: int,

@@ -15,7 +15,7 @@ from api.jobs.progress import job_progress
 from api.jobs.schemas import JobCreate, checkpoint_object, event_object, job_object, step_object
 from api.pagination import check_limit, page
 from core import ids
-from core.errors import InvalidRequest, NotFound
+from core.errors import InvalidRequest, NotFound, TooManyRequests
 from core.jobs import add_event, cancel_job, get_job, get_steps, pause_job, resume_job
 from core.models import Job, JobStep
 from core.queue import enqueue_after_commit, job_chain
@@ -26,6 +26,7 @@ _METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 
 def create_job(db: Session, services: AppServices, principal: Principal, body: JobCreate) -> dict[str, Any]:
     plan = spec.build_plan(db, principal.owner, body, services.settings)
+    _check_active_limit(db, principal.owner, services.settings.max_active_jobs_per_owner)
     initial = plan.initial_checkpoint
     job = Job(
         id=ids.new_id(ids.JOB),
@@ -68,6 +69,20 @@ def create_job(db: Session, services: AppServices, principal: Principal, body: J
     add_event(db, job.id, f"Created fine-tuning job {job.id}: {plan.method_type} with {job.n_steps} step(s) "
                           f"from {origin}.", data={"n_steps": job.n_steps, "method": plan.method_type})
     return job_with_progress(db, job)
+
+
+def _check_active_limit(db: Session, owner: str, limit: int) -> None:
+    """One owner cannot fill every worker's queue: at most `limit` unfinished jobs (0: no limit).
+    Checked after the spec so a bad spec still gets its own 400."""
+    if not limit:
+        return
+    repository.lock_owner_jobs(db, owner)
+    active = repository.count_active(db, owner)
+    if active >= limit:
+        raise TooManyRequests(
+            f"This owner already has {active} unfinished jobs, the most allowed (SDPO_MAX_ACTIVE_JOBS_PER_OWNER="
+            f"{limit}). Wait for one to finish, or cancel one, then try again.",
+            param=None, code="too_many_active_jobs", extra={"active_jobs": active, "limit": limit})
 
 
 def find_job(db: Session, principal: Principal, job_id: str, *, for_update: bool = False) -> Job:

@@ -50,7 +50,7 @@ DEFAULT_SOURCE_FIELD = "source"  # the field the upload statistics count sources
 HYPERPARAMETERS = tuple(f.name for f in fields(StepConfig) if f.name != "seed") + ("learning_rate_multiplier",)
 MAX_SEED = 2**31 - 1
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+MAX_METADATA_KEY, MAX_METADATA_VALUE = 64, 512  # OpenAI's; the number of pairs is a setting
 FILE_PURPOSE = "fine-tune"
 
 
@@ -86,7 +86,7 @@ def build_plan(db: Session, owner: str, body: JobCreate, settings: Settings) -> 
         raise bad("Integrations are not supported by this service.", "integrations", "unsupported_integration")
     seed = _check_seed(body.seed)
     suffix = _check_suffix(body.suffix)
-    metadata = _check_metadata(body.metadata)
+    metadata = _check_metadata(body.metadata, settings.max_metadata_pairs)
     method = _check_method_shape(body)
     method_hp = _hyperparameters_of(body, method)
 
@@ -147,12 +147,13 @@ def _check_suffix(suffix: str | None) -> str | None:
     return suffix
 
 
-def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
-    """OpenAI's limits: at most 16 pairs, keys up to 64 characters, string values up to 512."""
+def _check_metadata(metadata: dict[str, Any] | None, max_pairs: int) -> dict[str, str] | None:
+    """OpenAI's limits: at most 16 pairs (SDPO_MAX_METADATA_PAIRS), keys up to 64 characters, string
+    values up to 512."""
     if metadata is None:
         return None
-    if len(metadata) > MAX_METADATA_PAIRS:
-        raise bad(f"metadata may hold at most {MAX_METADATA_PAIRS} pairs, got {len(metadata)}.", "metadata",
+    if len(metadata) > max_pairs:
+        raise bad(f"metadata may hold at most {max_pairs} pairs, got {len(metadata)}.", "metadata",
                   "invalid_metadata")
     for key, value in metadata.items():
         if not key or len(key) > MAX_METADATA_KEY:

@@ -87,6 +87,17 @@ def test_upload_over_the_limit_is_413_by_header(make_client, user_key, settings,
     assert count_rows() == before and stored_objects(settings) == []
 
 
+def test_upload_over_the_row_limit_is_refused_and_nothing_stored(make_client, user_key, settings, count_rows):
+    few = make_client(max_file_rows=5)
+    before = count_rows()
+    response = _post_file(few, user_key, jsonl_bytes(preference_rows(6)))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "too_many_rows" and error["param"] == "file" and "SDPO_MAX_FILE_ROWS" in error["message"]
+    assert count_rows() == before and stored_objects(settings) == []
+    assert _post_file(few, user_key, jsonl_bytes(preference_rows(5))).status_code == 200
+
+
 def test_upload_over_the_limit_is_stopped_mid_stream(make_live_server, user_key, settings, count_rows,
                                                      monkeypatch):
     """Without a Content-Length (chunked upload to a real server), the limit is enforced while

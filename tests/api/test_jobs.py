@@ -192,3 +192,38 @@ def test_idempotent_create_and_cancel(client, user_key, training_file, count_row
     assert cancelled.status_code == again.status_code == 200 and again.json() == cancelled.json()
     # Without the key a second cancel is a conflict.
     assert client.post(f"{JOBS}/{job_id}/cancel", headers=bearer(user_key)).status_code == 409
+
+
+def test_active_jobs_per_owner_limit(make_client, user_key, other_key, training_file, upload, db, count_rows):
+    """SDPO_MAX_ACTIVE_JOBS_PER_OWNER: a create beyond it is 429 with nothing written; a finished
+    job frees a place; another owner is not affected."""
+    limited = make_client(max_active_jobs_per_owner=2)
+    body = {"model": "tiny-base", "training_file": training_file}
+    first, second = (limited.post(JOBS, headers=bearer(user_key), json=body) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    before = count_rows()
+    refused = limited.post(JOBS, headers=bearer(user_key), json=body)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "too_many_active_jobs" and "SDPO_MAX_ACTIVE_JOBS_PER_OWNER" in error["message"]
+    assert count_rows() == before
+    other_file = upload(other_key, preference_rows(10))["id"]
+    assert limited.post(JOBS, headers=bearer(other_key),
+                        json={**body, "training_file": other_file}).status_code == 200
+    _set_status(db, first.json()["id"], "succeeded", "succeeded")
+    assert limited.post(JOBS, headers=bearer(user_key), json=body).status_code == 200
+
+
+def test_active_jobs_limit_holds_under_concurrent_creates(make_client, user_key, training_file):
+    """The check is serialised per owner (a Postgres advisory lock): 6 creates at once against a
+    limit of 3 give exactly 3 jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limited = make_client(max_active_jobs_per_owner=3)
+    body = {"model": "tiny-base", "training_file": training_file}
+    with ThreadPoolExecutor(6) as pool:
+        codes = sorted(pool.map(lambda _: limited.post(JOBS, headers=bearer(user_key), json=body).status_code,
+                                range(6)))
+    assert codes == [200, 200, 200, 429, 429, 429]
+    listed = limited.get(JOBS, headers=bearer(user_key), params={"limit": 100}).json()["data"]
+    assert len(listed) == 3

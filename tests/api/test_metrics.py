@@ -122,3 +122,17 @@ def test_json_logs_carry_job_and_step_ids_and_no_secrets():
     extra.job_id, extra.step, extra.api_key = "ftjob-1", 1, "sk-sdpo-secret"
     out = json.loads(JsonFormatter().format(extra))
     assert out["job_id"] == "ftjob-1" and out["step"] == 1 and "secret" not in out["api_key"]
+
+
+def test_metrics_token_when_set(make_client, user_key):
+    """SDPO_METRICS_TOKEN: without it /metrics is public (counts only); with it, only that bearer
+    token reads it (an API key does not)."""
+    token = "m" * 40
+    guarded = make_client(metrics_token=token)
+    assert guarded.get("/metrics").status_code == 401
+    assert guarded.get("/metrics", headers=bearer(user_key)).status_code == 401
+    refused = guarded.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_metrics_token"
+    ok = guarded.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert ok.status_code == 200 and "sdpo_jobs" in ok.text
+    assert make_client().get("/metrics").status_code == 200

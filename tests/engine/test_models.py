@@ -41,3 +41,29 @@ def test_smollm2_gguf_is_converted_and_a_step_trains_on_it(tmp_path):
                         "device": "cpu"})
     assert abs(summary["first_loss"] - math.log(2)) < 1e-4
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_remote_code_in_a_model_folder_never_runs(tiny_model, tmp_path):
+    """A model folder whose config points at its own Python (`auto_map`) is loaded with the
+    library's class or refused: its code is never imported (trust_remote_code is never on). The
+    engine's loaders are the only way a step, the demo or generate reads a model."""
+    import json
+    import shutil
+
+    from sdpo_engine.generate import generate
+    from sdpo_engine.step import load_policy
+
+    folder = tmp_path / "hostile"
+    shutil.copytree(tiny_model, folder)
+    marker = tmp_path / "remote-code-ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import LlamaForCausalLM as EvilModel\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    for load in (lambda: load_policy(folder, "cpu"), lambda: generate(str(folder), ["hi"], max_new_tokens=2)):
+        try:
+            load()
+        except Exception:
+            pass  # refusing is fine; running the folder's code is not
+        assert not marker.exists()

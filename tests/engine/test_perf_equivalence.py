@@ -133,11 +133,33 @@ def _loss_metrics_grads(trainer, rows):
     trainer._metrics["train"].clear()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
     trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, batch)
+    gathered = []
+    gather = trainer.accelerator.gather
+    trainer.accelerator.gather = lambda t: (gathered.append(t.detach().clone()), gather(t))[1]
+    try:
+        loss = trainer.compute_loss(trainer.model, batch)
+    finally:
+        trainer.accelerator.gather = gather
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    # TRL 1.16's _compute_loss gathers, last: chosen rewards, rejected rewards, accuracies, margins,
+    # chosen log-probs, rejected log-probs
+    chosen, rejected = gathered[-6], gathered[-5]
+    assert chosen.shape == rejected.shape == (len(rows),)
+    metrics["per_pair_margins"] = (chosen - rejected).tolist()
     grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.item(), metrics, grads
+
+
+def _move_policy(trainer, seed: int = 1) -> None:
+    """The same seeded nudge to both trainers' trainable weights, after the reference log-probs were
+    taken. Untouched, the policy *is* the reference: every reward is 0 up to rounding, and
+    rewards/accuracies (chosen reward > rejected reward) would compare rounding noise."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(trainer.model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.02)
 
 
 def _assert_same_training(packed, plain):
@@ -146,13 +168,25 @@ def _assert_same_training(packed, plain):
         a, b = torch.tensor(packed.train_dataset[col]), torch.tensor(plain.train_dataset[col])
         assert a.shape == b.shape and a.numel() > 0
         assert (a - b).abs().max().item() < 1e-5, col
+    _move_policy(packed)
+    _move_policy(plain)
     n = len(packed.train_dataset)
     for rows in (list(range(0, min(4, n))), list(range(max(0, n - 4), n))):
         loss_a, metrics_a, grads_a = _loss_metrics_grads(packed, rows)
         loss_b, metrics_b, grads_b = _loss_metrics_grads(plain, rows)
         assert abs(loss_a - loss_b) < 1e-4
         assert set(metrics_a) == set(metrics_b)
+        margins_a, margins_b = metrics_a.pop("per_pair_margins"), metrics_b.pop("per_pair_margins")
+        assert max(abs(x - y) for x, y in zip(margins_a, margins_b, strict=True)) < 1e-5
+        # rewards/accuracies counts chosen reward > rejected reward: a pair whose two answers are cut
+        # to the same tokens by max_length ties at 0, and rounding decides it. Compare it on the
+        # pairs that are not ties; everything else must match as a whole.
+        decided = [i for i, m in enumerate(margins_b) if abs(m) > 1e-5]
+        assert [margins_a[i] > 0 for i in decided] == [margins_b[i] > 0 for i in decided]
+        assert decided, "every pair tied: the comparison proves nothing"
         for key in metrics_a:
+            if key == "rewards/accuracies" and len(decided) < len(margins_b):
+                continue
             assert math.isclose(metrics_a[key], metrics_b[key], rel_tol=1e-4, abs_tol=1e-4), key
         assert set(grads_a) == set(grads_b) and grads_a
         worst = max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)
