@@ -3,6 +3,9 @@
     python bench/api_load.py                       # own server: embedded SQLite in a temp folder
     python bench/api_load.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test --redis redis://127.0.0.1:6379/13
     python bench/api_load.py --url http://127.0.0.1:8000 --key sk-sdpo-…   # a running server
+    # issue #5's run: 200 clients for 60 s on Postgres + Redis with a worker training, then a 1 GB upload
+    python bench/api_load.py --postgres postgresql+psycopg://postgres@127.0.0.1:5432/test \
+        --redis redis://127.0.0.1:6379/13 --worker --clients 200 --seconds 60 --upload-mb 1000
 
 Starts uvicorn (unless --url) with a fresh store, a user key, a registered model and a small
 uploaded file, then runs --clients concurrent clients for --seconds (bounded: at most 120 s and
@@ -10,11 +13,20 @@ uploaded file, then runs --clients concurrent clients for --seconds (bounded: at
 list and read jobs, files, events and steps, upload a small file, create and cancel a job. The
 baseline is GET /healthz (no database, no auth), measured in the same run by the same clients, so
 each ratio says what the database, the auth check and the endpoint's work add. Traffic goes to
-127.0.0.1 only. Exits 1 if any response was a 5xx (or a transport error), else 0. Columns:
+127.0.0.1 only. Exits 1 if any response was a 5xx, a transport error or an unexpected status,
+else 0. Columns:
   n         requests sent to the endpoint
   err       responses that were not the expected status
   p50/p99   latency percentiles, in multiples of /healthz's p50 (lower is better)
+  ms        the same p50 / p99 in milliseconds (absolute: only comparable on one machine at one time)
   rps       requests per second the endpoint got (all clients together)
+With --worker a Celery worker runs beside the API (the registered model is then a real tiny model,
+so the first job trains while the load runs). The server runs with SDPO_MAX_ACTIVE_JOBS_PER_OWNER=0:
+the mix creates and cancels jobs from every client at once.
+
+--upload-mb N then streams one N MB JSONL upload (generated on the fly, ~1 KB lines, chunked) and
+samples the API process's resident memory every 20 ms: its peak against its size before the
+upload, and the upload's MB/s (including the server's validation of every line).
 """
 
 from __future__ import annotations
@@ -55,8 +67,10 @@ def _pairs(n: int, start: int) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def start_server(home: Path, database_url: str | None, broker_url: str | None) -> tuple[str, str, subprocess.Popen]:
-    """uvicorn on a free port with a migrated database, a user key and a registered model."""
+def start_server(home: Path, database_url: str | None, broker_url: str | None, *,
+                 worker: bool = False) -> tuple[str, str, list[subprocess.Popen]]:
+    """uvicorn on a free port with a migrated database, a user key and a registered model (and a
+    Celery worker on queues of its own, with `worker`)."""
     from core.db import make_engine, make_session_factory, session_scope
     from core.keys import create_api_key
     from core.migrate import upgrade_head
@@ -67,29 +81,101 @@ def start_server(home: Path, database_url: str | None, broker_url: str | None) -
                         admin_key="sk-sdpo-bench-" + secrets.token_hex(16))
     upgrade_head(settings.database_url)
     model_dir = home / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text("{}")
+    if worker:
+        from sdpo_engine.tiny import build_tiny_model
+
+        build_tiny_model(model_dir)
+    else:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.json").write_text("{}")
     with session_scope(make_session_factory(make_engine(settings.database_url))) as s:
         if s.get(RegisteredModel, "bench-base") is None:
             s.add(RegisteredModel(id="bench-base", owner=None, source="local", uri=model_dir.as_uri(),
                                   default_hyperparameters={"learning_rate": 1e-3}))
         _row, key = create_api_key(s, name=f"bench-{secrets.token_hex(3)}", owner="bench")
     port = _free_port()
+    tag = secrets.token_hex(4)  # queues of its own: a shared Redis never mixes this run with another
     env = {**os.environ, "SDPO_HOME": str(home), "SDPO_DATABASE_URL": settings.database_url,
-           "SDPO_BROKER_URL": settings.broker_url, "SDPO_ADMIN_KEY": settings.admin_key}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
-                            stdout=open(home / "api.log", "ab"), stderr=subprocess.STDOUT)
+           "SDPO_BROKER_URL": settings.broker_url, "SDPO_ADMIN_KEY": settings.admin_key,
+           "SDPO_LIGHT_QUEUE": f"bench-light-{tag}", "SDPO_TRAIN_QUEUE": f"bench-train-{tag}",
+           "SDPO_MAX_ACTIVE_JOBS_PER_OWNER": "0", "SDPO_MAX_FILE_ROWS": str(10**7)}
+    procs = [subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
+                               "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
+                              stdout=open(home / "api.log", "ab"), stderr=subprocess.STDOUT)]
+    if worker:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
+             f"bench-train-{tag},bench-light-{tag}", "--concurrency", "1", "--loglevel", "WARNING",
+             "-n", f"bench-{tag}@%h"], env=env, cwd=ROOT,
+            stdout=open(home / "worker.log", "ab"), stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return url, key, proc
+                return url, key, procs
         except httpx.HTTPError:
             time.sleep(0.2)
-    proc.kill()
+    for proc in procs:
+        proc.kill()
     raise RuntimeError(f"the API did not start; see {home / 'api.log'}")
+
+
+def big_upload(url: str, key: str, api_pid: int, megabytes: int) -> dict:
+    """Stream one `megabytes` MB upload (valid ~1 KB lines, chunked transfer) while sampling the
+    API process's RSS; the file is deleted afterwards."""
+    import psutil
+
+    api = psutil.Process(api_pid)
+    boundary = "sdpo-bench-" + secrets.token_hex(8)
+    filler = "x" * 900
+    target = megabytes * 1_000_000
+
+    def body():
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+               f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+               "Content-Type: application/jsonl\r\n\r\n").encode()
+        sent, i, lines = 0, 0, []
+        while sent < target:
+            line = json.dumps({"prompt": f"{filler} {i}?", "chosen": f"{2 * i}.", "rejected": f"{2 * i + 1}."}) + "\n"
+            lines.append(line)
+            sent += len(line)
+            i += 1
+            if len(lines) == 1024:
+                yield "".join(lines).encode()
+                lines = []
+        if lines:
+            yield "".join(lines).encode()
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    before = api.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], api.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as c:
+            response = c.post("/v1/files", content=body(),
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            seconds = time.perf_counter() - started
+            if response.status_code == 200:
+                c.delete(f"/v1/files/{response.json()['id']}")
+    finally:
+        done.set()
+        sampler.join()
+    return {"status": response.status_code, "error": None if response.status_code == 200 else response.text[:300],
+            "bytes": target, "seconds": seconds, "rss_before": before, "rss_peak": peak[0],
+            "rows": response.json().get("rows") if response.status_code == 200 else None}
 
 
 class Load:
@@ -178,17 +264,21 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--max-requests", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help="run a Celery worker beside the API (own server only)")
+    p.add_argument("--upload-mb", type=int, default=0, help="then stream one upload of this many MB (own server)")
     args = p.parse_args()
     seconds = min(args.seconds, MAX_SECONDS)
 
-    proc, home = None, None
+    procs, home, upload = [], None, None
     if args.url:
         if not args.url.startswith(("http://127.", "http://localhost")) or not args.key:
             p.error("--url must be a server on this machine, with --key")
+        if args.worker or args.upload_mb:
+            p.error("--worker and --upload-mb need the benchmark's own server (no --url)")
         url, key = args.url, args.key
     else:
         home = Path(tempfile.mkdtemp(prefix="sdpo-bench-"))
-        url, key, proc = start_server(home, args.postgres, args.redis)
+        url, key, procs = start_server(home, args.postgres, args.redis, worker=args.worker)
     try:
         load = Load(url, key)
         ctx = load.prepare()
@@ -201,28 +291,54 @@ def main() -> int:
         for t in threads:
             t.join()
         wall = time.monotonic() - started
+        if args.upload_mb:
+            upload = big_upload(url, key, procs[0].pid, args.upload_mb)
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
-            proc.wait(timeout=30)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if home is not None:
             shutil.rmtree(home, ignore_errors=True)
 
     base = statistics.median(load.samples["GET /healthz"])
-    print(f"{args.clients} clients, {wall:.1f} s, {load.sent} requests ({load.sent / wall:.0f}/s); "
-          f"baseline GET /healthz p50 = 1.0")
-    print(f"{'endpoint':28} {'n':>6} {'err':>5} {'p50':>7} {'p99':>7} {'rps':>7}")
+    everything = [v for values in load.samples.values() for v in values]
+    print(f"{args.clients} clients, {wall:.1f} s, {load.sent} requests ({load.sent / wall:.0f}/s), "
+          f"all requests p50 {statistics.median(everything) * 1e3:.0f} ms, p99 {_pct(everything, 0.99) * 1e3:.0f} ms; "
+          f"{'with' if args.worker else 'no'} worker; baseline GET /healthz p50 = 1.0 "
+          f"({base * 1e3:.1f} ms)")
+    print(f"{'endpoint':28} {'n':>6} {'err':>5} {'p50':>7} {'p99':>7} {'ms p50/p99':>14} {'rps':>7}")
     for name in sorted(load.samples, key=lambda n: statistics.median(load.samples[n])):
         values = load.samples[name]
+        ms = f"{statistics.median(values) * 1e3:.0f}/{_pct(values, 0.99) * 1e3:.0f}"
         print(f"{name:28} {len(values):6d} {load.errors[name]:5d} {statistics.median(values) / base:7.1f} "
-              f"{_pct(values, 0.99) / base:7.1f} {len(values) / wall:7.1f}")
+              f"{_pct(values, 0.99) / base:7.1f} {ms:>14} {len(values) / wall:7.1f}")
+    failed = False
+    unexpected = sum(load.errors.values())
     if load.server_errors:
         print(f"\n{len(load.server_errors)} server errors or transport failures, e.g.:")
         for line in load.server_errors[:10]:
             print("  " + line)
-        return 1
-    print("\nno 5xx")
-    return 0
+        failed = True
+    elif unexpected:
+        print(f"\n{unexpected} responses with an unexpected status (no 5xx)")
+        failed = True
+    else:
+        print("\nzero errors: no 5xx, no transport failure, every status as expected")
+    if upload is not None:
+        mb = 1 << 20
+        print(f"\nupload of {upload['bytes'] / 1e6:.0f} MB ({upload['rows']} rows): status {upload['status']}, "
+              f"{upload['seconds']:.1f} s ({upload['bytes'] / 1e6 / upload['seconds']:.1f} MB/s, validation included); "
+              f"API RSS {upload['rss_before'] / mb:.0f} MiB before, peak {upload['rss_peak'] / mb:.0f} MiB "
+              f"(+{(upload['rss_peak'] - upload['rss_before']) / mb:.0f} MiB, "
+              f"{(upload['rss_peak'] - upload['rss_before']) / upload['bytes']:.4f} of the upload's size)")
+        if upload["status"] != 200:
+            print(f"  upload failed: {upload['error']}")
+            failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

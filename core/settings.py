@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(
         6 * 3600, gt=0, description="Seconds before Redis redelivers an unacked task: longer than any step.")
 
+    warm_engine: bool = Field(
+        True, description="Worker: keep one engine process started ahead of the next step, so a step does not "
+        "wait for torch/transformers/TRL to import (about 8 s on 2 cores; ~0.5 GB of memory while it waits).")
+
     light_queue: str = "sdpo.light"
     train_queue: str = "sdpo.train"
 

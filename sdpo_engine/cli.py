@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("step", help="run one step from a JSON spec (JSON lines on stdout)")
     s.add_argument("spec")
 
+    # Internal (the worker's warm process): import everything, then read one order from stdin.
+    sub.add_parser("warm", help=argparse.SUPPRESS)
+
     sc = sub.add_parser("score-sources", help="each source's share of pairs the model already prefers (JSON)")
     sc.add_argument("--model", required=True)
     sc.add_argument("--file", required=True)
@@ -96,8 +99,36 @@ def print_table(summary: dict, file=sys.stdout) -> None:
     print(f"final checkpoint: {summary['final_checkpoint']}", file=file)
 
 
+def main_warm() -> int:
+    """`python -m sdpo_engine warm`: a step process started before its step is known.
+
+    It imports torch, transformers and TRL, then blocks on one line of stdin: a JSON order
+    `{"argv": ["step", "SPEC.json"], "log": PATH}`. Its stderr then goes to PATH (appended) and it
+    runs `argv` exactly as `python -m sdpo_engine ARGV` would. End of input (the worker went away or
+    does not need it) exits 0. See worker/supervisor.py for who starts it and when it is used.
+    """
+    import os
+
+    from .step import preload
+
+    preload()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    order = json.loads(line)
+    fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    argv = [str(a) for a in order["argv"]]
+    if argv[:1] == ["warm"]:
+        raise SystemExit("a warm process cannot be ordered to wait again")
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "warm":
+        return main_warm()
     if args.command == "step":
         from .step import main_step
 

@@ -315,7 +315,9 @@ def _train_claimed_step(job_id: str, index: int, claim: _Claim, settings) -> Out
                         relay=relay, control=control, heartbeat=heartbeat,
                         heartbeat_seconds=settings.step_heartbeat_seconds,
                         poll_seconds=min(1.0, settings.step_heartbeat_seconds),
-                        flush_seconds=settings.db_retry_seconds)
+                        flush_seconds=settings.db_retry_seconds, warm=settings.warm_engine)
+    log.info("step %s of %s: engine process exited %s (%s start)", index, job_id, outcome.returncode,
+             "warm" if outcome.warm else "cold")
 
     if outcome.action == CANCEL:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -5,10 +5,19 @@ process: a CUDA context, a leaked tensor or a segfault dies with the child, memo
 the OS after every step, and a cancel is a signal rather than a cooperative flag inside a library
 call. The supervisor relays the child's JSON lines as they arrive, beats the heartbeat, and asks
 the caller's `control()` every poll whether to go on, stop (pause: save and exit) or kill (cancel).
+
+A child pays about 8 s (on 2 CPU cores) importing torch, transformers and TRL before it can load a
+model: more than a whole step of a small model. So with `warm=True` the supervisor keeps one
+engine process started ahead of need (`python -m sdpo_engine warm`, which imports everything, then
+waits on stdin): a step takes it and hands it its argv and log file, and a new one starts importing
+while that step trains. Steps 2..T of a job (and every step after the first one a worker runs)
+start without the import. The warm process is started with the same environment as a cold child,
+dies with the worker (PDEATHSIG, and end of stdin), and is replaced if it died.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import logging
@@ -44,6 +53,76 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     os.setsid()
 
 
+class _Warm:
+    """The one engine process this worker process keeps started ahead of its next step."""
+
+    lock = threading.Lock()
+    proc: subprocess.Popen | None = None
+    env: dict | None = None
+
+    @classmethod
+    def take(cls, env: dict) -> subprocess.Popen | None:
+        with cls.lock:
+            proc, cls.proc = cls.proc, None
+            same_env, cls.env = cls.env == env, None
+        if proc is None:
+            return None
+        if proc.poll() is not None or not same_env:
+            cls._discard(proc)
+            return None
+        return proc
+
+    @classmethod
+    def start(cls, env: dict) -> None:
+        with cls.lock:
+            if cls.proc is not None and cls.proc.poll() is None and cls.env == env:
+                return
+            old, cls.proc, cls.env = cls.proc, None, None
+        if old is not None:
+            cls._discard(old)
+        try:
+            proc = subprocess.Popen(engine_command("warm"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, env=env, preexec_fn=_die_with_parent)
+        except OSError as exc:
+            log.warning("could not start a warm engine process (%s); steps start cold", exc)
+            return
+        with cls.lock:
+            cls.proc, cls.env = proc, env
+
+    @classmethod
+    def stop(cls) -> None:
+        with cls.lock:
+            proc, cls.proc, cls.env = cls.proc, None, None
+        if proc is not None:
+            cls._discard(proc)
+
+    @staticmethod
+    def _discard(proc: subprocess.Popen) -> None:
+        try:
+            if proc.stdin:
+                proc.stdin.close()  # a waiting warm process exits on end of input
+        except OSError:
+            pass
+        if proc.poll() is None:
+            _signal(proc, signal.SIGKILL)
+        proc.wait()
+
+
+atexit.register(_Warm.stop)
+
+
+def _hand_over(proc: subprocess.Popen, args: list[str], log_path: Path) -> bool:
+    """Give a warm process its order; False if it is gone (the caller starts a cold child)."""
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"argv": args, "log": str(log_path)}) + "\n")
+        proc.stdin.close()
+        return True
+    except (OSError, ValueError):
+        _Warm._discard(proc)
+        return False
+
+
 @dataclass
 class ChildOutcome:
     returncode: int
@@ -55,6 +134,7 @@ class ChildOutcome:
     lines: int = 0
     log_path: str | None = None
     tail: list[str] = field(default_factory=list)
+    warm: bool = False  # ran in a warm process (imports done before the step was known)
 
 
 def engine_command(*args: str) -> list[str]:
@@ -73,6 +153,7 @@ def supervise(
     pause_grace_seconds: float = 600.0,
     flush_seconds: float = 300.0,
     env: dict | None = None,
+    warm: bool = False,
 ) -> ChildOutcome:
     """Run `cmd`, relaying its JSON lines in batches; returns when the child has exited.
 
@@ -82,17 +163,30 @@ def supervise(
     stopped because the database did not answer for a while; the last events are flushed, for up to
     `flush_seconds`, once the child has exited. If the supervisor itself fails, the child is killed:
     a step never trains on unsupervised.
+
+    `warm` (engine commands only): run in the warm process if one is ready, and start the next one.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, text=True,
-                                env=child_env, preexec_fn=_die_with_parent)
+    prefix = engine_command()
+    warm = warm and cmd[:len(prefix)] == prefix
+    proc = _Warm.take(child_env) if warm else None
+    if proc is not None and not _hand_over(proc, cmd[len(prefix):], log_path):
+        proc = None
+    took_warm = proc is not None
+    if proc is None:
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
+                                    text=True, env=child_env, preexec_fn=_die_with_parent)
     try:
-        return _supervise(proc, log_path, relay=relay, control=control, heartbeat=heartbeat,
-                          heartbeat_seconds=heartbeat_seconds, poll_seconds=poll_seconds,
-                          pause_grace_seconds=pause_grace_seconds, flush_seconds=flush_seconds)
+        if warm:
+            _Warm.start(child_env)  # imports for the next step while this one trains
+        outcome = _supervise(proc, log_path, relay=relay, control=control, heartbeat=heartbeat,
+                             heartbeat_seconds=heartbeat_seconds, poll_seconds=poll_seconds,
+                             pause_grace_seconds=pause_grace_seconds, flush_seconds=flush_seconds)
+        outcome.warm = took_warm
+        return outcome
     except BaseException:
         if proc.poll() is None:
             _signal(proc, signal.SIGKILL)

@@ -10,6 +10,7 @@ machine are not disturbed. Every server a test starts is stopped in a `finally`.
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,13 @@ def dpo_body(file_id: str, *, seed: int = 0, n_epochs: int = 2, batch_size: int 
     return {"model": "sdpo-tiny", "training_file": file_id, "seed": seed,
             "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": n_epochs, "batch_size": batch_size,
                                                                  "max_length": 64}}}}
+
+
+def _stderr_names(proc: psutil.Process, text: str) -> bool:
+    try:
+        return text in os.readlink(f"/proc/{proc.pid}/fd/2")
+    except OSError:
+        return False
 
 
 class FaultyService(Service):
@@ -127,13 +135,19 @@ class FaultyService(Service):
 
     @staticmethod
     def training_processes(job_id: str | None = None) -> list[psutil.Process]:
-        """Live `python -m sdpo_engine step` processes (of one job: its spec path names it)."""
+        """Live `python -m sdpo_engine step` processes (of one job: its spec path names it). A warm
+        engine process (`python -m sdpo_engine warm`, worker/supervisor.py) keeps its command line
+        when it takes a step; its stderr, the step's engine.log under the job's folder, names the job.
+        Without `job_id`, idle warm processes count too."""
         out = []
         for p in psutil.process_iter(["cmdline", "status"]):
             cmd = p.info["cmdline"] or []
-            if "sdpo_engine" in cmd and "step" in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
-                if job_id is None or any(job_id in part for part in cmd):
-                    out.append(p)
+            if "sdpo_engine" not in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if "step" in cmd and (job_id is None or any(job_id in part for part in cmd)):
+                out.append(p)
+            elif "warm" in cmd and (job_id is None or _stderr_names(p, job_id)):
+                out.append(p)
         return out
 
     def wait_training(self, job_id: str, timeout: float = 300) -> psutil.Process:

@@ -148,3 +148,43 @@ def test_a_checkpoint_copy_that_fails_half_way_leaves_nothing(tmp_path, monkeypa
     assert describe_os_error(raised.value) == "No space left on device"
     assert not (tmp_path / "store" / "checkpoints" / "ftjob-x" / "ftckpt-y").exists()
     assert list((tmp_path / "store" / ".tmp").iterdir()) == []
+
+
+def test_a_warm_engine_process_takes_the_next_command(tmp_path):
+    """warm=True: the first engine command starts cold and leaves a warm process (imports done)
+    behind; the next one runs in it, with its own log file, and the same output as a cold run.
+    A dead warm process is replaced by a cold start, never a failure."""
+    import psutil
+
+    from sdpo_engine.sample_data import make_pairs, write_jsonl
+    from worker.supervisor import _Warm, engine_command
+
+    pairs = write_jsonl(make_pairs(3, seed=0), tmp_path / "pairs.jsonl")
+    runs = []
+
+    def run(name: str, warm: bool = True):
+        relayed: list[dict] = []
+        outcome = supervise(engine_command("validate", str(pairs)), log_path=tmp_path / f"{name}.log",
+                            relay=relayed.extend, control=lambda: GO, heartbeat=lambda: None, poll_seconds=0.05,
+                            warm=warm)
+        runs.append((outcome, relayed))
+        return outcome, relayed
+
+    try:
+        cold, cold_lines = run("first")
+        assert cold.returncode == 0 and not cold.warm
+        assert _Warm.proc is not None and _Warm.proc.poll() is None
+        spare = _Warm.proc.pid
+        warm, warm_lines = run("second")
+        assert warm.returncode == 0 and warm.warm
+        # `validate` prints an indented report: the supervisor relays each line as an "output" event
+        assert warm_lines == cold_lines and '"valid": true' in "".join(e.get("text", "") for e in warm_lines)
+        assert not psutil.pid_exists(spare) or psutil.Process(spare).status() == psutil.STATUS_ZOMBIE
+        assert _Warm.proc is not None and _Warm.proc.pid != spare  # the next one is importing already
+        _Warm.proc.kill()
+        _Warm.proc.wait()
+        third, third_lines = run("third")
+        assert third.returncode == 0 and not third.warm and third_lines == cold_lines
+    finally:
+        _Warm.stop()
+    assert _Warm.proc is None
