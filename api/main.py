@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from api import health
+from api.concurrency import ConcurrencyLimit
 from api.deps import AppServices
 from api.errors import install_error_handlers
 from api.files.router import router as files_router
@@ -43,7 +44,8 @@ official `openai` SDK at this server's `/v1`. Extensions: the `sdpo` method, `â€
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
+                         max_overflow=settings.db_max_overflow)
     services = AppServices(
         settings=settings,
         session_factory=make_session_factory(engine),
@@ -71,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(webhooks_router)
     install_metrics(app)
+    # Outermost: a request waits for its slot before anything (metrics timing included) starts.
+    app.add_middleware(ConcurrencyLimit, limit=settings.api_max_concurrency, queue_seconds=settings.api_queue_seconds)
     install_ui(app)
     install_openapi(app, [JobCreate, ModelRegister, WebhookCreate])
     return app

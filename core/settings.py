@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         default_factory=list,
         description="If set (os.pathsep-separated), POST /v1/models only accepts paths under these folders.")
 
+    db_pool_size: int = Field(20, gt=0, description="Database connections each API process keeps pooled.")
+    db_max_overflow: int = Field(10, ge=0, description="Extra connections an API process may open under load.")
+    api_max_concurrency: int = Field(
+        24, gt=0, description="Requests one API process works on at once; more wait (without a thread or a "
+        "connection) up to api_queue_seconds, then get 503 server_busy. Must stay below db_pool_size + "
+        "db_max_overflow (see api/concurrency.py).")
+    api_queue_seconds: float = Field(60.0, gt=0, description="How long a request waits for a slot.")
+
     # For the worker (next issue); defined here so API and worker read the same values.
     step_heartbeat_seconds: float = Field(15.0, gt=0)
     step_stale_seconds: float = Field(120.0, gt=0)
@@ -88,6 +96,9 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
         self.storage_dir = (self.storage_dir or self.home / "storage").expanduser().resolve()
         self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
+        if self.api_max_concurrency >= self.db_pool_size + self.db_max_overflow:
+            raise ValueError("SDPO_API_MAX_CONCURRENCY must be below SDPO_DB_POOL_SIZE + SDPO_DB_MAX_OVERFLOW: "
+                             "a request holds a connection between its thread-pool calls (api/concurrency.py)")
         if self.environment == "production":
             if not self.admin_key:
                 raise ValueError("SDPO_ADMIN_KEY must be set when SDPO_ENVIRONMENT=production")
