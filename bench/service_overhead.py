@@ -49,12 +49,13 @@ def free_port() -> int:
 
 
 class EmbeddedService:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *, warm_engine: bool = True):
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SDPO_")}
-        env.update({"SDPO_HOME": str(home), "SDPO_ADMIN_KEY": KEY, "SDPO_DEVICE": "cpu", "TQDM_DISABLE": "1"})
+        env.update({"SDPO_HOME": str(home), "SDPO_ADMIN_KEY": KEY, "SDPO_DEVICE": "cpu", "TQDM_DISABLE": "1",
+                    "SDPO_WARM_ENGINE": "true" if warm_engine else "false"})
         self.log = open(home / "up.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "sdpo_cli.main", "up", "--port", str(self.port)],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -185,6 +186,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--repeats", type=int, default=2, help="service/engine pairs (alternated)")
+    p.add_argument("--warmup", type=int, default=1, help="service jobs run before the measured ones")
+    p.add_argument("--cold-engine", action="store_true",
+                   help="run the worker with SDPO_WARM_ENGINE=false (every step's process imports torch/TRL)")
     p.add_argument("--cache", default=str(ROOT / ".sdpo" / "bench-models"))
     args = p.parse_args()
 
@@ -202,7 +206,7 @@ def main() -> None:
         files = [write_jsonl(make_pairs((args.pairs + 1) // 2, seed=10 + k)[:args.pairs], tmp / f"step-{k}.jsonl")
                  for k in range(1, n_steps + 1)]
         (tmp / "home").mkdir()
-        service = EmbeddedService(tmp / "home")
+        service = EmbeddedService(tmp / "home", warm_engine=not args.cold_engine)
         try:
             service.wait_ready()
             client = httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
@@ -216,7 +220,15 @@ def main() -> None:
                 r.raise_for_status()
                 file_ids.append(r.json()["id"])
             print(f"model {args.model} ({model_dir}), {n_steps} steps x {args.pairs} pairs, epochs {args.epochs}, "
-                  f"batch {args.batch_size}, max_length {args.max_length}, lr {lr}; embedded service (SQLite)")
+                  f"batch {args.batch_size}, max_length {args.max_length}, lr {lr}; embedded service (SQLite), "
+                  f"{'cold' if args.cold_engine else 'warm'} engine processes")
+            for _ in range(args.warmup):
+                # A worker that has run a step before keeps a warm engine process (worker/supervisor.py);
+                # production workers are long-lived, so by default one job runs before the measured ones.
+                t0 = time.perf_counter()
+                run_service_job(client, "bench-model", file_ids, hp, seed)
+                print(f"  warm-up job (not counted, the worker's first: its first step starts cold): "
+                      f"{time.perf_counter() - t0:.1f} s", flush=True)
             runs = []
             for i in range(args.repeats):
                 post_seconds, job = run_service_job(client, "bench-model", file_ids, hp, seed)
@@ -227,10 +239,13 @@ def main() -> None:
                                 for st, es in zip(steps, summary["steps"], strict=True))
                 runs.append({"service": s_wall, "engine": e_wall, "engine_in_process": summary["seconds"],
                              "breakdown": step_breakdown(tmp / "home", job["id"], n_steps), "loss_diff": loss_diff,
-                             "engine_train": sum(s["train_seconds"] for s in summary["steps"])})
+                             "engine_train": sum(s["train_seconds"] for s in summary["steps"]),
+                             "service_train": sum(st["metrics"]["train_seconds"] for st in steps)})
                 print(f"  run {i + 1}: service {s_wall:.1f} s, engine {e_wall:.1f} s "
-                      f"(in-process {summary['seconds']:.1f} s), max |last loss service - engine| {loss_diff:.1e}",
-                      flush=True)
+                      f"(in-process {summary['seconds']:.1f} s), max |last loss service - engine| {loss_diff:.1e}; "
+                      "trainer.train() s per step, service "
+                      + "/".join(f"{st['metrics']['train_seconds']:.1f}" for st in steps) + ", engine "
+                      + "/".join(f"{es['train_seconds']:.1f}" for es in summary["steps"]), flush=True)
         finally:
             service.stop()
 
@@ -249,7 +264,8 @@ def main() -> None:
         print(f"  {ph:<24} {med([b[ph] for r in runs for b in r['breakdown']]):8.2f}")
     print(f"  {'engine process start + imports':<32} "
           f"{med([r['engine'] - r['engine_in_process'] for r in runs]):.2f} (once per engine run)")
-    print(f"  {'engine training, per step':<32} {med([r['engine_train'] / n_steps for r in runs]):.2f}")
+    print(f"  {'trainer.train() per step, service':<32} {med([r['service_train'] / n_steps for r in runs]):.2f}")
+    print(f"  {'trainer.train() per step, engine':<32} {med([r['engine_train'] / n_steps for r in runs]):.2f}")
 
 
 if __name__ == "__main__":

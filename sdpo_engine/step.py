@@ -520,7 +520,12 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest):
 
     class Stopper(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.requested:
+            if state.global_step >= state.max_steps:
+                # transformers saves a full trainer checkpoint (weights, optimizer, RNG) at the last
+                # step whenever save_strategy is "steps". Nothing ever resumes from a finished step:
+                # its output is saved right after. Skipping it saved ~2 s of a 4.8 s SmolLM2 step.
+                control.should_save = False
+            elif stop.requested:
                 control.should_save = True
                 control.should_training_stop = True
             return control

@@ -176,6 +176,19 @@ class FaultyService(Service):
         child.send_signal(signal.SIGSTOP)
         return child, max(self.trainer_checkpoints(job_id))
 
+    @staticmethod
+    def wait_signal_pending(child: psutil.Process, sig: int, timeout: float = 60) -> None:
+        """Wait until `sig` is pending on a stopped process (the worker has sent it; it acts on it
+        once continued): a fault then lands mid-step however fast the rest of the step would run."""
+        bit = 1 << (sig - 1)
+
+        def pending() -> bool:
+            with open(f"/proc/{child.pid}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            return bool((int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)) & bit)
+
+        wait_for(pending, timeout, f"signal {sig} pending on {child.pid}", interval=0.05)
+
     # -- the database, read directly
 
     @contextmanager

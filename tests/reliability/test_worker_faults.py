@@ -209,6 +209,9 @@ def test_pause_mid_step_resumes_from_its_checkpoint_and_ends_like_an_uninterrupt
     job = client.post(JOBS, json=dpo_body(file_id, seed=5)).json()
     child, _ = svc.freeze_at_checkpoint(job["id"], at_least=4)
     assert client.post(f"{JOBS}/{job['id']}/pause").json()["status"] == "pausing"
+    # The worker's SIGTERM waits on the frozen child: continued, it stops mid-step, not after its
+    # last optimizer step (the tiny model runs the remaining steps faster than the worker's poll).
+    svc.wait_signal_pending(child, signal.SIGTERM)
     child.send_signal(signal.SIGCONT)
     paused = wait_status(client, job["id"], ("paused",) + DONE, timeout=300)
     assert paused["status"] == "paused", svc.logs()
