@@ -543,10 +543,12 @@ def _succeeded(job_id, step_id, index, attempt, owner, out_dir: Path, outcome, w
     if manifest is None:
         return _fail_job(job_id, index, "step_failed", f"Step {index} wrote no checkpoint manifest", attempt=attempt)
     checkpoint_id = ids.new_id(ids.CHECKPOINT)
-    # Into the store first, then the row: a checkpoint row always names complete files. put_tree
-    # writes beside the final name and renames, so a failed write leaves nothing under that name.
+    # Into the store first, then the row: a checkpoint row always names complete files. The output
+    # folder is complete (the engine renamed it into place) and lives under the store's root, so it
+    # moves in by a rename, not a copy of the weights; a failed move leaves nothing under that name.
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     try:
-        uri = db.storage().put_tree(out_dir, f"checkpoints/{job_id}/{checkpoint_id}")
+        uri = db.storage().move_tree(out_dir, f"checkpoints/{job_id}/{checkpoint_id}")
     except OSError as exc:
         log.error("step %s of %s: storing checkpoint %s failed", index, job_id, checkpoint_id, exc_info=True)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -555,8 +557,6 @@ def _succeeded(job_id, step_id, index, attempt, owner, out_dir: Path, outcome, w
                          f"Step {index} failed: its checkpoint could not be written to the checkpoint store "
                          f"({reason}). Nothing was registered; free space or fix the store, then start a new "
                          "job (or branch from the last good checkpoint).", attempt=attempt)
-    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
-    shutil.rmtree(out_dir, ignore_errors=True)
     metrics = {k: summary.get(k) for k in ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy",
                                            "reward_margin", "eval", "pairs", "pairs_used", "train_seconds",
                                            "global_steps")}

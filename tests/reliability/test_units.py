@@ -188,3 +188,26 @@ def test_a_warm_engine_process_takes_the_next_command(tmp_path):
     finally:
         _Warm.stop()
     assert _Warm.proc is None
+
+
+def test_move_tree_renames_a_checkpoint_into_the_store_and_never_overwrites(tmp_path):
+    """The worker's output folder lives under the store's root: it becomes the object by a rename
+    (no copy of the weights); a taken key is refused and the source is left whole."""
+    store = LocalStorage(tmp_path / "store")
+    work = tmp_path / "store" / "work" / "out"
+    (work / "sub").mkdir(parents=True)
+    (work / "model.safetensors").write_bytes(b"w" * 1000)
+    (work / "sub" / "manifest.json").write_text("{}")
+    inode = (work / "model.safetensors").stat().st_ino
+    uri = store.move_tree(work, "checkpoints/ftjob-x/ftckpt-1")
+    final = tmp_path / "store" / "checkpoints" / "ftjob-x" / "ftckpt-1"
+    assert not work.exists() and (final / "model.safetensors").stat().st_ino == inode  # renamed, not copied
+    assert (final / "sub" / "manifest.json").read_text() == "{}" and store.exists(uri)
+
+    again = tmp_path / "store" / "work" / "again"
+    again.mkdir()
+    (again / "x").write_text("x")
+    with pytest.raises(FileExistsError):
+        store.move_tree(again, "checkpoints/ftjob-x/ftckpt-1")
+    assert (again / "x").read_text() == "x" and (final / "model.safetensors").stat().st_ino == inode
+    assert list((tmp_path / "store" / ".tmp").iterdir()) == []
