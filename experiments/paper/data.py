@@ -18,9 +18,10 @@ Everything is deterministic for a seed (own `random.Random`, never the global on
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
+
+from sdpo_engine.sample_data import write_jsonl
 
 SOURCES = ("polite", "larger")
 
@@ -99,15 +100,6 @@ def _interleave(a: list[dict], b: list[dict]) -> list[dict]:
     for x, y in zip(a, b, strict=True):
         out += [x, y]
     return out
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
 
 
 def write_splits(seed: int, out_dir: str | Path, **sizes) -> dict[str, Path]:
