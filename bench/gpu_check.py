@@ -1,12 +1,13 @@
 """GPU check of issue #6: plain TRL (a) against the engine's step (b) on a random ~0.5B model, bf16.
 
-    python bench/gpu_check.py                        # on the GPU machine: 0.5B Qwen2, bf16, sdpa
-    python bench/gpu_check.py --size tiny --pairs 8 --prompt-tokens 48 --answer-tokens 16   # CPU smoke run
+    python bench/gpu_check.py                  # on the GPU machine: 0.5B Qwen2, bf16, sdpa
+    python bench/gpu_check.py --size tiny --pairs 16 --batch-size 4 --shapes 48:16   # CPU smoke run
 
 Nothing can be downloaded there, so the model is a randomly initialised Qwen2 (hidden 1536, 20
 layers, GQA 12/2 heads, MLP 4096, vocabulary 32k, tied embeddings: ~0.54B parameters) with the
-project's offline byte-level tokenizer (sdpo_engine.tiny), and the pairs are generated with prompts
-`--prompt-tokens` long and answers `--answer-tokens` long (3:1 by default, the issue's case).
+project's offline byte-level tokenizer (sdpo_engine.tiny), and the pairs are random words cut to the token
+lengths of each `--shapes` entry (by default prompts 384 / answers 128, the issue's 3:1 case, and
+256 / 256, the equal-length case).
 The GPU image has torch, transformers, accelerate and peft but not trl or datasets: install those
 from wheels first (`pip install --no-deps trl-*.whl datasets-*.whl …`).
 
@@ -64,16 +65,21 @@ def build_model(out: Path, size: str) -> int:
 
 
 def make_pairs(path: Path, model_dir: Path, n: int, prompt_tokens: int, answer_tokens: int, seed: int) -> None:
-    """Pairs of random words, grown until the tokenizer gives the asked lengths."""
+    """Pairs of random words, cut to the asked number of tokens (at least; a word may straddle the cut)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(seed)
 
     def text(tokens: int) -> str:
+        # Grow in chunks of words (one tokenizer call per chunk, not per word), then drop words from
+        # the end while the text stays long enough: a 1024-pair file in seconds, not a minute.
         words: list[str] = []
         while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < tokens:
-            words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))))
+            words += ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+                      for _ in range(16)]
+        while len(words) > 1 and len(tok(" ".join(words[:-1]), add_special_tokens=False)["input_ids"]) >= tokens:
+            words.pop()
         return " ".join(words)
 
     with open(path, "w") as fh:
@@ -101,11 +107,18 @@ def child(args) -> None:
                                 "output_dir": f"{tmp}/out", "work_dir": f"{tmp}/work", "hyperparameters": hp,
                                 "device": "cuda" if cuda else "cpu"}, emit=events.append)
         wall = time.perf_counter() - t0
-        train_seconds = summary["train_seconds"]
+        # TRL's train() includes its reference forwards; the engine's run before train(): count the
+        # forward pass (not the tokenisation before it, which TRL does in __init__ for (a) too).
+        ref = next((e for e in events if e.get("phase") == "reference_logps"), {})
+        ref_seconds = ref.get("forward_seconds") or ref.get("seconds", 0.0)
+        train_seconds = summary["train_seconds"] + ref_seconds
         metrics = [e for e in events if e["event"] == "metrics"]
         losses = [e["loss"] for e in metrics]
         tokens = max((e.get("num_tokens") or 0) for e in metrics)
         packing = next((e.get("packing") for e in events if e.get("phase") == "reference_logps"), None)
+        memory = next((e for e in events if e.get("phase") == "memory"), {})
+        packing = f"{packing}; reference pass {ref_seconds:.1f} s, train() {summary['train_seconds']:.1f} s; " \
+                  f"activation checkpointing {memory.get('activation_checkpointing', memory)}"
     else:
         set_seed(hp["seed"])
         tok = AutoTokenizer.from_pretrained(args.model_dir)
@@ -117,7 +130,9 @@ def child(args) -> None:
                             report_to="none", logging_steps=1, save_strategy="no", beta=hp["beta"],
                             learning_rate=hp["learning_rate"], num_train_epochs=1,
                             per_device_train_batch_size=hp["batch_size"], max_length=hp["max_length"],
-                            seed=hp["seed"], data_seed=hp["seed"], disable_tqdm=True)
+                            seed=hp["seed"], data_seed=hp["seed"], disable_tqdm=True,
+                            # plain: TRL's default (on); plain_nogc: what a user who knows the card has room sets
+                            gradient_checkpointing=args.child == "plain")
             trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, processing_class=tok,
                                  train_dataset=Dataset.from_list(to_trl_rows(load_pairs(args.data), tok)))
             t_train = time.perf_counter()
@@ -134,10 +149,10 @@ def child(args) -> None:
                       "device": torch.cuda.get_device_name() if cuda else "cpu"}))
 
 
-def run_child(variant: str, model_dir: Path, data: Path, hp: dict) -> dict:
+def run_child(variant: str, model_dir: Path, data: Path, hp: dict, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model-dir", str(model_dir), "--data", str(data),
            "--hparams", json.dumps(hp)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -145,45 +160,89 @@ def run_child(variant: str, model_dir: Path, data: Path, hp: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--child", choices=["plain", "engine"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["plain", "plain_nogc", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--hparams", help=argparse.SUPPRESS)
     p.add_argument("--size", choices=sorted(SIZES), default="0.5b")
-    p.add_argument("--pairs", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prompt-tokens", type=int, default=384)
-    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shapes", default="384:128,256:256",
+                   help="prompt:answer token lengths, comma-separated; one (a)/(b) comparison each "
+                        "(default: the issue's 3:1 case and the equal-length case)")
     p.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not an H100/H200/A100/L40S")
+    p.add_argument("--nogc-shapes", type=int, default=1,
+                   help="also run (a) with gradient checkpointing off on the first N shapes (TRL defaults it on)")
+    p.add_argument("--variants", default="plain,plain_nogc",
+                   help="the baselines to run beside the engine: plain (TRL defaults), plain_nogc, engine_nopad "
+                   "(the engine with SDPO_PAD_TO_MULTIPLE_OF=0)")
+    p.add_argument("--json-out", help="also write every figure to this JSON file")
     args = p.parse_args()
     if args.child:
         child(args)
         return
 
+    variants = args.variants.split(",")
+    shapes = [tuple(int(x) for x in shape.split(":")) for shape in args.shapes.split(",")]
+    results = []
     with tempfile.TemporaryDirectory(prefix="sdpo-gpu-") as tmp:
         tmp = Path(tmp)
         model_dir = tmp / "model"
         n_params = build_model(model_dir, args.size)
-        data = tmp / "pairs.jsonl"
-        make_pairs(data, model_dir, args.pairs, args.prompt_tokens, args.answer_tokens, seed=0)
-        hp = {"beta": 0.1, "learning_rate": 1e-5, "n_epochs": 1, "batch_size": args.batch_size,
-              "max_length": args.prompt_tokens + args.answer_tokens + 8, "seed": 0, "warmup_ratio": 0.0}
-        print(f"random Qwen2 {args.size}: {n_params / 1e6:.0f}M parameters; {args.pairs} pairs, prompt "
-              f"{args.prompt_tokens} / answers {args.answer_tokens} tokens, batch {args.batch_size}, 1 epoch", flush=True)
-        a = run_child("plain", model_dir, data, hp)
-        b = run_child("engine", model_dir, data, hp)
-    device = a["device"]
-    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
-    print(f"device: {device}; engine packing: {b['packing']}")
-    print(f"{'variant':8} {'wall s':>8} {'train s':>8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8}")
-    for name, r in (("(a) TRL", a), ("(b) ours", b)):
+        print(f"random Qwen2 {args.size}: {n_params / 1e6:.0f}M parameters; {args.pairs} pairs, batch "
+              f"{args.batch_size}, 1 epoch", flush=True)
+        for prompt_tokens, answer_tokens in shapes:
+            data = tmp / f"pairs-{prompt_tokens}-{answer_tokens}.jsonl"
+            make_pairs(data, model_dir, args.pairs, prompt_tokens, answer_tokens, seed=0)
+            hp = {"beta": 0.1, "learning_rate": 1e-5, "n_epochs": 1, "batch_size": args.batch_size,
+                  "max_length": prompt_tokens + answer_tokens + 8, "seed": 0, "warmup_ratio": 0.0}
+            runs = {}
+            if "plain" in variants:
+                runs["plain"] = run_child("plain", model_dir, data, hp)
+            if "plain_nogc" in variants and len(results) < args.nogc_shapes:
+                runs["plain_nogc"] = run_child("plain_nogc", model_dir, data, hp)
+            if "engine_nopad" in variants:  # the engine without GPU length rounding, to measure what it buys
+                runs["engine_nopad"] = run_child("engine", model_dir, data, hp, env={"SDPO_PAD_TO_MULTIPLE_OF": "0"})
+            runs["engine"] = run_child("engine", model_dir, data, hp)
+            results.append(report(prompt_tokens, answer_tokens, runs, n_params, args.peak_tflops))
+            if args.json_out:  # after every shape: a run cut short keeps what it measured
+                Path(args.json_out).write_text(json.dumps(
+                    {"size": args.size, "parameters": n_params, "pairs": args.pairs, "batch_size": args.batch_size,
+                     "results": results}, indent=1))
+
+
+def report(prompt_tokens: int, answer_tokens: int, runs: dict, n_params: int, peak: float | None) -> dict:
+    b = runs["engine"]
+    device = b["device"]
+    peak_tflops = peak or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
+    print(f"\nprompt {prompt_tokens} / answers {answer_tokens} tokens; device: {device}; engine packing: "
+          f"{b['packing']}")
+    print(f"{'variant':22} {'wall s':>8} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'peak GB':>8}")
+    out = {"prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens, "device": device,
+           "packing": b["packing"], "ratios": {}}
+    names = {"plain": "(a) TRL defaults (gc)", "plain_nogc": "(a') TRL, gc off", "engine_nopad": "(b') ours, no rounding",
+             "engine": "(b) ours"}
+    for key, r in runs.items():
         tps = r["tokens"] / r["train_seconds"]
-        mfu = f"{6 * n_params * tps / (peak_tflops * 1e12):.1%}" if peak_tflops else "-"
-        print(f"{name:8} {r['wall']:8.1f} {r['train_seconds']:8.1f} {tps:10.0f} {mfu:>6} {r['peak_bytes'] / 1e9:8.2f}")
-    loss_diff = max((abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=False)), default=float("nan"))
-    print(f"wall a/b {a['wall'] / b['wall']:.2f}, tok/s b/a {(b['tokens'] / b['train_seconds']) / (a['tokens'] / a['train_seconds']):.2f}, "
-          f"peak memory b/a {b['peak_bytes'] / a['peak_bytes']:.2f}, max |loss a-b| {loss_diff:.1e} "
-          f"({len(a['losses'])} / {len(b['losses'])} logged steps)")
+        mfu = 6 * n_params * tps / (peak_tflops * 1e12) if peak_tflops else None
+        out[key] = {"wall": r["wall"], "step_seconds": r["train_seconds"], "tokens_per_s": tps, "mfu": mfu,
+                    "peak_bytes": r["peak_bytes"], "losses": r["losses"]}
+        print(f"{names[key]:22} {r['wall']:8.1f} {r['train_seconds']:8.1f} {tps:10.0f} "
+              f"{(f'{mfu:.1%}' if mfu is not None else '-'):>6} {r['peak_bytes'] / 1e9:8.2f}")
+    for key in ("plain", "plain_nogc", "engine_nopad"):
+        if key not in runs:
+            continue
+        a = runs[key]
+        loss_diff = max((abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=False)), default=float("nan"))
+        ratios = {"wall_a_over_b": a["wall"] / b["wall"],
+                  "step_a_over_b": a["train_seconds"] / b["train_seconds"],
+                  "tokens_per_s_b_over_a": out["engine"]["tokens_per_s"] / out[key]["tokens_per_s"],
+                  "peak_memory_b_over_a": b["peak_bytes"] / a["peak_bytes"], "max_loss_diff": loss_diff}
+        out["ratios"][key] = ratios
+        print(f"{key:10} vs ours: wall a/b {ratios['wall_a_over_b']:.2f}, step a/b {ratios['step_a_over_b']:.2f}, "
+              f"tok/s b/a {ratios['tokens_per_s_b_over_a']:.2f}, peak memory b/a {ratios['peak_memory_b_over_a']:.2f}, "
+              f"max |loss a-b| {loss_diff:.1e} ({len(a['losses'])} / {len(b['losses'])} logged steps)", flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -193,9 +193,31 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        pad_to_multiple_of=pad_to_multiple_of(on_gpu),
     )
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
+
+
+def pad_to_multiple_of(on_gpu: bool) -> int | None:
+    """Batch length rounded up to this (SDPO_PAD_TO_MULTIPLE_OF; 0 = no rounding).
+
+    Default 64 on a GPU, none on CPU. Every batch has another longest pair, so unrounded every
+    batch is a new tensor shape, and the GPU's attention kernels (cuDNN's sdpa on Hopper) build
+    and cache a plan per shape; rounding keeps a step to a few shapes. The padding is masked, so
+    the loss and gradients are unchanged (tests/engine/test_perf_equivalence.py); on CPU it would
+    only add work.
+    """
+    raw = os.environ.get("SDPO_PAD_TO_MULTIPLE_OF", "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SpecError(f"SDPO_PAD_TO_MULTIPLE_OF must be a whole number, got {raw!r}") from None
+        if value < 0 or value > 4096:
+            raise SpecError("SDPO_PAD_TO_MULTIPLE_OF must be between 0 and 4096")
+        return value or None
+    return 64 if on_gpu else None
 
 
 def packing_default() -> bool:
@@ -341,6 +363,7 @@ def _define_trainer_class():
                 longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
                 return min(longest, max_length) if max_length else longest
 
+            t_forward = time.perf_counter()
             order = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
             chosen = torch.zeros(len(rows), dtype=torch.float32)
             rejected = torch.zeros(len(rows), dtype=torch.float32)
@@ -353,6 +376,8 @@ def _define_trainer_class():
                 ref_c, ref_r = self.compute_ref_log_probs(model, batch)
                 chosen[idx] = ref_c.detach().float().cpu()
                 rejected[idx] = ref_r.detach().float().cpu()
+            # The forward pass alone (TRL tokenised the data before): what the step pays per reference.
+            self.reference_forward_seconds = time.perf_counter() - t_forward
             ref = Dataset.from_dict({"ref_chosen_logps": chosen.numpy(), "ref_rejected_logps": rejected.numpy()})
             return concatenate_datasets([dataset, ref], axis=1)
 
@@ -624,7 +649,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     emit({"event": "info", "phase": "reference_logps", "step": spec.index, "mean_gamma_ref": mean_gamma_ref,
           "pairs_used": len(g), "pairs_dropped": len(pairs) - len(g),
           "packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
-          "seconds": time.perf_counter() - t_ref})
+          "seconds": time.perf_counter() - t_ref,
+          "forward_seconds": getattr(trainer, "reference_forward_seconds", None)})
     if not g:
         raise DataError(f"every pair's prompt reaches max_length={cfg.max_length}; nothing to train on")
     emit({"event": "info", "phase": "memory", "step": spec.index, **plan_activation_checkpointing(trainer, device)})

@@ -209,6 +209,24 @@ def test_packed_training_equals_two_sequence_training_eager_and_lora(tiny_model,
                           _trainer(tiny_model, pairs_file, tmp_path, pack=False, lora=True))
 
 
+def test_rounded_batch_length_trains_the_same(tiny_model, pairs_file, tmp_path, monkeypatch):
+    """On a GPU the engine rounds every batch's length up to a multiple of 64 (fewer tensor shapes for
+    the attention kernels to plan); the padding is masked, so training is unchanged."""
+    from sdpo_engine.step import pad_to_multiple_of
+
+    assert pad_to_multiple_of(True) == 64 and pad_to_multiple_of(False) is None
+    monkeypatch.setenv("SDPO_PAD_TO_MULTIPLE_OF", "0")
+    assert pad_to_multiple_of(True) is None
+    monkeypatch.setenv("SDPO_PAD_TO_MULTIPLE_OF", "sixty")
+    with pytest.raises(ValueError, match="SDPO_PAD_TO_MULTIPLE_OF"):
+        pad_to_multiple_of(True)
+    monkeypatch.delenv("SDPO_PAD_TO_MULTIPLE_OF")
+    rounded = _trainer(tiny_model, pairs_file, tmp_path / "rounded", pack=True, pad_to_multiple_of=64)
+    batch = rounded.data_collator([rounded.train_dataset[i] for i in range(4)])
+    assert batch["packed_input_ids"].shape[1] % 64 == 0 and batch["input_ids"].shape[1] % 64 == 0
+    _assert_same_training(rounded, _trainer(tiny_model, pairs_file, tmp_path / "plain", pack=False))
+
+
 def test_not_proven_settings_fall_back_to_two_sequences(tiny_model, family_root, pairs_file, tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
