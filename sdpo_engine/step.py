@@ -210,12 +210,14 @@ def pad_to_multiple_of(on_gpu: bool) -> int | None:
     """
     raw = os.environ.get("SDPO_PAD_TO_MULTIPLE_OF", "").strip()
     if raw:
+        # The operator's setting, not the user's input: a RuntimeError fails the step as step_failed
+        # with this message, where a SpecError would tell the user their job was invalid.
         try:
             value = int(raw)
         except ValueError:
-            raise SpecError(f"SDPO_PAD_TO_MULTIPLE_OF must be a whole number, got {raw!r}") from None
+            raise RuntimeError(f"SDPO_PAD_TO_MULTIPLE_OF must be a whole number, got {raw!r}") from None
         if value < 0 or value > 4096:
-            raise SpecError("SDPO_PAD_TO_MULTIPLE_OF must be between 0 and 4096")
+            raise RuntimeError(f"SDPO_PAD_TO_MULTIPLE_OF must be between 0 and 4096, got {value}")
         return value or None
     return 64 if on_gpu else None
 

@@ -218,7 +218,7 @@ def test_rounded_batch_length_trains_the_same(tiny_model, pairs_file, tmp_path, 
     monkeypatch.setenv("SDPO_PAD_TO_MULTIPLE_OF", "0")
     assert pad_to_multiple_of(True) is None
     monkeypatch.setenv("SDPO_PAD_TO_MULTIPLE_OF", "sixty")
-    with pytest.raises(ValueError, match="SDPO_PAD_TO_MULTIPLE_OF"):
+    with pytest.raises(RuntimeError, match="SDPO_PAD_TO_MULTIPLE_OF"):
         pad_to_multiple_of(True)
     monkeypatch.delenv("SDPO_PAD_TO_MULTIPLE_OF")
     rounded = _trainer(tiny_model, pairs_file, tmp_path / "rounded", pack=True, pad_to_multiple_of=64)
