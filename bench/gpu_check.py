@@ -89,13 +89,14 @@ def make_pairs(path: Path, model_dir: Path, n: int, prompt_tokens: int, answer_t
 
 
 def child(args) -> None:
+    # Both sides' libraries imported before the clock starts (TRL loads its trainer lazily).
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import DPOConfig, DPOTrainer
+    from datasets import Dataset  # noqa: F401
+    from plain_trl import train_plain_trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    from sdpo_engine.data import load_pairs
-    from sdpo_engine.step import run_step, to_trl_rows
+    from sdpo_engine.step import run_step
 
     hp = json.loads(args.hparams)
     cuda = torch.cuda.is_available()
@@ -120,28 +121,11 @@ def child(args) -> None:
         packing = f"{packing}; reference pass {ref_seconds:.1f} s, train() {summary['train_seconds']:.1f} s; " \
                   f"activation checkpointing {memory.get('activation_checkpointing', memory)}"
     else:
-        set_seed(hp["seed"])
-        tok = AutoTokenizer.from_pretrained(args.model_dir)
-        dtype = torch.float32  # the trainer's bf16 autocast does the mixed precision, as in TRL's docs
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-        ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = DPOConfig(output_dir=tmp, bf16=cuda and torch.cuda.is_bf16_supported(), use_cpu=not cuda,
-                            report_to="none", logging_steps=1, save_strategy="no", beta=hp["beta"],
-                            learning_rate=hp["learning_rate"], num_train_epochs=1,
-                            per_device_train_batch_size=hp["batch_size"], max_length=hp["max_length"],
-                            seed=hp["seed"], data_seed=hp["seed"], disable_tqdm=True,
-                            # plain: TRL's default (on); plain_nogc: what a user who knows the card has room sets
-                            gradient_checkpointing=args.child == "plain")
-            trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, processing_class=tok,
-                                 train_dataset=Dataset.from_list(to_trl_rows(load_pairs(args.data), tok)))
-            t_train = time.perf_counter()
-            trainer.train()
-            train_seconds = time.perf_counter() - t_train
+        # plain: TRL's default gradient checkpointing (on); plain_nogc: off, as a user who knows the card has room
+        plain = train_plain_trl(args.model_dir, args.data, hp, on_gpu=cuda,
+                                gradient_checkpointing=None if args.child == "plain" else False)
         wall = time.perf_counter() - t0
-        logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-        losses = [h["loss"] for h in logs]
-        tokens = max(h.get("num_tokens", 0) for h in logs)
+        train_seconds, losses, tokens = plain["train_seconds"], plain["losses"], plain["tokens"]
         packing = None
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps({"variant": args.child, "wall": wall, "train_seconds": train_seconds, "tokens": tokens,

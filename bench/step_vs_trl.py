@@ -60,13 +60,14 @@ def make_data(path: Path, n_pairs: int, prompt_ratio: float, seed: int) -> None:
 def child(args) -> None:
     """Run one variant and print one JSON line of measurements."""
     os.environ.setdefault("TQDM_DISABLE", "1")
-    # Import everything first: both variants pay the same import cost, which is not the step's.
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import DPOConfig, DPOTrainer
+    # Import everything first: both variants pay the same import cost, which is not the step's
+    # (TRL loads its trainer lazily, so name it).
+    from datasets import Dataset  # noqa: F401
+    from plain_trl import train_plain_trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    from sdpo_engine.data import load_pairs
-    from sdpo_engine.step import run_step, to_trl_rows
+    from sdpo_engine.step import run_step
 
     t0 = time.perf_counter()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -86,26 +87,9 @@ def child(args) -> None:
         train_seconds = summary["train_seconds"]
         reference_seconds = next(e["seconds"] for e in events if e.get("phase") == "reference_logps")
     else:
-        set_seed(hp["seed"])
-        tok = AutoTokenizer.from_pretrained(args.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
-        ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = DPOConfig(output_dir=tmp, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
-                            beta=hp["beta"], learning_rate=hp["learning_rate"], num_train_epochs=hp["n_epochs"],
-                            per_device_train_batch_size=hp["batch_size"], max_length=hp["max_length"],
-                            warmup_steps=hp["warmup_ratio"], seed=hp["seed"], data_seed=hp["seed"],
-                            lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, disable_tqdm=True)
-            rows = to_trl_rows(load_pairs(args.data), tok)
-            trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(rows),
-                                 processing_class=tok)
-            t_train = time.perf_counter()
-            trainer.train()
-            train_seconds = time.perf_counter() - t_train
-            wall = time.perf_counter() - t0
-        logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-        losses = [h["loss"] for h in logs]
-        tokens = max(h.get("num_tokens", 0) for h in logs)
+        plain = train_plain_trl(args.model_dir, args.data, hp)
+        wall = time.perf_counter() - t0
+        train_seconds, losses, tokens = plain["train_seconds"], plain["losses"], plain["tokens"]
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     print(json.dumps({"variant": args.child, "wall": wall, "cpu": cpu, "train_seconds": train_seconds,

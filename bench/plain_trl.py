@@ -1,0 +1,46 @@
+"""Plain TRL as a user writes it from TRL's docs: the baseline (a) of step_vs_trl.py and gpu_check.py."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+
+def train_plain_trl(model_dir: str, data: str, hp: dict, *, on_gpu: bool = False,
+                    gradient_checkpointing: bool | None = None) -> dict:
+    """One DPO step with TRL's DPOTrainer: the reference model loaded as a second model, DPOConfig
+    defaults except what the device needs (no bf16 on CPU), logging every step (to compare the
+    loss curves) and the run's hyperparameters. gradient_checkpointing None keeps TRL's default (on).
+
+    Returns train() seconds, the logged losses and TRL's token count.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from sdpo_engine.data import load_pairs
+    from sdpo_engine.step import to_trl_rows
+
+    set_seed(hp["seed"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # float32 weights on both devices: on the GPU the trainer's bf16 autocast does the mixed precision.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = DPOConfig(output_dir=tmp, bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu,
+                        report_to="none", logging_steps=1, save_strategy="no", beta=hp["beta"],
+                        learning_rate=hp["learning_rate"], num_train_epochs=hp["n_epochs"],
+                        per_device_train_batch_size=hp["batch_size"], max_length=hp["max_length"],
+                        warmup_steps=hp.get("warmup_ratio", 0.0), seed=hp["seed"], data_seed=hp["seed"],
+                        lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, disable_tqdm=True,
+                        **extra)
+        trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, processing_class=tok,
+                             train_dataset=Dataset.from_list(to_trl_rows(load_pairs(data), tok)))
+        t_train = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - t_train
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    return {"train_seconds": train_seconds, "losses": [h["loss"] for h in logs],
+            "tokens": max(h.get("num_tokens", 0) for h in logs)}
