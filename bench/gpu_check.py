@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # also when imported from elsewhere (gpu_profile.py)
+
+from common import run_child  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocabulary
     "0.5b": (1536, 20, 12, 2, 4096, 32000),
@@ -91,8 +92,8 @@ def make_pairs(path: Path, model_dir: Path, n: int, prompt_tokens: int, answer_t
 def child(args) -> None:
     # Both sides' libraries imported before the clock starts (TRL loads its trainer lazily).
     import torch
+    from common import train_plain_trl
     from datasets import Dataset  # noqa: F401
-    from plain_trl import train_plain_trl
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
@@ -116,9 +117,8 @@ def child(args) -> None:
         metrics = [e for e in events if e["event"] == "metrics"]
         losses = [e["loss"] for e in metrics]
         tokens = max((e.get("num_tokens") or 0) for e in metrics)
-        packing = next((e.get("packing") for e in events if e.get("phase") == "reference_logps"), None)
         memory = next((e for e in events if e.get("phase") == "memory"), {})
-        packing = f"{packing}; reference pass {ref_seconds:.1f} s, train() {summary['train_seconds']:.1f} s; " \
+        packing = f"{ref.get('packing')}; reference pass {ref_seconds:.1f} s, train() {summary['train_seconds']:.1f} s; " \
                   f"activation checkpointing {memory.get('activation_checkpointing', memory)}"
     else:
         # plain: TRL's default gradient checkpointing (on); plain_nogc: off, as a user who knows the card has room
@@ -131,15 +131,6 @@ def child(args) -> None:
     print(json.dumps({"variant": args.child, "wall": wall, "train_seconds": train_seconds, "tokens": tokens,
                       "peak_bytes": peak, "losses": losses, "packing": packing,
                       "device": torch.cuda.get_device_name() if cuda else "cpu"}))
-
-
-def run_child(variant: str, model_dir: Path, data: Path, hp: dict, env: dict | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--model-dir", str(model_dir), "--data", str(data),
-           "--hparams", json.dumps(hp)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -182,12 +173,12 @@ def main() -> None:
                   "max_length": prompt_tokens + answer_tokens + 8, "seed": 0, "warmup_ratio": 0.0}
             runs = {}
             if "plain" in variants:
-                runs["plain"] = run_child("plain", model_dir, data, hp)
+                runs["plain"] = run_child(__file__, "plain", model_dir, data, hp)
             if "plain_nogc" in variants and len(results) < args.nogc_shapes:
-                runs["plain_nogc"] = run_child("plain_nogc", model_dir, data, hp)
+                runs["plain_nogc"] = run_child(__file__, "plain_nogc", model_dir, data, hp)
             if "engine_nopad" in variants:  # the engine without GPU length rounding, to measure what it buys
-                runs["engine_nopad"] = run_child("engine", model_dir, data, hp, env={"SDPO_PAD_TO_MULTIPLE_OF": "0"})
-            runs["engine"] = run_child("engine", model_dir, data, hp)
+                runs["engine_nopad"] = run_child(__file__, "engine", model_dir, data, hp, env={"SDPO_PAD_TO_MULTIPLE_OF": "0"})
+            runs["engine"] = run_child(__file__, "engine", model_dir, data, hp)
             results.append(report(prompt_tokens, answer_tokens, runs, n_params, args.peak_tflops))
             if args.json_out:  # after every shape: a run cut short keeps what it measured
                 Path(args.json_out).write_text(json.dumps(

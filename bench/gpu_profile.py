@@ -108,20 +108,19 @@ def main() -> None:
             else:
                 backend = contextlib.nullcontext()
             timings = {}
-            stack = contextlib.ExitStack()
-            stack.enter_context(backend)
-            for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                for _ in range(2):
-                    fn()
-                sync()
-                torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    fn()
-                sync()
-                timings[name] = (time.perf_counter() - t0) / args.iters
-                timings[name + " peak GB"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
-            stack.close()
+            with backend:
+                for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    for _ in range(2):
+                        fn()
+                    sync()
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                    for _ in range(args.iters):
+                        fn()
+                    sync()
+                    timings[name] = (time.perf_counter() - t0) / args.iters
+                    timings[name + " peak GB"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
             results[variant] = timings
             print(f"{variant:13} tensor {tuple(width)}: fwd {timings['fwd'] * 1e3:7.1f} ms, fwd+bwd "
                   f"{timings['fwd+bwd'] * 1e3:7.1f} ms, peak {timings['fwd+bwd peak GB']:.1f} GB (packing: "

@@ -29,7 +29,6 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # also when imported from elsewhere (gpu_profile.py)
+
+from common import run_child  # noqa: E402
 
 FILLER = ("The assistant reads the request carefully, keeps the answer short and polite, and "
           "checks any numbers before it replies. ")
@@ -62,8 +64,8 @@ def child(args) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     # Import everything first: both variants pay the same import cost, which is not the step's
     # (TRL loads its trainer lazily, so name it).
+    from common import train_plain_trl
     from datasets import Dataset  # noqa: F401
-    from plain_trl import train_plain_trl
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
@@ -95,16 +97,6 @@ def child(args) -> None:
     print(json.dumps({"variant": args.child, "wall": wall, "cpu": cpu, "train_seconds": train_seconds,
                       "reference_seconds": reference_seconds, "tokens": tokens, "peak_mb": r1.ru_maxrss / 1024,
                       "losses": losses}))
-
-
-def run_variant(variant: str, model_dir: str, data: Path, hp: dict) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--model-dir", model_dir, "--data", str(data),
-           "--hparams", json.dumps(hp)]
-    env = {k: v for k, v in os.environ.items() if k != "SDPO_PACKING"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"})
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def model_dir_for(name: str, cache: Path) -> str:
@@ -152,10 +144,10 @@ def main() -> None:
                       "max_length": args.max_length, "warmup_ratio": 0.1, "seed": 0}
                 runs = []
                 for _ in range(args.repeats):
-                    run = {"a": run_variant("plain", model_dir, data, hp),
-                           "b": run_variant("engine", model_dir, data, hp)}
+                    run = {"a": run_child(__file__, "plain", model_dir, data, hp),
+                           "b": run_child(__file__, "engine", model_dir, data, hp)}
                     if args.unpacked:
-                        run["b2"] = run_variant("engine-unpacked", model_dir, data, hp)
+                        run["b2"] = run_child(__file__, "engine-unpacked", model_dir, data, hp)
                     runs.append(run)
 
                 def med(f, runs=runs):

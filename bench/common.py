@@ -1,9 +1,29 @@
-"""Plain TRL as a user writes it from TRL's docs: the baseline (a) of step_vs_trl.py and gpu_check.py."""
+"""Shared by the step benchmarks (step_vs_trl.py, gpu_check.py): plain TRL as a user writes it from
+TRL's docs, their baseline (a), and running one variant in a process of its own."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+
+def run_child(script: str, variant: str, model_dir: str | Path, data: str | Path, hp: dict,
+              env: dict | None = None) -> dict:
+    """Run `script --child variant ...` in a fresh process (its own imports, its own peak memory) and
+    return the JSON line it prints last. SDPO_PACKING from the caller's shell is dropped: every variant
+    states its own settings through `env`."""
+    cmd = [sys.executable, script, "--child", variant, "--model-dir", str(model_dir), "--data", str(data),
+           "--hparams", json.dumps(hp)]
+    base = {k: v for k, v in os.environ.items() if k != "SDPO_PACKING"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**base, "TQDM_DISABLE": "1", **(env or {})})
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def train_plain_trl(model_dir: str, data: str, hp: dict, *, on_gpu: bool = False,
