@@ -45,6 +45,7 @@ __all__ = [
     "DataError",
     "count_tokens",
     "fingerprint",
+    "load_numbered_pairs",
     "load_pairs",
     "pair_key",
     "validate_file",
@@ -159,6 +160,26 @@ def load_pairs(
     if not report["valid"]:
         raise DataError(report)
     return collector.pairs
+
+
+def load_numbered_pairs(
+    path: str | os.PathLike[str],
+    *,
+    source_field: str | None = "source",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[tuple[int, dict[str, Any]]]:
+    """`load_pairs`, each pair with its 1-based line number in the file: ``[(line, pair), ...]``.
+
+    For checks that run after validation (against a model's tokenizer, at job preparation) and
+    must name the user's line. Raises `DataError` like `load_pairs`.
+    """
+    collector = _Collector(max_errors=50, keep_pairs=True)
+    for result in _scan(path, source_field=source_field, max_line_bytes=max_line_bytes):
+        collector.add(result)
+    report = collector.report()
+    if not report["valid"]:
+        raise DataError(report)
+    return list(zip(collector.pair_lines, collector.pairs, strict=True))
 
 
 def write_pairs(pairs: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:
@@ -655,6 +676,7 @@ class _Collector:
         self.max_length = max_length
         self.keep_pairs = keep_pairs
         self.pairs: list[dict[str, Any]] = []
+        self.pair_lines: list[int] = []
         self.errors: list[dict[str, Any]] = []
         self.error_count = 0
         self.format: str | None = None
@@ -686,6 +708,7 @@ class _Collector:
         self.valid_rows += 1
         if self.keep_pairs:
             self.pairs.append(pair)
+            self.pair_lines.append(result.line)
         digest = bytes.fromhex(pair_key(pair))[:16]
         if digest in self.seen:
             self.duplicates += 1
