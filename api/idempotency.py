@@ -67,9 +67,13 @@ def respond(
     action: Callable[[], dict[str, Any]],
     *,
     status_code: int = 200,
+    stored_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> JSONResponse:
     """Run `action` (which adds rows and returns the response body), commit, and respond,
-    honouring an `Idempotency-Key` header. `payload` is what identifies the request."""
+    honouring an `Idempotency-Key` header. `payload` is what identifies the request.
+
+    `stored_body(body)` is what a replay gets instead of `body`, for a response that shows
+    something once (a webhook's signing secret): the first response has it, the stored one not."""
     key = idempotency_key(request)
     if key is None:
         body = action()
@@ -82,7 +86,7 @@ def respond(
         return replay
     body = action()
     db.add(IdempotencyKey(owner=principal.owner, key=key, request_hash=digest, response_status=status_code,
-                          response_body=body))
+                          response_body=stored_body(body) if stored_body else body))
     try:
         db.commit()
     except IntegrityError:

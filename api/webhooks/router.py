@@ -20,6 +20,7 @@ from api.webhooks.schemas import (
     WebhookList,
     WebhookObject,
     webhook_object,
+    without_secret,
 )
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -37,7 +38,10 @@ def create_webhook(
         body = WebhookCreate.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_errors(exc.errors()) from None
-    return respond(request, db, principal, payload, lambda: service.create_webhook(db, principal, body))
+    # A replay (same Idempotency-Key) shows the webhook without its secret: the secret is shown once and
+    # never stored outside the webhook's row.
+    return respond(request, db, principal, payload, lambda: service.create_webhook(db, principal, body),
+                   stored_body=without_secret)
 
 
 @router.get("", response_model=WebhookList)

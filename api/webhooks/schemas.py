@@ -27,7 +27,9 @@ class WebhookObject(BaseModel):
     events: list[str]
     description: str | None
     created_at: int
-    secret: str | None = Field(None, description="The signing secret: only in the response that creates it.")
+    secret: str | None = Field(
+        None, description="The signing secret: only in the response that creates it (null in a replay of that "
+        "request with the same Idempotency-Key, in lists and lookups).")
 
 
 class WebhookList(BaseModel):
@@ -77,3 +79,8 @@ def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
             "next_attempt_at": to_unix(row.next_attempt_at) if row.status == "pending" else None,
             "last_status_code": row.last_status_code, "last_error": row.last_error,
             "created_at": to_unix(row.created_at), "delivered_at": to_unix(row.delivered_at)}
+
+
+def without_secret(body: dict[str, Any]) -> dict[str, Any]:
+    """A created webhook's response as stored for Idempotency-Key replays: the secret left out."""
+    return {**body, "secret": None}

@@ -13,7 +13,7 @@ import pytest
 
 from core import ids
 from core.db import make_engine, make_session_factory, session_scope
-from core.models import Job, JobStep, WebhookDelivery
+from core.models import IdempotencyKey, Job, JobStep, WebhookDelivery
 from core.states import JobStatus, StepStatus, transition
 from core.webhooks import EVENT_TYPES, InvalidSignature, retry_delay, sign, signed_headers, verify_signature
 from tests.conftest import bearer, preference_rows
@@ -74,6 +74,22 @@ def test_register_list_delete_and_isolation(api_client, user_key, other_key):
     assert client.delete(f"{HOOKS}/{hook['id']}", headers=bearer(user_key)).json()["deleted"] is True
     assert client.get(HOOKS, headers=bearer(user_key)).json()["data"] == []
     assert client.get(HOOKS).status_code == 401
+
+
+def test_a_replayed_create_does_not_show_the_secret_again(api_client, db, user_key):
+    """The secret is in the first response only: the stored reply that an Idempotency-Key replay
+    returns has none, and no stored idempotent reply holds it."""
+    headers = {**bearer(user_key), "Idempotency-Key": "hook-1"}
+    body = {"url": "https://example.test/hook"}
+    first = api_client.post(HOOKS, headers=headers, json=body)
+    assert first.status_code == 200 and first.json()["secret"].startswith("whsec_")
+    replay = api_client.post(HOOKS, headers=headers, json=body)
+    assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == {**first.json(), "secret": None}
+    db.rollback()
+    stored = db.query(IdempotencyKey).all()
+    assert len(stored) == 1 and first.json()["secret"] not in json.dumps(stored[0].response_body)
+    assert len(api_client.get(HOOKS, headers=bearer(user_key)).json()["data"]) == 1  # created once
 
 
 @pytest.mark.parametrize("body, param", [
