@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from core.models import RegisteredModel
+from core.models import Checkpoint, RegisteredModel
 
 
 def visible_to(owner: str):
@@ -25,3 +25,8 @@ def list_visible(db: Session, owner: str) -> list[RegisteredModel]:
 
 def exists(db: Session, model_id: str) -> bool:
     return db.get(RegisteredModel, model_id) is not None
+
+
+def owned_checkpoint_at(db: Session, owner: str, uri: str) -> Checkpoint | None:
+    """The checkpoint of `owner` stored at `uri` (a storage URI), if any."""
+    return db.scalars(select(Checkpoint).where(Checkpoint.uri == uri, Checkpoint.owner == owner)).first()

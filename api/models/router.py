@@ -41,4 +41,4 @@ def register_model(
         body = ModelRegister.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_errors(exc.errors()) from None
-    return respond(request, db, principal, payload, lambda: service.register_model(db, services, body))
+    return respond(request, db, principal, payload, lambda: service.register_model(db, services, principal, body))

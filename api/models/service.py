@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from api.models import repository
 from api.models.schemas import ModelRegister, model_object
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.models import ModelSource, RegisteredModel
+from core.storage import LOCAL_SCHEME
 from sdpo_engine.config import ConfigError, StepConfig
 
 # No ":" (reserved for ft: names) and no "/" (ids are path segments).
@@ -32,11 +34,16 @@ def get_model(db: Session, principal: Principal, model_id: str) -> dict[str, Any
     return model_object(row)
 
 
-def register_model(db: Session, services: AppServices, body: ModelRegister) -> dict[str, Any]:
+def register_model(db: Session, services: AppServices, principal: Principal, body: ModelRegister) -> dict[str, Any]:
+    """Register a server path as a system model (visible to every owner). Raises `InvalidRequest`
+    (400) for a bad id, path (`param` "path": relative, missing, outside SDPO_MODEL_ROOTS, inside the
+    storage folder but not a checkpoint of the caller's own, not a model of `format`) or defaults;
+    `Conflict` (409) for a taken id."""
     if not MODEL_ID_RE.match(body.id) or body.id.startswith(RESERVED_PREFIXES):
         raise InvalidRequest("id must be 1 to 128 of letters, digits, '.', '_' or '-', and must not start with "
                              f"{', '.join(RESERVED_PREFIXES)}.", param="id", code="invalid_value")
     path = _check_path(services, body.path, body.format)
+    _check_not_others_storage(db, services, principal, path)
     defaults = dict(body.default_hyperparameters or {})
     try:
         # Checked now so that every job on this model starts from valid defaults.
@@ -80,3 +87,34 @@ def _check_path(services: AppServices, raw: str, fmt: str) -> Path:
     elif not (path.is_file() and path.suffix == ".gguf"):
         raise InvalidRequest("path must be a .gguf file.", param="path", code="invalid_model_path")
     return path
+
+
+# How many entries of a model directory are looked at for links into the store (a model directory
+# holds a handful of files; a huge one is refused rather than walked).
+MAX_MODEL_DIR_ENTRIES = 10_000
+
+
+def _check_not_others_storage(db: Session, services: AppServices, principal: Principal, path: Path) -> None:
+    """Refuse a path inside the storage folder (uploads, every owner's checkpoints, trainer state)
+    unless it is exactly a checkpoint of the caller's own jobs: a system model is visible to all
+    owners, so registering another owner's checkpoint would publish their work. `path` is already
+    resolved (symlinks and ".." followed); a model directory outside the store whose files link
+    into it is refused too, since loading it would read the store."""
+    root = Path(services.settings.storage_dir).resolve()
+    if path.is_relative_to(root):
+        uri = LOCAL_SCHEME + path.relative_to(root).as_posix()
+        if repository.owned_checkpoint_at(db, principal.owner, uri) is None:
+            raise InvalidRequest("path is inside the storage folder and is not a checkpoint of your own jobs.",
+                                 param="path", code="path_in_storage")
+        return
+    if path.is_dir():
+        seen = 0
+        for folder, dirs, files in os.walk(path):  # symlinked folders are listed, not entered
+            entries = [Path(folder, name) for name in (*dirs, *files)]
+            seen += len(entries)
+            if seen > MAX_MODEL_DIR_ENTRIES:
+                raise InvalidRequest(f"path holds more than {MAX_MODEL_DIR_ENTRIES} entries; not a model directory.",
+                                     param="path", code="invalid_model_path")
+            if any(entry.resolve().is_relative_to(root) for entry in entries if entry.is_symlink()):
+                raise InvalidRequest("path links to files inside the storage folder.", param="path",
+                                     code="path_in_storage")
