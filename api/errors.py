@@ -37,8 +37,8 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers={**headers, **exc.headers})
 
 
 def dotted(loc: Sequence[str | int]) -> str | None:

@@ -23,6 +23,7 @@ class ServiceError(Exception):
         code: str | None = None,
         status: int | None = None,
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -33,6 +34,8 @@ class ServiceError(Exception):
             self.status = status
         # Extra keys placed beside message/type/param/code (e.g. an upload's line-by-line errors).
         self.extra = extra or {}
+        # Response headers the error calls for (Retry-After on a 429).
+        self.headers = headers or {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code,

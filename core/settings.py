@@ -47,6 +47,15 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(
         16, ge=0, description="Most unfinished jobs (validating, queued, running, pausing or paused) one owner "
         "may have; a create beyond it gets 429 too_many_active_jobs. 0: no limit.")
+    max_storage_bytes_per_owner: int = Field(
+        50 << 30, ge=0, description="Most bytes of stored (not deleted) files one owner may have; an upload "
+        "beyond it gets 413 storage_quota_exceeded, stopped as soon as its bytes pass the quota. 0: no limit.")
+    max_files_per_owner: int = Field(
+        10_000, ge=0, description="Most stored (not deleted) files one owner may have; an upload beyond it "
+        "gets 429 too_many_files. 0: no limit.")
+    max_uploads_per_minute: int = Field(
+        60, ge=0, description="Most files one owner may create in any 60 s; an upload beyond it gets 429 "
+        "upload_rate_limited with Retry-After. 0: no limit.")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="If set (os.pathsep-separated), POST /v1/models only accepts paths under these folders.")

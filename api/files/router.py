@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppServices, Principal, get_db, get_principal, get_services
-from api.files import service
+from api.files import quotas, service
 from api.files.schemas import FileDeleted, FileList, FileObject, file_object
 from api.idempotency import respond
 from core.errors import PayloadTooLarge
@@ -66,10 +66,13 @@ async def create_file(
         raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.", param="file")
 
     def upload() -> JSONResponse:
+        # The owner's quotas first: an owner at a limit is refused before a byte of the body is read.
+        allowance = quotas.admit_upload(db, services.settings, principal.owner,
+                                        int(length) if length and length.isdigit() else None)
         received = service.receive_upload(db, services, request.headers.get("content-type"),
-                                          _blocking_chunks(request))
+                                          _blocking_chunks(request), allowance=allowance)
         return respond(request, db, principal, received.identity(),
-                       lambda: service.create_file(db, principal, received))
+                       lambda: service.create_file(db, principal, received, settings=services.settings))
 
     # Storage writes, hashing, validation and the database are blocking: run them off the loop.
     return await run_in_threadpool(upload)

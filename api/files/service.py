@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from api.deps import AppServices, Principal
 from api.files import repository
 from api.files.multipart import MultipartUpload
+from api.files.quotas import UploadAllowance, capped_upload, check_before_insert, too_many_rows
 from api.files.schemas import file_object
 from api.pagination import check_limit, page
 from core import ids
@@ -19,6 +20,7 @@ from core.clock import utcnow
 from core.db import after_commit, after_rollback
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.models import File, FileStatus
+from core.settings import Settings
 from core.storage import StoredObject
 from sdpo_engine.data import validate_file
 
@@ -52,15 +54,19 @@ def clean_filename(name: str | None) -> str:
 
 
 def receive_upload(db: Session, services: AppServices, content_type: str | None,
-                   raw_chunks: Iterable[bytes]) -> ReceivedUpload:
+                   raw_chunks: Iterable[bytes], *, allowance: UploadAllowance | None = None) -> ReceivedUpload:
     """Stream the upload to storage, then validate it. Anything wrong deletes the stored object
-    and raises; a valid upload stays stored until the request commits or rolls back."""
+    and raises; a valid upload stays stored until the request commits or rolls back.
+
+    The stream stops at row SDPO_MAX_FILE_ROWS + 1 (400 `too_many_rows`) and, given the owner's
+    `allowance` (`quotas.admit_upload`), when its bytes pass the storage quota (413)."""
     settings, storage = services.settings, services.storage
     upload = MultipartUpload(content_type, allowed_fields=("purpose",))
     file_id = ids.new_id(ids.FILE)
     # The key is built from our id only: the client's file name never reaches the file system.
-    stored = storage.save_stream(f"files/{file_id}", upload.file_chunks(raw_chunks),
-                                 max_bytes=settings.max_upload_bytes)
+    file_chunks = capped_upload(upload.file_chunks(raw_chunks), max_rows=settings.max_file_rows,
+                                allowance=allowance)
+    stored = storage.save_stream(f"files/{file_id}", file_chunks, max_bytes=settings.max_upload_bytes)
     # If the request never commits (an error later, a lost idempotency race, a failed commit),
     # the object goes too.
     after_rollback(db, lambda: storage.delete(stored.uri))
@@ -74,11 +80,8 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
                                  param="purpose", code="invalid_purpose")
         report = validate_file(storage.local_path(stored.uri), max_errors=settings.max_reported_errors,
                                max_line_bytes=settings.max_line_bytes)
-        if report["rows"] > settings.max_file_rows:
-            raise InvalidRequest(
-                f"The file has {report['rows']} lines; this service accepts at most {settings.max_file_rows} "
-                "pairs per file (SDPO_MAX_FILE_ROWS). Nothing was stored.",
-                param="file", code="too_many_rows", extra={"rows": report["rows"], "max_rows": settings.max_file_rows})
+        if report["rows"] > settings.max_file_rows:  # the stream's count stops this first; kept as a backstop
+            raise too_many_rows(settings.max_file_rows, rows=report["rows"])
         if not report["valid"]:
             count = report["error_count"]
             raise InvalidRequest(
@@ -97,7 +100,12 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
                           purpose=purpose, report=report)
 
 
-def create_file(db: Session, principal: Principal, upload: ReceivedUpload) -> dict[str, Any]:
+def create_file(db: Session, principal: Principal, upload: ReceivedUpload, *,
+                settings: Settings | None = None) -> dict[str, Any]:
+    """Insert the file's row. With `settings`, the owner's quotas are checked again first, under
+    the owner's lock, this file included (429/413; the caller's rollback deletes the object)."""
+    if settings is not None:
+        check_before_insert(db, settings, principal.owner, upload.stored.bytes)
     row = File(
         id=upload.file_id,
         owner=principal.owner,
