@@ -1,31 +1,43 @@
-"""Preference data: read, validate and normalise JSONL files of (prompt, chosen, rejected) pairs.
+"""Preference data: read, validate and normalise files of (prompt, chosen, rejected) pairs.
 
-This module is pure Python (stdlib only) on purpose: the API validates uploads with it, and the API
-must never import torch, transformers or trl. A file that `validate_file` accepts is therefore a
-file that `load_pairs` (and so the engine) can read.
+This module is pure Python on purpose: the API validates uploads with it, and the API must never
+import torch, transformers or trl (pyarrow, for Parquet files, is imported only when a Parquet file
+is read). A file that `validate_file` accepts is therefore a file that `load_pairs` (and so the
+engine) can read.
 
-Three input formats are accepted, detected line by line:
+Two file types, told apart by their bytes (never by the name): **Parquet** (starts with the magic
+``PAR1``; one pair a row, read a batch of rows at a time with pyarrow, as Hugging Face ``datasets``
+and most public preference sets ship) and **JSONL** (one pair a line). Three pair formats,
+detected row by row:
 
 - standard: ``{"prompt": str, "chosen": str, "rejected": str}``
 - conversational: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``
 - OpenAI preference: ``{"input": {"messages": [...]}, "preferred_output": [messages],
-  "non_preferred_output": [messages]}`` (``input.tools`` and ``input.parallel_tool_calls`` are
-  accepted and ignored)
+  "non_preferred_output": [messages]}``
 
-A message is ``{"role": "system" | "user" | "assistant", "content": str}``. Every format is
-normalised to one shape (the conversational format plus a source)::
+A message is ``{"role": "system" | "user" | "assistant", "content": str | [text parts]}``.
+OpenAI's text content parts (``[{"type": "text", "text": "…"}, …]``) are joined with no separator,
+as the official ``openai`` SDK joins the text parts of an answer (``Response.output_text``).
+Every format is normalised to one shape (the conversational format plus a source)::
 
     {"prompt": [messages], "chosen": [one assistant message],
      "rejected": [one assistant message], "source": str | None}
 
-A file must use one format throughout; a line whose format differs from the first line whose
-format could be told is an error. Unknown top-level fields are ignored.
+Nothing is dropped or rewritten silently. What the engine cannot train faithfully is refused
+with the line, the field and the reason: a key repeated in one JSON object, message fields other
+than role and content (``tool_calls``, ``name``, ``weight``, …; null counts as absent), the roles
+``tool``, ``function`` and ``developer``, content parts other than text, a non-empty
+``input.tools``, and top-level fields that carry content the engine would not read (``system``,
+``tools``, ``images``, …). Other top-level fields (``id``, ``score``, metadata) are ignored and
+named in an ``ignored_fields`` warning. A file must use one format throughout; a line whose format
+differs from the first line whose format could be told is an error.
 
-Validation streams the file in binary, one line at a time, so a very large upload needs little
-memory; each line is decoded on its own so that a line that is not UTF-8 is reported with its own
-line number. A file with any problem is rejected whole, and every problem is reported with its
-1-based line number, a dotted field path (``input.messages[2].role``; ``None`` for a whole-line
-problem) and a reason. Whole-file problems (an empty file) are reported at line 0.
+Validation streams the file: JSONL in binary, one line at a time, each line decoded on its own so
+that a line that is not UTF-8 is reported with its own line number; Parquet a batch of rows at a
+time. A file with any problem is rejected whole, and every problem is reported with its 1-based
+line (Parquet: row) number, a dotted field path (``input.messages[2].role``; ``None`` for a
+whole-line problem) and a reason. Whole-file problems (an empty file) are reported at line 0.
+Data smells that do not stop training are reported as ``warnings`` (see `validate_file`).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,23 +53,48 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
+    "FILE_TYPES",
     "FORMATS",
     "ROLES",
+    "WARNING_CODES",
     "DataError",
     "count_tokens",
     "fingerprint",
     "load_numbered_pairs",
     "load_pairs",
+    "pair_rows",
     "pair_key",
     "validate_file",
     "write_pairs",
 ]
 
 FORMATS = ("standard", "conversational", "openai")
+FILE_TYPES = ("jsonl", "parquet")
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above any real pair, low enough to bound memory.
+# Warning codes, in the order a report lists them.
+WARNING_CODES = (
+    "ignored_fields",
+    "duplicate_pairs",
+    "near_duplicate_pairs",
+    "answers_differ_only_in_whitespace_or_case",
+    "answers_repeat_prompt",
+    "answers_contain_markup",
+    "prompt_contains_markup",
+    "length_bias",
+)
+# Length bias: warn when chosen is the longer answer in more than this share of the pairs, over at
+# least this many pairs (fewer say little about a systematic bias).
+LENGTH_BIAS_SHARE = 0.8
+LENGTH_BIAS_MIN_PAIRS = 20
+# "Both answers repeat the prompt" needs a prompt this long (normalised) so that a short prompt
+# that an answer naturally begins with ("Hi" -> "Hi! ...") is not flagged.
+REPEAT_MIN_PROMPT_CHARS = 16
+_SAMPLE_LINES = 10  # line numbers kept per warning
 
 _BOM = b"\xef\xbb\xbf"
+_PARQUET_MAGIC = b"PAR1"
+_PARQUET_BATCH_ROWS = 256  # rows decoded at a time: a few hundred kB of text, whatever the file's size
 _TRL_KEYS = ("prompt", "chosen", "rejected")
 _OPENAI_KEYS = ("input", "preferred_output", "non_preferred_output")
 # Field names per format: (prompt, chosen, rejected). Used in error paths and messages so that an
@@ -66,6 +104,46 @@ _FIELD_NAMES = {
     "conversational": ("prompt", "chosen", "rejected"),
     "openai": ("input.messages", "preferred_output", "non_preferred_output"),
 }
+_NO_TOOLS = (
+    "the engine renders messages through the chat template without tools, so the model would train "
+    "on answers without the tool definitions and calls they rely on"
+)
+# Message fields OpenAI's formats (and chat exports) carry that the engine does not train on: each
+# is refused (when not null) with what to do instead.
+_UNSUPPORTED_MESSAGE_FIELDS = {
+    "tool_calls": f"tool calls are not supported: {_NO_TOOLS}; remove the tool-calling turns",
+    "function_call": f"function calls are not supported: {_NO_TOOLS}; remove the function-calling turns",
+    "tool_call_id": f"tool results are not supported: {_NO_TOOLS}; remove the tool turns",
+    "name": "message names are not trained on (chat templates render them differently or drop them); "
+    "remove the field, or write the name into the content",
+    "weight": "per-message weights are not supported: DPO trains on the chosen and rejected answers only, "
+    "never on prompt messages; remove the field",
+    "refusal": "a refusal field is not trained on; put the refusal's text in content",
+    "audio": "audio is not supported (text-only training); remove the field",
+}
+_UNSUPPORTED_ROLES = {
+    "tool": f"role 'tool' is not supported: {_NO_TOOLS}; remove the tool turns",
+    "function": f"role 'function' is not supported: {_NO_TOOLS}; remove the function turns",
+    "developer": "role 'developer' is not supported: the chat templates this service trains with have no "
+    "developer role; use 'system'",
+}
+# Top-level fields that carry content in other dataset formats: ignoring them would train on
+# something other than what the file says.
+_CONTENT_TOP_LEVEL_FIELDS = {
+    "system": "a top-level system prompt is not read: put it in the prompt as the first message "
+    '{"role": "system", "content": ...} (conversational or OpenAI format)',
+    "tools": f"tool definitions are not supported: {_NO_TOOLS}; remove the field",
+    "functions": f"function definitions are not supported: {_NO_TOOLS}; remove the field",
+    "images": "images are not supported (text-only training); remove the field",
+    "image": "images are not supported (text-only training); remove the field",
+    "audio": "audio is not supported (text-only training); remove the field",
+}
+_MAX_IGNORED_NAMES = 64  # distinct ignored field names tracked (a hostile file could invent millions)
+# Chat markup of the common templates (ChatML, Llama 2/3, Gemma, Phi, Zephyr, Mistral) and the
+# plain-text turn headers of older datasets (Anthropic HH's "\n\nHuman:", Alpaca's "### Response:").
+_MARKUP = re.compile(r"<\|[A-Za-z0-9_]+\|>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>")
+_TURN_HEADER = re.compile(r"(?:^|\n)[ \t]*(?:Human|Assistant|User|USER|ASSISTANT|### ?(?:Instruction|Response|Human|"
+                          r"Assistant|Input))[ \t]*:")
 
 
 class DataError(ValueError):
@@ -94,7 +172,8 @@ def _summarise(report: dict[str, Any]) -> str:
     where = ""
     if errors:
         first = errors[0]
-        where = f"line {first['line']}"
+        unit = "row" if report.get("file_type") == "parquet" else "line"
+        where = f"{unit} {first['line']}"
         if first.get("field"):
             where += f", {first['field']}"
         where = f"; first: {where}: {first['reason']}"
@@ -114,19 +193,36 @@ def validate_file(
     max_errors: int = 50,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> dict[str, Any]:
-    """Validate a JSONL preference file and return a report (never raises for bad content).
+    """Validate a JSONL or Parquet preference file and return a report (never raises for bad content).
 
     Report keys:
 
-    - ``valid``: True when there is no problem at all.
+    - ``valid``: True when there is no problem at all (warnings do not count).
+    - ``file_type``: ``jsonl`` or ``parquet`` (told by the file's first bytes, ``PAR1``).
     - ``format``: ``standard``, ``conversational`` or ``openai`` (the first line whose format
       could be told), or None when no line could be read as a pair.
-    - ``rows``: the number of non-blank lines (pairs) in the file, valid or not.
-    - ``errors``: at most `max_errors` of ``{"line", "field", "reason"}``, in file order;
-      ``error_count`` is the total, so a caller can say "and 1,234 more".
+    - ``rows``: the number of non-blank lines (Parquet: rows), i.e. pairs, valid or not.
+    - ``errors``: at most `max_errors` of ``{"line", "field", "reason"}``, in file order (for
+      Parquet, ``line`` is the 1-based row number); ``error_count`` is the total, so a caller can
+      say "and 1,234 more".
+    - ``warnings``: data smells that do not stop training, each ``{"code", "message", "count",
+      "lines"}`` (``count`` pairs; ``lines``: the first 10 of their line numbers), in the order of
+      `WARNING_CODES`, only those that occur: ``ignored_fields`` (top-level fields not used for
+      training, named in the message), ``duplicate_pairs`` (same prompt, chosen and rejected as an
+      earlier pair), ``near_duplicate_pairs`` (the same after collapsing whitespace and case, but
+      not exactly), ``answers_differ_only_in_whitespace_or_case``, ``answers_repeat_prompt`` (both
+      answers begin with the prompt's last user message, normalised, of at least 16 characters),
+      ``answers_contain_markup`` (chat markup such as ``<|im_start|>``, ``[INST]`` or a turn
+      header such as ``\\n\\nHuman:`` inside an answer), ``prompt_contains_markup`` (chat markup in
+      a prompt message: a job with the default text format refuses such pairs), ``length_bias``
+      (chosen is the longer answer in more than 80% of at least 20 pairs; ``count`` pairs with the
+      longer chosen; the measure is ``stats.length``).
     - ``stats``: computed over the lines that validated: ``rows``, ``duplicates`` (rows whose
-      normalised prompt/chosen/rejected repeat an earlier row), ``sources`` ({source: rows}),
-      ``without_source`` (rows with no source), and, when `tokenizer` is given, ``tokens``
+      prompt/chosen/rejected repeat an earlier row exactly), ``near_duplicates``, ``sources``
+      ({source: rows}), ``without_source`` (rows with no source), ``length`` (``{"unit":
+      "tokens" | "characters", "chosen_longer": pairs, "chosen_longer_share": 0..1,
+      "mean_difference": mean of chosen minus rejected length}``: tokens when `tokenizer` is given,
+      else characters), and, when `tokenizer` is given, ``tokens``
       ({"prompt"|"chosen"|"rejected"|"prompt_plus_longer_answer": {"min", "mean", "max"}}) and,
       with `max_length` too, ``truncated`` (pairs whose prompt plus longer answer exceeds
       `max_length` tokens). Token counts ignore the chat template: a conversational prompt counts
@@ -134,7 +230,8 @@ def validate_file(
 
     `source_field` names the top-level field holding a pair's source (used by stratified and
     easy-to-hard partitioning); None ignores sources. Lines of more than `max_line_bytes` bytes
-    (excluding the line ending) are reported without being parsed.
+    (excluding the line ending) are reported without being parsed; a Parquet row is held to the
+    same limit by the size of the row written as one compact JSON line.
     """
     collector = _Collector(max_errors=max_errors, tokenizer=tokenizer, max_length=max_length)
     for result in _scan(path, source_field=source_field, max_line_bytes=max_line_bytes):
@@ -148,7 +245,7 @@ def load_pairs(
     source_field: str | None = "source",
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> list[dict[str, Any]]:
-    """Read a preference file in any accepted format and return its pairs, normalised.
+    """Read a preference file (JSONL or Parquet) in any accepted format and return its pairs, normalised.
 
     Raises `DataError` (carrying the same report `validate_file` gives) if the file has any
     problem: training never runs on a partly valid file.
@@ -168,7 +265,7 @@ def load_numbered_pairs(
     source_field: str | None = "source",
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> list[tuple[int, dict[str, Any]]]:
-    """`load_pairs`, each pair with its 1-based line number in the file: ``[(line, pair), ...]``.
+    """`load_pairs`, each pair with its 1-based line (Parquet: row) number: ``[(line, pair), ...]``.
 
     For checks that run after validation (against a model's tokenizer, at job preparation) and
     must name the user's line. Raises `DataError` like `load_pairs`.
@@ -183,20 +280,21 @@ def load_numbered_pairs(
 
 
 def write_pairs(pairs: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Write normalised pairs as JSONL (conversational format, plus ``source`` when set).
+    """Write normalised pairs as JSONL, plus ``source`` when set.
 
-    The output reads back with `load_pairs` using the default ``source_field="source"``. The file
-    is written to a temporary name and renamed, so a reader never sees half a file.
+    The standard string format when every prompt is a single user message (it reads back as the
+    same normalised pairs, and a chunk of a string file stays a string file: what the model-side
+    checks of `markup.check_pairs` and ``text_format="raw"`` look at), else the conversational
+    format. The output reads back with `load_pairs` using the default ``source_field="source"``.
+    The file is written to a temporary name and renamed, so a reader never sees half a file.
     """
+    rows = pair_rows(pairs)
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for pair in pairs:
-                row = {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
-                if pair.get("source") is not None:
-                    row["source"] = pair["source"]
+            for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -207,6 +305,27 @@ def write_pairs(pairs: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -
         except FileNotFoundError:
             pass
         raise
+
+
+def pair_rows(pairs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Normalised pairs as the JSON rows `write_pairs` writes (one format for all of them).
+
+    The standard string format when every prompt is a single user message, else the conversational
+    format; ``source`` when set. Either reads back with `load_pairs` as the same normalised pairs.
+    """
+    pairs = list(pairs)
+    as_strings = all(len(p["prompt"]) == 1 and p["prompt"][0]["role"] == "user" for p in pairs)
+    rows = []
+    for pair in pairs:
+        if as_strings:
+            row = {"prompt": pair["prompt"][0]["content"], "chosen": pair["chosen"][0]["content"],
+                   "rejected": pair["rejected"][0]["content"]}
+        else:
+            row = {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]}
+        if pair.get("source") is not None:
+            row["source"] = pair["source"]
+        rows.append(row)
+    return rows
 
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
@@ -257,15 +376,17 @@ def count_tokens(tokenizer: Any, text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Scanning: bytes -> lines -> JSON -> one validated pair per line
+# Scanning: bytes -> rows (JSONL lines or Parquet rows) -> one validated pair per row
 
 
 @dataclass
 class _LineResult:
     line: int  # 1-based; 0 for whole-file problems
+    file_type: str = "jsonl"
     format: str | None = None
     pair: dict[str, Any] | None = None
     errors: list[tuple[str | None, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # top-level fields not used for training
 
 
 class _RejectedConstant(ValueError):
@@ -278,10 +399,46 @@ def _reject_constant(name: str) -> Any:
     raise _RejectedConstant(f"{name} is not valid JSON")
 
 
-# Built once: json.loads/json.dumps with options build a new decoder/encoder on every call, which is
-# a measurable share of validating a large file.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+class _ObjectWithDuplicates(dict):
+    """A JSON object in which a key occurred more than once (the last value is kept, as json does)."""
+
+    duplicate_keys: list[str]
+
+
+class _LineDecoder:
+    """A JSON decoder that notices repeated keys, one per scan (its flag is per line, so it is not
+    shared between threads validating different files)."""
+
+    def __init__(self) -> None:
+        self.saw_duplicates = False
+        self.decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=self._object)
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        self.saw_duplicates = True
+        seen: set[str] = set()
+        repeated: list[str] = []
+        for key, _ in pairs:
+            if key in seen and key not in repeated:
+                repeated.append(key)
+            seen.add(key)
+        flagged = _ObjectWithDuplicates(obj)
+        flagged.duplicate_keys = repeated
+        return flagged
+
+    def decode(self, text: str) -> Any:
+        self.saw_duplicates = False
+        return self.decoder.decode(text)
+
+
+# Built once: json.dumps with options builds a new encoder on every call, which is a measurable
+# share of validating a large file.
 _KEY_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+# A Parquet row's size as a compact JSON line (what the line limit measures for JSONL); values
+# JSON has no type for (dates, binary) are counted by their str().
+_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 def _read_lines(f: Any, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
@@ -327,7 +484,7 @@ def _read_lines(f: Any, max_line_bytes: int) -> Iterator[tuple[int, bytes | None
 def _scan(
     path: str | os.PathLike[str], *, source_field: str | None, max_line_bytes: int
 ) -> Iterator[_LineResult]:
-    """Yield one `_LineResult` per non-blank line (and per whole-file problem)."""
+    """Yield one `_LineResult` per non-blank line or Parquet row (and per whole-file problem)."""
     if source_field is not None and (source_field in _TRL_KEYS or source_field in _OPENAI_KEYS):
         raise ValueError(f"source_field {source_field!r} is a preference field, not a source field")
     if max_line_bytes < 1:
@@ -335,69 +492,183 @@ def _scan(
     first_format: tuple[int, str] | None = None
     saw_pair = False
     with open(path, "rb") as f:
-        for line_no, raw, length in _read_lines(f, max_line_bytes):
-            result = _LineResult(line=line_no)
-            if line_no == 1 and raw is not None and raw.startswith(_BOM):
-                # Rejected rather than stripped (the API answers it with a 4xx): RFC 8259 forbids
-                # writing a BOM before JSON, and other JSONL readers fail on such a first line.
-                result.errors.append(
-                    (None, "file starts with a UTF-8 byte order mark; save as UTF-8 without BOM")
-                )
-                raw = raw[len(_BOM) :]
-            if raw is None:
-                result.errors.append((None, f"line is {length} bytes; the limit is {max_line_bytes}"))
+        # Told by the bytes, not the name: an upload's name is only the client's say-so.
+        parquet = f.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC
+        f.seek(0)
+        file_type, unit = ("parquet", "row") if parquet else ("jsonl", "line")
+        rows = _parquet_rows(f, max_line_bytes) if parquet else _jsonl_rows(f, max_line_bytes)
+        for result, obj in rows:
+            result.file_type = file_type
+            if result.line == 0:  # a whole-file problem (an unreadable Parquet file)
                 saw_pair = True
                 yield result
                 continue
-            if not raw.strip():
-                if result.errors:  # a BOM on an otherwise blank first line
-                    yield result
-                continue
             saw_pair = True
-            _check_line(raw, source_field, result)
+            if obj is not None:
+                _check_pair(obj, source_field, result)
             if result.format is not None:
                 if first_format is None:
-                    first_format = (line_no, result.format)
+                    first_format = (result.line, result.format)
                 elif result.format != first_format[1]:
                     result.errors.insert(
                         0,
-                        (None, f"format differs from line {first_format[0]}'s ({first_format[1]})"),
+                        (None, f"format differs from {unit} {first_format[0]}'s ({first_format[1]})"),
                     )
-                    result.pair = None
             if result.errors:
                 result.pair = None
             yield result
     if not saw_pair:
-        yield _LineResult(line=0, errors=[(None, "file is empty")])
+        yield _LineResult(line=0, file_type=file_type, errors=[(None, "file is empty")])
 
 
-def _check_line(raw: bytes, source_field: str | None, result: _LineResult) -> None:
-    """Decode, parse and validate one line, filling `result` in place."""
+def _jsonl_rows(f: Any, max_line_bytes: int) -> Iterator[tuple[_LineResult, dict[str, Any] | None]]:
+    """(result, parsed object or None) per non-blank line; problems so far are in result.errors."""
+    decoder = _LineDecoder()
+    for line_no, raw, length in _read_lines(f, max_line_bytes):
+        result = _LineResult(line=line_no)
+        if line_no == 1 and raw is not None and raw.startswith(_BOM):
+            # Rejected rather than stripped (the API answers it with a 4xx): RFC 8259 forbids
+            # writing a BOM before JSON, and other JSONL readers fail on such a first line.
+            result.errors.append((None, "file starts with a UTF-8 byte order mark; save as UTF-8 without BOM"))
+            raw = raw[len(_BOM) :]
+        if raw is None:
+            result.errors.append((None, f"line is {length} bytes; the limit is {max_line_bytes}"))
+            yield result, None
+            continue
+        if not raw.strip():
+            if result.errors:  # a BOM on an otherwise blank first line
+                yield result, None
+            continue
+        yield result, _parse_line(raw, decoder, result)
+
+
+def _parse_line(raw: bytes, decoder: _LineDecoder, result: _LineResult) -> dict[str, Any] | None:
+    """Decode and parse one line; None after recording the problem in `result`."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         result.errors.append(
             (None, f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line")
         )
-        return
+        return None
     try:
-        obj = _DECODER.decode(text)
+        obj = decoder.decode(text)
     except _RejectedConstant as exc:
         result.errors.append((None, f"invalid JSON: {exc}"))
-        return
+        return None
     except json.JSONDecodeError as exc:
         result.errors.append((None, f"invalid JSON: {exc.msg} at column {exc.colno}"))
-        return
+        return None
     except RecursionError:
         result.errors.append((None, "invalid JSON: nested too deeply"))
-        return
+        return None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
         result.errors.append((None, f"invalid JSON: {exc}"))
-        return
+        return None
     if not isinstance(obj, dict):
         result.errors.append((None, f"expected a JSON object, got {_json_type(obj)}"))
+        return None
+    if decoder.saw_duplicates:
+        # JSON readers keep one of the values (Python's json: the last) without a word: the user
+        # cannot know which answer would be trained.
+        try:
+            _duplicate_key_errors(obj, "", result.errors)
+        except RecursionError:
+            result.errors.append((None, "a key is repeated in one JSON object"))
+    return obj
+
+
+def _duplicate_key_errors(value: Any, path: str, errors: list) -> None:
+    if isinstance(value, dict):
+        for key in getattr(value, "duplicate_keys", ()):
+            errors.append(
+                (_join(path, key), f"duplicate key {key!r} in one JSON object: a reader keeps only one of "
+                 "the values without saying so; keep exactly one")
+            )
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                _duplicate_key_errors(item, _join(path, key), errors)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, dict | list):
+                _duplicate_key_errors(item, f"{path}[{i}]", errors)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parquet_rows(f: Any, max_line_bytes: int) -> Iterator[tuple[_LineResult, dict[str, Any] | None]]:
+    """(result, row as a dict or None) per Parquet row, a batch of rows decoded at a time.
+
+    A Parquet column holds a value (maybe null) in every row, so null is how a row says "absent":
+    null values are dropped (at any depth) before the row is checked, which makes a row read the
+    same as the JSONL line that leaves those fields out.
+    """
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a base dependency
+        yield _LineResult(line=0, errors=[(None, "reading a Parquet file needs pyarrow (pip install pyarrow)")]), None
         return
-    _check_pair(obj, source_field, result)
+    try:
+        parquet = pq.ParquetFile(f)
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        yield _LineResult(line=0, errors=[(None, f"not a readable Parquet file: {exc}")]), None
+        return
+    repeated = _repeated_column(schema, pa)
+    if repeated is not None:
+        yield _LineResult(line=0, errors=[(repeated, "column or struct field name repeated: a reader keeps "
+                                                     "only one of them; keep exactly one")]), None
+        return
+    row_no = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                row_no += 1
+                result = _LineResult(line=row_no)
+                size = len(_ROW_ENCODER.encode(row).encode("utf-8", "surrogatepass"))
+                if size > max_line_bytes:
+                    result.errors.append((None, f"row is {size} bytes as a JSON line; the limit is {max_line_bytes}"))
+                    yield result, None
+                    continue
+                yield result, _drop_nulls(row)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        yield _LineResult(line=0, errors=[(None, f"Parquet data unreadable after row {row_no}: {exc}")]), None
+
+
+def _repeated_column(schema: Any, pa: Any) -> str | None:
+    """The dotted path of the first repeated column or struct field name, or None."""
+
+    def walk(fields: Iterable[Any], path: str) -> str | None:
+        seen: set[str] = set()
+        for item in fields:
+            name = _join(path, item.name)
+            if item.name in seen:
+                return name
+            seen.add(item.name)
+            found = walk_type(item.type, name)
+            if found is not None:
+                return found
+        return None
+
+    def walk_type(dtype: Any, path: str) -> str | None:
+        if pa.types.is_struct(dtype):
+            return walk((dtype.field(i) for i in range(dtype.num_fields)), path)
+        if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
+            return walk_type(dtype.value_type, f"{path}[]")
+        return None
+
+    return walk(schema, "")
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 def _check_pair(obj: dict[str, Any], source_field: str | None, result: _LineResult) -> None:
@@ -423,6 +694,7 @@ def _check_pair(obj: dict[str, Any], source_field: str | None, result: _LineResu
         )
         return
 
+    _check_other_fields(obj, _OPENAI_KEYS if has_openai else _TRL_KEYS, source_field, result)
     if has_openai:
         fmt = "openai"
         prompt = _check_openai_input(obj, errors)
@@ -452,15 +724,30 @@ def _check_pair(obj: dict[str, Any], source_field: str | None, result: _LineResu
             rejected = _check_answer(obj, "rejected", errors, fmt)
     result.format = fmt
 
-    if chosen is not None and rejected is not None:
-        if chosen[0]["content"].strip() == rejected[0]["content"].strip():
-            _, chosen_name, rejected_name = _FIELD_NAMES[fmt]
-            errors.append((rejected_name, f"is the same text as {chosen_name}"))
+    # The exact strings the chat template receives: equal strings give equal tokens, so the pair
+    # has no training signal. Strings that differ only in whitespace or case are trained (their
+    # tokens differ) and reported as a warning instead.
+    if chosen is not None and rejected is not None and chosen[0]["content"] == rejected[0]["content"]:
+        _, chosen_name, rejected_name = _FIELD_NAMES[fmt]
+        errors.append((rejected_name, f"is the same text as {chosen_name}"))
 
     source = _check_source(obj, source_field, errors)
     if errors or prompt is None or chosen is None or rejected is None:
         return
     result.pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source}
+
+
+def _check_other_fields(obj: dict[str, Any], pair_keys: tuple[str, ...], source_field: str | None,
+                        result: _LineResult) -> None:
+    """Top-level fields besides the pair's own: content-bearing ones are refused, the rest ignored
+    (named in the report's ``ignored_fields`` warning)."""
+    for key, value in obj.items():
+        if key in pair_keys or key == source_field or value is None:
+            continue
+        if key in _CONTENT_TOP_LEVEL_FIELDS and value not in ("", [], {}):
+            result.errors.append((key, _CONTENT_TOP_LEVEL_FIELDS[key]))
+        else:
+            result.ignored.append(key)
 
 
 def _detect_trl_format(obj: dict[str, Any]) -> str | None:
@@ -490,6 +777,10 @@ def _check_text(
     if not isinstance(value, str):
         errors.append((path, f"{_expected(fmt, 'a string')}, got {_json_type(value)}"))
         return None
+    return _checked_string(value, path, errors)
+
+
+def _checked_string(value: str, path: str, errors: list) -> str | None:
     if not value.strip():
         errors.append((path, "is empty or only whitespace"))
         return None
@@ -498,6 +789,52 @@ def _check_text(
         errors.append((path, "contains an unpaired UTF-16 surrogate escape"))
         return None
     return value
+
+
+def _check_content(message: dict[str, Any], path: str, errors: list) -> str | None:
+    """A message's content: a string, or OpenAI's text content parts joined with no separator."""
+    if "content" not in message or message["content"] is None:
+        errors.append((path, "missing"))
+        return None
+    value = message["content"]
+    if isinstance(value, str):
+        return _checked_string(value, path, errors)
+    if not isinstance(value, list):
+        errors.append((path, f"expected a string or a list of text parts, got {_json_type(value)}"))
+        return None
+    if not value:
+        errors.append((path, "is an empty list of content parts"))
+        return None
+    texts: list[str] | None = []
+    for i, part in enumerate(value):
+        item = f"{path}[{i}]"
+        if not isinstance(part, dict):
+            errors.append((item, f'expected a content part {{"type": "text", "text": ...}}, got {_json_type(part)}'))
+            texts = None
+            continue
+        kind = part.get("type")
+        if kind != "text":
+            reason = ("missing" if "type" not in part else f"expected a string, got {_json_type(kind)}"
+                      if not isinstance(kind, str) else
+                      f"content part type {kind!r} is not supported: only text parts are trained on "
+                      "(text-only training); remove the part")
+            errors.append((f"{item}.type", reason))
+            texts = None
+            continue
+        for key, extra in part.items():
+            if key not in ("type", "text") and extra is not None:
+                errors.append((f"{item}.{key}", "unknown field of a text part: it would not be trained on; a "
+                               "text part has only type and text"))
+                texts = None
+        text = part.get("text")
+        if not isinstance(text, str):
+            errors.append((f"{item}.text", "missing" if text is None else f"expected a string, got {_json_type(text)}"))
+            texts = None
+        elif texts is not None:
+            texts.append(text)
+    if texts is None:
+        return None
+    return _checked_string("".join(texts), path, errors)
 
 
 def _check_messages(value: Any, path: str, errors: list, fmt: str | None) -> list[dict[str, str]] | None:
@@ -514,18 +851,24 @@ def _check_messages(value: Any, path: str, errors: list, fmt: str | None) -> lis
             )
             messages = None
             continue
+        n_before = len(errors)
         role = message.get("role")
-        role_ok = False
         if "role" not in message:
             errors.append((f"{item}.role", "missing"))
         elif not isinstance(role, str):
             errors.append((f"{item}.role", f"expected a string, got {_json_type(role)}"))
+        elif role in _UNSUPPORTED_ROLES:
+            errors.append((f"{item}.role", _UNSUPPORTED_ROLES[role]))
         elif role not in ROLES:
             errors.append((f"{item}.role", f"unknown role {role!r}; expected system, user or assistant"))
-        else:
-            role_ok = True
-        content = _check_text(message, "content", f"{item}.content", errors)
-        if messages is not None and role_ok and content is not None:
+        content = _check_content(message, f"{item}.content", errors)
+        for key, extra in message.items():
+            if key in ("role", "content") or extra is None:  # null: nothing would be dropped
+                continue
+            errors.append((f"{item}.{key}", _UNSUPPORTED_MESSAGE_FIELDS.get(
+                key, f"unknown message field {key!r}: it would not be trained on; a message has only role "
+                "and content")))
+        if messages is not None and len(errors) == n_before and content is not None:
             messages.append({"role": role, "content": content})
         else:
             messages = None
@@ -590,8 +933,19 @@ def _check_openai_input(obj: dict[str, Any], errors: list) -> list[dict[str, str
     if not isinstance(value, dict):
         errors.append(("input", f"expected an object with messages, got {_json_type(value)}"))
         return None
-    # input.tools and input.parallel_tool_calls are allowed by OpenAI and ignored here: the
-    # engine trains on the text of the messages only.
+    # OpenAI's input may also carry tools and parallel_tool_calls. No tools (absent, null or an
+    # empty list) is what the engine trains; a tool definition it would drop is refused.
+    tools = value.get("tools")
+    if tools not in (None, []):
+        errors.append(("input.tools", f"tool definitions are not supported: {_NO_TOOLS}; remove input.tools "
+                       "(an empty list is accepted)"))
+    parallel = value.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        errors.append(("input.parallel_tool_calls", f"expected a boolean, got {_json_type(parallel)}"))
+    for key, extra in value.items():
+        if key not in ("messages", "tools", "parallel_tool_calls") and extra is not None:
+            errors.append((f"input.{key}", "unknown field of input: it would not be trained on; OpenAI's input "
+                           "has messages, tools and parallel_tool_calls"))
     return _check_prompt_messages(value, "messages", "input.messages", errors, None)
 
 
@@ -635,11 +989,13 @@ def _json_type(value: Any) -> str:
         return "an array"
     if isinstance(value, dict):
         return "an object"
-    return type(value).__name__  # pragma: no cover - json.loads makes nothing else
+    if isinstance(value, bytes):
+        return "binary data"
+    return type(value).__name__  # a Parquet type JSON has no name for (a date, a decimal, ...)
 
 
 # --------------------------------------------------------------------------------------------------
-# Aggregation: errors, statistics, and (for load_pairs) the pairs themselves
+# Aggregation: errors, statistics, warnings, and (for load_pairs) the pairs themselves
 
 
 class _RunningStat:
@@ -662,6 +1018,11 @@ class _RunningStat:
         return {"min": self.low, "mean": mean, "max": self.high}
 
 
+def _normalised(text: str) -> str:
+    """Whitespace runs collapsed to one space, ends stripped, case folded."""
+    return " ".join(text.split()).casefold()
+
+
 class _Collector:
     def __init__(
         self,
@@ -679,6 +1040,7 @@ class _Collector:
         self.pair_lines: list[int] = []
         self.errors: list[dict[str, Any]] = []
         self.error_count = 0
+        self.file_type: str | None = None
         self.format: str | None = None
         self.rows = 0
         self.valid_rows = 0
@@ -686,14 +1048,22 @@ class _Collector:
         # 16-byte digests: enough to make a false "duplicate" vanishingly unlikely, small enough
         # that millions of rows fit in memory.
         self.seen: set[bytes] = set()
+        self.seen_normalised: set[bytes] = set()
         self.sources: dict[str, int] = {}
         self.without_source = 0
         self.token_stats = {
             name: _RunningStat() for name in ("prompt", "chosen", "rejected", "prompt_plus_longer_answer")
         }
         self.truncated = 0
+        self.warning_counts = dict.fromkeys(WARNING_CODES, 0)
+        self.warning_lines: dict[str, list[int]] = {code: [] for code in WARNING_CODES}
+        self.ignored_names: dict[str, int] = {}
+        self.chosen_longer = 0
+        self.length_difference = 0
 
     def add(self, result: _LineResult) -> None:
+        if self.file_type is None:
+            self.file_type = result.file_type
         if result.line > 0:
             self.rows += 1
         if self.format is None and result.format is not None:
@@ -709,19 +1079,59 @@ class _Collector:
         if self.keep_pairs:
             self.pairs.append(pair)
             self.pair_lines.append(result.line)
-        digest = bytes.fromhex(pair_key(pair))[:16]
-        if digest in self.seen:
-            self.duplicates += 1
-        else:
-            self.seen.add(digest)
         if pair["source"] is None:
             self.without_source += 1
         else:
             self.sources[pair["source"]] = self.sources.get(pair["source"], 0) + 1
         if self.tokenizer is not None:
-            self._add_tokens(pair)
+            chosen_length, rejected_length = self._add_tokens(pair)
+        else:
+            chosen_length, rejected_length = len(pair["chosen"][0]["content"]), len(pair["rejected"][0]["content"])
+        self._add_smells(result, pair, chosen_length, rejected_length)
 
-    def _add_tokens(self, pair: dict[str, Any]) -> None:
+    def _warn(self, code: str, line: int) -> None:
+        self.warning_counts[code] += 1
+        if len(self.warning_lines[code]) < _SAMPLE_LINES:
+            self.warning_lines[code].append(line)
+
+    def _add_smells(self, result: _LineResult, pair: dict[str, Any], chosen_length: int,
+                    rejected_length: int) -> None:
+        line = result.line
+        if result.ignored:
+            self._warn("ignored_fields", line)
+            for name in result.ignored:
+                if name in self.ignored_names or len(self.ignored_names) < _MAX_IGNORED_NAMES:
+                    self.ignored_names[name] = self.ignored_names.get(name, 0) + 1
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        chosen_n, rejected_n = _normalised(chosen), _normalised(rejected)
+        prompt_n = [(m["role"], _normalised(m["content"])) for m in pair["prompt"]]
+        digest = bytes.fromhex(pair_key(pair))[:16]
+        near = hashlib.sha256(_KEY_ENCODER.encode([prompt_n, chosen_n, rejected_n]).encode("utf-8")).digest()[:16]
+        if digest in self.seen:
+            self.duplicates += 1
+            self._warn("duplicate_pairs", line)
+        else:
+            self.seen.add(digest)
+            if near in self.seen_normalised:
+                self._warn("near_duplicate_pairs", line)
+        self.seen_normalised.add(near)
+        if chosen_n == rejected_n:
+            self._warn("answers_differ_only_in_whitespace_or_case", line)
+        last_user = next((text for role, text in reversed(prompt_n) if role == "user"), "")
+        if (len(last_user) >= REPEAT_MIN_PROMPT_CHARS and chosen_n.startswith(last_user)
+                and rejected_n.startswith(last_user)):
+            self._warn("answers_repeat_prompt", line)
+        if any(_MARKUP.search(text) or _TURN_HEADER.search(text) for text in (chosen, rejected)):
+            self._warn("answers_contain_markup", line)
+        if any(_MARKUP.search(m["content"]) for m in pair["prompt"]):
+            self._warn("prompt_contains_markup", line)
+        if chosen_length > rejected_length:
+            self.chosen_longer += 1
+            if len(self.warning_lines["length_bias"]) < _SAMPLE_LINES:
+                self.warning_lines["length_bias"].append(line)
+        self.length_difference += chosen_length - rejected_length
+
+    def _add_tokens(self, pair: dict[str, Any]) -> tuple[int, int]:
         prompt = sum(count_tokens(self.tokenizer, m["content"]) for m in pair["prompt"])
         chosen = count_tokens(self.tokenizer, pair["chosen"][0]["content"])
         rejected = count_tokens(self.tokenizer, pair["rejected"][0]["content"])
@@ -732,23 +1142,70 @@ class _Collector:
         self.token_stats["prompt_plus_longer_answer"].add(total)
         if self.max_length is not None and total > self.max_length:
             self.truncated += 1
+        return chosen, rejected
+
+    def _length(self) -> dict[str, Any]:
+        n = self.valid_rows
+        return {
+            "unit": "tokens" if self.tokenizer is not None else "characters",
+            "chosen_longer": self.chosen_longer,
+            "chosen_longer_share": round(self.chosen_longer / n, 4) if n else None,
+            "mean_difference": round(self.length_difference / n, 2) if n else None,
+        }
+
+    def _warnings(self, length: dict[str, Any]) -> list[dict[str, Any]]:
+        biased = self.valid_rows >= LENGTH_BIAS_MIN_PAIRS and length["chosen_longer_share"] > LENGTH_BIAS_SHARE
+        counts = {**self.warning_counts, "length_bias": self.chosen_longer if biased else 0}
+        names = ", ".join(f"{name} ({n} pair{'s' if n != 1 else ''})"
+                          for name, n in sorted(self.ignored_names.items(), key=lambda kv: (-kv[1], kv[0])))
+        messages = {
+            "ignored_fields": f"top-level fields not used for training were ignored: {names}",
+            "duplicate_pairs": "the same prompt, chosen and rejected as an earlier pair (each copy is trained "
+            "on again)",
+            "near_duplicate_pairs": "the same as an earlier pair once whitespace and case are ignored",
+            "answers_differ_only_in_whitespace_or_case": "chosen and rejected differ only in whitespace or "
+            "case (the pair teaches formatting, not content)",
+            "answers_repeat_prompt": "both answers begin with the prompt's text, as in data whose answers hold "
+            "the whole conversation (the model would learn to repeat the prompt)",
+            "answers_contain_markup": "an answer contains chat markup or a turn header (<|im_start|>, [INST], "
+            "'Human:', '### Response:', ...), as if it carried the conversation's format or a next turn",
+            "prompt_contains_markup": "the prompt contains chat markup (<|im_start|>, [INST], ...) that the chat "
+            "template would wrap a second time; a job refuses such pairs unless the data is declared already "
+            "formatted (raw text format)",
+            "length_bias": f"chosen is the longer answer, in {length['chosen_longer_share'] or 0:.0%} of the "
+            f"pairs (mean difference {length['mean_difference']} {length['unit']}); DPO may learn that longer "
+            "is better",
+        }
+        warnings = []
+        for code in WARNING_CODES:
+            count = counts[code]
+            if count:
+                noun = "pair" if count == 1 else "pairs"
+                warnings.append({"code": code, "message": f"{count} {noun}: {messages[code]}", "count": count,
+                                 "lines": list(self.warning_lines[code])})
+        return warnings
 
     def report(self) -> dict[str, Any]:
         with_tokens = self.tokenizer is not None
+        length = self._length()
         stats = {
             "rows": self.valid_rows,
             "duplicates": self.duplicates,
+            "near_duplicates": self.warning_counts["near_duplicate_pairs"],
             "sources": dict(sorted(self.sources.items())),
             "without_source": self.without_source,
+            "length": length,
             "tokens": {k: v.summary() for k, v in self.token_stats.items()} if with_tokens else None,
             "max_length": self.max_length,
             "truncated": self.truncated if with_tokens and self.max_length is not None else None,
         }
         return {
             "valid": self.error_count == 0,
+            "file_type": self.file_type,
             "format": self.format,
             "rows": self.rows,
             "errors": self.errors,
             "error_count": self.error_count,
+            "warnings": self._warnings(length),
             "stats": stats,
         }

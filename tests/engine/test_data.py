@@ -114,11 +114,12 @@ def test_multi_turn_prompt_with_system_message_is_identical_in_conversational_an
     conversational = _write(tmp_path, [_conversational(prompt, "Paris.", "Lyon.")], name="c.jsonl")
     openai = _write(
         tmp_path,
-        # OpenAI's tools and parallel_tool_calls are allowed and ignored; so are unknown fields.
+        # No tools (an empty list) and parallel_tool_calls change nothing; unknown top-level fields
+        # are ignored (and named in a warning).
         [
             {
                 **_openai(prompt, "Paris.", "Lyon."),
-                "input": {"messages": prompt, "tools": [{"type": "function"}], "parallel_tool_calls": True},
+                "input": {"messages": prompt, "tools": [], "parallel_tool_calls": True},
                 "metadata": {"anything": 1},
             }
         ],
@@ -133,7 +134,8 @@ def test_write_pairs_round_trips_through_load_pairs(tmp_path):
     out = tmp_path / "out.jsonl"
     write_pairs(pairs, out)
     assert load_pairs(out) == pairs
-    assert validate_file(out)["format"] == "conversational"
+    # Every prompt is one user message, so the pairs are written in the standard string format.
+    assert validate_file(out)["format"] == "standard"
     # No source key is written for a pair without one; nothing but the file is left behind.
     assert "source" not in json.loads(out.read_text(encoding="utf-8").splitlines()[2])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "out.jsonl"]
@@ -240,7 +242,7 @@ BAD_LINES = [
     ("chosen-null", _standard(), _standard(chosen=None), "chosen", "expected a string"),
     ("empty-prompt", _standard(), _standard(prompt=" \n\t"), "prompt", "empty or only whitespace"),
     ("empty-chosen", _standard(), _standard(chosen=""), "chosen", "empty or only whitespace"),
-    ("identical", _standard(), _standard(chosen="same", rejected="same "), "rejected", "same text as chosen"),
+    ("identical", _standard(), _standard(chosen="same", rejected="same"), "rejected", "same text as chosen"),
     (
         "surrogate",
         _standard(),
@@ -270,9 +272,9 @@ BAD_LINES = [
     (
         "unknown-role",
         _conversational(),
-        _conversational([_msg("tool", "x"), _msg("user", "q")]),
+        _conversational([_msg("wizard", "x"), _msg("user", "q")]),
         "prompt[0].role",
-        "unknown role 'tool'",
+        "unknown role 'wizard'",
     ),
     ("role-missing", _conversational(), _conversational([{"content": "q"}]), "prompt[0].role", "missing"),
     (
@@ -293,8 +295,8 @@ BAD_LINES = [
         "content-parts",
         _conversational(),
         _conversational([{"role": "user", "content": [{"type": "text"}]}]),
-        "prompt[0].content",
-        "expected a string, got an array",
+        "prompt[0].content[0].text",
+        "missing",
     ),
     (
         "message-not-object",
@@ -356,7 +358,7 @@ BAD_LINES = [
         _openai(),
         _openai([_msg("system", "s"), _msg("user", "u"), _msg("developer", "d"), _msg("user", "q")]),
         "input.messages[2].role",
-        "unknown role 'developer'",
+        "role 'developer' is not supported",
     ),
     (
         "openai-ends-with-assistant",
