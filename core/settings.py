@@ -60,6 +60,14 @@ class Settings(BaseSettings):
         default_factory=list,
         description="If set (os.pathsep-separated), POST /v1/models only accepts paths under these folders.")
 
+    webhook_allowed_private_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Private webhook targets the admin allows (comma-separated): networks in CIDR form "
+        "(10.0.0.0/8, 127.0.0.1, fd00::/8) and exact hostnames (receiver.internal). Webhooks are otherwise "
+        "registered and sent to public addresses only (core/netguard.py).")
+    docs_enabled: bool | None = Field(
+        None, description="Serve the API docs (/docs, /redoc, /openapi.json); default: on, off in production.")
+
     db_pool_size: int = Field(20, gt=0, description="Database connections each API process keeps pooled.")
     db_max_overflow: int = Field(10, ge=0, description="Extra connections an API process may open under load.")
     api_max_concurrency: int = Field(
@@ -95,8 +103,21 @@ class Settings(BaseSettings):
             return [part for part in value.split(os.pathsep) if part.strip()]
         return value
 
+    @field_validator("webhook_allowed_private_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value):
+        from core.netguard import Allowance  # imports httpx: only when there is something to check
+
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if value:
+            Allowance.parse(value)  # a ValueError names the bad entry
+        return value
+
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
+        if self.docs_enabled is None:
+            self.docs_enabled = self.environment != "production"
         self.home = self.home.expanduser().resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'sdpo.db'}"

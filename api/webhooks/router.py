@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from api.deps import Principal, get_db, get_principal, json_body
+from api.deps import AppServices, Principal, get_db, get_principal, get_services, json_body
 from api.errors import from_validation_errors
 from api.idempotency import respond
 from api.openapi import json_body_doc
@@ -33,6 +33,7 @@ def create_webhook(
     principal: Principal = Depends(get_principal),  # before the body: auth errors come first
     payload: Any = Depends(json_body),
     db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
 ):
     try:
         body = WebhookCreate.model_validate(payload)
@@ -40,7 +41,7 @@ def create_webhook(
         raise from_validation_errors(exc.errors()) from None
     # A replay (same Idempotency-Key) shows the webhook without its secret: the secret is shown once and
     # never stored outside the webhook's row.
-    return respond(request, db, principal, payload, lambda: service.create_webhook(db, principal, body),
+    return respond(request, db, principal, payload, lambda: service.create_webhook(db, services, principal, body),
                    stored_body=without_secret)
 
 

@@ -7,11 +7,10 @@ worker; this module only manages the registrations and shows their deliveries.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
-from api.deps import Principal
+from api.deps import AppServices, Principal
 from api.pagination import check_limit
 from api.webhooks import repository
 from api.webhooks.schemas import WebhookCreate, delivery_object, webhook_object
@@ -19,19 +18,26 @@ from core import ids
 from core.clock import utcnow
 from core.errors import InvalidRequest, NotFound
 from core.models import Webhook
+from core.netguard import Allowance, UnsafeURL, check_url
 from core.webhooks import EVENT_TYPES, WEBHOOK_PREFIX, new_secret
 
 MAX_WEBHOOKS_PER_OWNER = 20
 MAX_URL_LENGTH = 2048
 
 
-def _check_url(url: str) -> str:
+def _check_url(url: str, allowance: Allowance) -> str:
+    """The URL as given (stripped), if it is an absolute http(s) URL without credentials whose
+    host is not internal on its face (core.netguard.check_url; the worker checks the resolved
+    addresses again at every delivery). Raises InvalidRequest (400, param "url")."""
     url = url.strip()
-    parts = urlsplit(url)
-    if len(url) > MAX_URL_LENGTH or parts.scheme not in ("http", "https") or not parts.hostname:
+    if len(url) > MAX_URL_LENGTH:
         raise InvalidRequest(f"url must be an absolute http(s) URL of at most {MAX_URL_LENGTH} characters.",
                              param="url", code="invalid_url")
-    if parts.username or parts.password:
+    try:
+        parsed = check_url(url, allowance)
+    except UnsafeURL as exc:
+        raise InvalidRequest(str(exc), param="url", code=exc.code) from None
+    if parsed.userinfo:
         raise InvalidRequest("url must not carry credentials; check the signature instead.", param="url",
                              code="invalid_url")
     return url
@@ -49,8 +55,11 @@ def _check_events(events: list[str] | None) -> list[str]:
     return [e for e in EVENT_TYPES if e in set(events)]
 
 
-def create_webhook(db: Session, principal: Principal, body: WebhookCreate) -> dict[str, Any]:
-    url = _check_url(body.url)
+def create_webhook(db: Session, services: AppServices, principal: Principal, body: WebhookCreate) -> dict[str, Any]:
+    """Register a webhook; the response is the only one that shows its secret. Raises InvalidRequest
+    (400) for a bad or internal `url` (see `_check_url`), bad `events` or `description`, or more than
+    MAX_WEBHOOKS_PER_OWNER webhooks."""
+    url = _check_url(body.url, Allowance.parse(services.settings.webhook_allowed_private_networks))
     events = _check_events(body.events)
     if body.description is not None and len(body.description) > 255:
         raise InvalidRequest("description must be at most 255 characters.", param="description")

@@ -48,6 +48,8 @@ def started_service(tmp_path, postgres_server_url: str, redis_url: str, tiny_mod
     home = tmp_path / "home"
     home.mkdir()
     svc = Service(home, database_url, broker_url, tiny_model)
+    # The tests' receivers listen on loopback, which webhooks reach only where the admin allows it.
+    svc.env["SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS"] = "127.0.0.1"
     svc.env.update(extra_env or {})
     try:
         yield svc
