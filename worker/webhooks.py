@@ -6,6 +6,14 @@ rows another dispatcher has locked), POSTs each one signed, and records the answ
 `delivered`; anything else is retried after `retry_delay(attempts)` (exponential backoff) until
 `max_attempts`, then `failed`. Delivery is at least once: a receiver deduplicates on `webhook-id`.
 
+Requests go through `core.netguard.GuardedTransport`: the receiver's host is resolved once per
+connection, refused (`blocked_address`) if any of its addresses is not public (unless the admin's
+SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS allows it), and the connection goes to the address checked.
+Redirects are not followed. What is recorded (and shown to the owner) is the status code and a
+general error class (`ERROR_CLASSES`), never the receiver's reply nor the connection error's
+text: a webhook must not work as a port scanner or a reader of other hosts' replies. The reply's
+body is not even read.
+
 Importing this module also turns on JSON logs with job and step ids for the worker's tasks.
 """
 
@@ -13,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import ssl
 from datetime import timedelta
 
 import httpx
@@ -21,6 +31,8 @@ from sqlalchemy import select
 from core.clock import utcnow
 from core.logging import install_celery_logging, log_context
 from core.models import Webhook, WebhookDelivery
+from core.netguard import Allowance, BlockedAddress, GuardedTransport
+from core.settings import get_settings
 from core.webhooks import DELIVER_WEBHOOKS, retry_delay, signed_headers, webhook_settings
 from worker import db
 from worker.app import app
@@ -30,6 +42,29 @@ log = logging.getLogger(__name__)
 install_celery_logging()
 
 USER_AGENT = "sdpo-webhooks/1"
+
+# What a delivery's `last_error` can say (besides None after a 2xx): `http_3xx` (a redirect, not
+# followed), `http_4xx` and `http_5xx` come with `last_status_code`.
+ERROR_CLASSES = ("blocked_address", "dns_error", "connect_refused", "connect_error", "timeout", "tls_error",
+                 "protocol_error", "network_error", "invalid_url", "http_1xx", "http_3xx", "http_4xx", "http_5xx",
+                 "webhook_deleted")
+
+
+def error_class(exc: BaseException) -> str:
+    """The general class of a failed attempt (one of ERROR_CLASSES), from the exception and its causes."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for kind, name in ((BlockedAddress, "blocked_address"), (ssl.SSLError, "tls_error"),
+                       (ssl.CertificateError, "tls_error"), (socket.gaierror, "dns_error"),
+                       (ConnectionRefusedError, "connect_refused"), (httpx.TimeoutException, "timeout"),
+                       (TimeoutError, "timeout"), (httpx.InvalidURL, "invalid_url"),
+                       (httpx.UnsupportedProtocol, "invalid_url"), (httpx.ConnectError, "connect_error"),
+                       (httpx.ProtocolError, "protocol_error")):
+        if any(isinstance(e, kind) for e in chain):
+            return name
+    return "network_error"
 
 
 def _claim(limit: int) -> list[tuple[str, str, str, dict, str, str | None, int | None]]:
@@ -46,7 +81,7 @@ def _claim(limit: int) -> list[tuple[str, str, str, dict, str, str | None, int |
         for row in s.scalars(query):
             hook = s.get(Webhook, row.webhook_id)
             if hook is None or hook.deleted_at is not None:
-                row.status, row.last_error = "failed", "the webhook was deleted"
+                row.status, row.last_error = "failed", "webhook_deleted"
                 continue
             row.next_attempt_at = lease_until  # claimed until the lease ends
             claimed.append((row.id, hook.url, hook.secret, row.payload, row.event_type, row.job_id, row.step_index))
@@ -72,32 +107,37 @@ def _record(delivery_id: str, status_code: int | None, error: str | None) -> str
         return row.status
 
 
-def deliver_due(*, limit: int | None = None) -> int:
-    """Send every due delivery once; returns how many were delivered."""
+def deliver_due(*, limit: int | None = None, transport: httpx.BaseTransport | None = None) -> int:
+    """Send every due delivery once; returns how many were delivered. `transport` defaults to a
+    `GuardedTransport` with the admin's allowance (SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS)."""
     settings = webhook_settings()
     claimed = _claim(limit or settings.batch_size)
     if not claimed:
         return 0
+    transport = transport or GuardedTransport(Allowance.parse(get_settings().webhook_allowed_private_networks))
     delivered = 0
-    with httpx.Client(timeout=settings.timeout_seconds, follow_redirects=False) as http:
+    with httpx.Client(transport=transport, timeout=settings.timeout_seconds, follow_redirects=False,
+                      trust_env=False) as http:
         for delivery_id, url, secret, payload, event_type, job_id, step in claimed:
             body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
             headers = {"content-type": "application/json", "user-agent": USER_AGENT, "x-sdpo-event": event_type,
                        **signed_headers(secret, delivery_id, body)}
-            status_code, error = None, None
+            status_code, error, cause = None, None, None
             try:
-                response = http.post(url, content=body, headers=headers)
-                status_code = response.status_code
+                # Streamed and closed unread: only the status code counts, and a huge reply costs nothing.
+                with http.stream("POST", url, content=body, headers=headers) as response:
+                    status_code = response.status_code
                 if not 200 <= status_code < 300:
-                    error = f"HTTP {status_code}: {response.text[:200]}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:500]
+                    error = f"http_{status_code // 100}xx"
+            except (httpx.HTTPError, httpx.InvalidURL, BlockedAddress) as exc:
+                error, cause = error_class(exc), type(exc).__name__
             outcome = _record(delivery_id, status_code, error)
             delivered += outcome == "delivered"
             with log_context(job_id, step):
                 log.info("webhook %s %s: %s", event_type, delivery_id,
                          outcome if error is None else f"{outcome} ({error})",
-                         extra={"delivery_id": delivery_id, "status_code": status_code})
+                         extra={"delivery_id": delivery_id, "status_code": status_code, "error_class": error,
+                                "exception": cause})
     return delivered
 
 

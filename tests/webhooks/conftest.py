@@ -135,3 +135,75 @@ def receiver():
     r = Receiver()
     yield r
     r.close()
+
+
+class Listener:
+    """A bare HTTP/1.1 listener on `host` that counts every TCP connection it accepts (so a test can
+    prove that none was made) and answers each request with `status` and a body that must never
+    reach a webhook's owner. Optionally TLS (`ssl_context`), recording the SNI name sent."""
+
+    SECRET_REPLY = b"internal-reply: root:x:0:0 do-not-leak"
+
+    def __init__(self, host: str = "127.0.0.1", *, ssl_context=None, statuses: dict[str, int] | None = None):
+        import socket
+
+        self.connections = 0
+        self.requests: list[dict] = []
+        self.server_names: list[str | None] = []
+        self.statuses = statuses or {}
+        self.lock = threading.Lock()
+        self.ssl_context = ssl_context
+        if ssl_context is not None:
+            ssl_context.sni_callback = lambda sock, name, ctx: self.server_names.append(name)
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.sock.settimeout(0.2)
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        try:
+            conn.settimeout(5)
+            if self.ssl_context is not None:
+                conn = self.ssl_context.wrap_socket(conn, server_side=True)
+            stream = conn.makefile("rb")
+            request_line = stream.readline().decode("latin-1").strip()
+            headers = {}
+            while (line := stream.readline().decode("latin-1").strip()):
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = stream.read(int(headers.get("content-length") or 0))
+            method, path, _ = request_line.split(" ", 2)
+            with self.lock:
+                self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
+            status = self.statuses.get(path, 200)
+            conn.sendall(f"HTTP/1.1 {status} X\r\ncontent-length: {len(self.SECRET_REPLY)}\r\n"
+                         f"connection: close\r\n\r\n".encode() + self.SECRET_REPLY)
+        except Exception:  # noqa: BLE001 (a failed handshake is what some tests provoke)
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed.set()
+        self.thread.join(timeout=2)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    server = Listener()
+    yield server
+    server.close()

@@ -18,7 +18,7 @@ from core.states import JobStatus, StepStatus, transition
 from core.webhooks import EVENT_TYPES, InvalidSignature, retry_delay, sign, signed_headers, verify_signature
 from tests.conftest import bearer, preference_rows
 from tests.e2e.conftest import sample_files, upload
-from tests.webhooks.conftest import start_worker_with_beat
+from tests.webhooks.conftest import Listener, start_worker_with_beat
 
 HOOKS = "/v1/webhooks"
 
@@ -260,3 +260,58 @@ def test_worker_delivers_signed_webhooks_retries_and_gives_up_on_rejection(servi
     real = signed_headers(good["secret"], "whdel-x", body_bytes)
     assert httpx.post(receiver.url + "/good", content=body_bytes + b" ", headers=real).status_code == 401
     assert httpx.post(receiver.url + "/good", content=body_bytes, headers=real).status_code == 200
+
+
+def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(service, tmp_path):
+    """A real worker: `localhost` passes registration where the API's admin allows that name, but a
+    worker without the allowance resolves it, sees 127.0.0.1 and never connects (blocked_address,
+    retried); a worker whose admin lists it delivers. The owner sees status codes and error
+    classes, never the receiver's reply."""
+    listener = Listener(statuses={"/teapot": 418})
+    try:
+        service.env.update({"SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS": "localhost",
+                            "SDPO_WEBHOOK_RETRY_BASE_SECONDS": "0.3", "SDPO_WEBHOOK_RETRY_MAX_SECONDS": "0.6",
+                            "SDPO_WEBHOOK_MAX_ATTEMPTS": "100", "SDPO_WEBHOOK_DISPATCH_SECONDS": "0.3"})
+        service.start_api()
+        client = service.client()
+        hooks = {path: client.post(HOOKS, json={"url": f"http://localhost:{listener.port}{path}",
+                                                "events": ["job.cancelled"]}).json() for path in ("/ok", "/teapot")}
+        assert all(h.get("secret") for h in hooks.values()), hooks
+
+        service.env["SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS"] = ""  # this worker's admin allows nothing
+        blocked_worker = start_worker_with_beat(service, "blocked")
+        train, _ = sample_files(tmp_path)
+        body = {"model": "sdpo-tiny", "training_file": upload(client, train),
+                "method": {"type": "sdpo", "sdpo": {"partition": {"strategy": "random", "n_steps": 2}}}}
+        job = client.post("/v1/fine_tuning/jobs", json=body).json()["id"]
+        assert client.post(f"/v1/fine_tuning/jobs/{job}/cancel").json()["status"] == "cancelled"
+
+        def deliveries(path):
+            return client.get(f"{HOOKS}/{hooks[path]['id']}/deliveries").json()["data"]
+
+        def blocked_twice():
+            rows = [d for path in hooks for d in deliveries(path)]
+            return rows if len(rows) == 2 and all(d["attempts"] >= 2 for d in rows) else None
+
+        for row in _wait_for(blocked_twice, 60, "two refused attempts per delivery", service):
+            assert (row["status"], row["last_status_code"], row["last_error"]) == ("pending", None, "blocked_address")
+        assert listener.connections == 0  # refused before connecting, every time
+        blocked_worker.terminate()
+        blocked_worker.wait(timeout=30)
+
+        service.env["SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS"] = "localhost"
+        start_worker_with_beat(service, "allowed")
+        ok = _wait_for(lambda: [d for d in deliveries("/ok") if d["status"] == "delivered"], 60, "the delivery",
+                       service)
+        assert ok[0]["last_status_code"] == 200 and ok[0]["last_error"] is None
+        teapot = _wait_for(lambda: [d for d in deliveries("/teapot") if d["last_status_code"] == 418], 60,
+                           "the 418 answer", service)
+        assert teapot[0]["last_error"] == "http_4xx" and teapot[0]["status"] == "pending"
+        posted = [r for r in listener.requests if r["path"] == "/ok"]
+        assert posted and posted[0]["headers"]["host"] == f"localhost:{listener.port}"
+        verify_signature(hooks["/ok"]["secret"], posted[0]["headers"], posted[0]["body"])
+        # Nothing the owner can read carries the receiver's reply.
+        seen = json.dumps([deliveries(p) for p in hooks]) + client.get(HOOKS).text
+        assert Listener.SECRET_REPLY.decode() not in seen and "internal-reply" not in seen
+    finally:
+        listener.close()
