@@ -44,6 +44,24 @@ EVENT_TYPES = (*JOB_EVENTS.values(), *STEP_EVENTS.values())
 # The worker's periodic task that sends due deliveries (by name: core never imports the worker).
 DELIVER_WEBHOOKS = "sdpo.deliver_webhooks"
 
+# What a delivery's `last_error` may say (None after a 2xx): general classes, never a receiver's
+# reply or a connection error's text (a webhook must not be a port scanner or a reader of internal
+# replies). `http_3xx` (a redirect, not followed), `http_4xx` and `http_5xx` come with the status code.
+DELIVERY_ERROR_CLASSES = ("blocked_address", "dns_error", "connect_refused", "connect_error", "timeout",
+                          "tls_error", "protocol_error", "network_error", "invalid_url", "http_1xx", "http_3xx",
+                          "http_4xx", "http_5xx", "webhook_deleted")
+
+
+def delivery_error_class(last_error: str | None, status_code: int | None) -> str | None:
+    """`last_error` as shown to the owner: a class of DELIVERY_ERROR_CLASSES. Rows written before
+    the classes existed held free text (up to 200 characters of the reply); they show as the class
+    of their status code, or `network_error`."""
+    if last_error is None or last_error in DELIVERY_ERROR_CLASSES:
+        return last_error
+    if status_code is not None:
+        return f"http_{status_code // 100}xx"
+    return "webhook_deleted" if last_error == "the webhook was deleted" else "network_error"
+
 
 class WebhookSettings(BaseSettings):
     """Delivery tuning, from `SDPO_WEBHOOK_*` environment variables (read by the worker)."""

@@ -10,7 +10,7 @@ Requests go through `core.netguard.GuardedTransport`: the receiver's host is res
 connection, refused (`blocked_address`) if any of its addresses is not public (unless the admin's
 SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS allows it), and the connection goes to the address checked.
 Redirects are not followed. What is recorded (and shown to the owner) is the status code and a
-general error class (`ERROR_CLASSES`), never the receiver's reply nor the connection error's
+general error class (`core.webhooks.DELIVERY_ERROR_CLASSES`), never the receiver's reply nor the connection error's
 text: a webhook must not work as a port scanner or a reader of other hosts' replies. The reply's
 body is not even read.
 
@@ -43,15 +43,9 @@ install_celery_logging()
 
 USER_AGENT = "sdpo-webhooks/1"
 
-# What a delivery's `last_error` can say (besides None after a 2xx): `http_3xx` (a redirect, not
-# followed), `http_4xx` and `http_5xx` come with `last_status_code`.
-ERROR_CLASSES = ("blocked_address", "dns_error", "connect_refused", "connect_error", "timeout", "tls_error",
-                 "protocol_error", "network_error", "invalid_url", "http_1xx", "http_3xx", "http_4xx", "http_5xx",
-                 "webhook_deleted")
-
-
 def error_class(exc: BaseException) -> str:
-    """The general class of a failed attempt (one of ERROR_CLASSES), from the exception and its causes."""
+    """The general class of a failed attempt (one of core.webhooks.DELIVERY_ERROR_CLASSES), from the
+    exception and its causes."""
     chain, seen = [], exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from core.clock import to_unix
 from core.models import Webhook, WebhookDelivery
-from core.webhooks import EVENT_TYPES
+from core.webhooks import EVENT_TYPES, delivery_error_class
 
 
 class WebhookCreate(BaseModel):
@@ -55,7 +55,10 @@ class DeliveryObject(BaseModel):
     attempts: int
     next_attempt_at: int | None
     last_status_code: int | None
-    last_error: str | None
+    last_error: str | None = Field(description="Why the last attempt failed, as a general class: blocked_address "
+                                   "(not a public address), dns_error, connect_refused, connect_error, timeout, "
+                                   "tls_error, protocol_error, network_error, http_3xx/4xx/5xx (see "
+                                   "last_status_code), webhook_deleted. Never the receiver's reply.")
     created_at: int
     delivered_at: int | None
 
@@ -77,7 +80,8 @@ def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
             "fine_tuning_job_id": row.job_id, "step_index": row.step_index, "status": row.status,
             "attempts": row.attempts,
             "next_attempt_at": to_unix(row.next_attempt_at) if row.status == "pending" else None,
-            "last_status_code": row.last_status_code, "last_error": row.last_error,
+            "last_status_code": row.last_status_code,
+            "last_error": delivery_error_class(row.last_error, row.last_status_code),
             "created_at": to_unix(row.created_at), "delivered_at": to_unix(row.delivered_at)}
 
 

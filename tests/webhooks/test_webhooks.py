@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
 
 from core import ids
+from core.clock import utcnow
 from core.db import make_engine, make_session_factory, session_scope
 from core.models import IdempotencyKey, Job, JobStep, WebhookDelivery
 from core.states import JobStatus, StepStatus, transition
@@ -315,3 +317,20 @@ def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(s
         assert Listener.SECRET_REPLY.decode() not in seen and "internal-reply" not in seen
     finally:
         listener.close()
+
+
+def test_deliveries_written_before_the_error_classes_show_only_a_class(api_client, db, user_key):
+    """Rows from before the guard held up to 200 characters of the receiver's reply or the
+    connection error; the API shows them as a class."""
+    hook = api_client.post(HOOKS, headers=bearer(user_key), json={"url": "https://example.test/a"}).json()
+    legacy = [("HTTP 500: <html>internal admin panel</html>", 500, "http_5xx"),
+              ("ConnectError: [Errno 111] Connection refused to 10.0.0.5:5432", None, "network_error"),
+              ("the webhook was deleted", None, "webhook_deleted"), ("timeout", None, "timeout"), (None, None, None)]
+    for n, (text, code, _) in enumerate(legacy):
+        db.add(WebhookDelivery(id=f"whdel-legacy{n}", webhook_id=hook["id"], owner="alice", event_type="job.failed",
+                               payload={}, status="failed", attempts=8, last_status_code=code, last_error=text,
+                               next_attempt_at=utcnow(), created_at=utcnow() - timedelta(seconds=n)))
+    db.commit()
+    rows = api_client.get(f"{HOOKS}/{hook['id']}/deliveries", headers=bearer(user_key)).json()["data"]
+    assert [r["last_error"] for r in rows] == [expected for _, _, expected in legacy]
+    assert "internal admin panel" not in json.dumps(rows) and "10.0.0.5" not in json.dumps(rows)
