@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--source-field", default="source")
     r.add_argument("--lora-r", type=int, help="train a LoRA adapter of this rank (merged after every step)")
+    r.add_argument("--text-format", choices=["chat", "raw"], default="chat",
+                   help="chat (default): message lists through the chat template, markup in text refused; "
+                        "raw: strings already formatted, trained exactly as given (BOS/EOS added at most once)")
+    r.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--quiet", action="store_true", help="print only the final table")
 
@@ -68,12 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-length", type=int, default=512)
     sc.add_argument("--source-field", default="source")
     sc.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sc.add_argument("--text-format", choices=["chat", "raw"], default="chat")
+    sc.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
 
     v = sub.add_parser("validate", help="validate a preference file; prints the report as JSON")
     v.add_argument("file")
     v.add_argument("--source-field", default="source")
-    v.add_argument("--tokenizer", help="model directory whose tokenizer counts tokens")
-    v.add_argument("--max-length", type=int)
+    v.add_argument("--tokenizer", help="model directory whose tokenizer counts tokens and checks the text "
+                                      "(chat markup and special tokens, message lists without a chat template)")
+    v.add_argument("--max-length", type=int, help="with --tokenizer: count the pairs a step would drop (no "
+                                                 "training signal after truncation to this many tokens)")
+    v.add_argument("--text-format", choices=["chat", "raw"], default="chat",
+                   help="chat (default): message lists through the chat template, markup in text refused; "
+                        "raw: strings already formatted, trained exactly as given")
+    v.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the tokenizer's")
     return p
 
 
@@ -142,8 +154,29 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            if args.chat_template_file:
+                with open(args.chat_template_file, encoding="utf-8") as fh:
+                    tokenizer.chat_template = fh.read()
         report = validate_file(args.file, source_field=args.source_field, tokenizer=tokenizer,
                                max_length=args.max_length)
+        if tokenizer is not None and report["valid"]:
+            # What a step on this model would refuse (markup, no template) or drop (no signal).
+            from pathlib import Path
+
+            from .tokens import check_file
+
+            checked = check_file(args.file, tokenizer, text_format=args.text_format, max_length=args.max_length,
+                                 source_field=args.source_field, model_name=Path(args.tokenizer).name)
+            report["valid"] = checked["code"] is None
+            report["code"] = checked["code"]
+            report["errors"] = checked["errors"]
+            report["error_count"] = checked["error_count"]
+            report["stats"]["pairs_dropped"] = checked["pairs_dropped"]
+            dropped = sum(v["count"] for v in (checked["pairs_dropped"] or {}).values())
+            if report["valid"] and report["stats"]["rows"] and dropped == report["stats"]["rows"]:
+                report["valid"], report["code"], report["error_count"] = False, "no_trainable_pairs", 1
+                report["errors"] = [{"line": 0, "field": None, "reason": f"no pair has a training signal at "
+                                     f"max_length={args.max_length}: every one would be dropped"}]
         print(json.dumps(report, indent=2))
         return 0 if report["valid"] else 1
 
@@ -152,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         from .sdpo import score_sources
 
         pairs = load_pairs(args.file, source_field=args.source_field)
-        scores = score_sources(args.model, pairs, max_length=args.max_length, device=args.device)
+        template = None
+        if args.chat_template_file:
+            with open(args.chat_template_file, encoding="utf-8") as fh:
+                template = fh.read()
+        scores = score_sources(args.model, pairs, max_length=args.max_length, device=args.device,
+                               text_format=args.text_format, chat_template=template)
         print(json.dumps(scores))
         return 0
 
@@ -184,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .partition import PartitionError
     from .sdpo import run_sdpo
+    from .step import EXIT_NON_FINITE, NonFiniteError
 
     if args.train_file and not (args.partition and args.steps):
         print("error: --train-file needs --partition and --steps", file=sys.stderr)
         return 2
     hyper = {k: getattr(args, k) for k in HPARAM_FLAGS if getattr(args, k) is not None}
+    chat_template = None
+    if args.chat_template_file:
+        with open(args.chat_template_file, encoding="utf-8") as fh:
+            chat_template = fh.read()
 
     def emit(event):
         if args.quiet:
@@ -199,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"margin={event.get('rewards/margins', 0):.3f}", file=sys.stderr)
         elif event.get("event") == "info" and event.get("phase") in ("reference_logps", "eval", "source_scores"):
             print(json.dumps(event), file=sys.stderr)
+        elif event.get("event") == "warning":
+            print(f"warning: step {event.get('step')}: {event.get('code')}: {event.get('message')}", file=sys.stderr)
 
     try:
         summary = run_sdpo(
@@ -206,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
             n_steps=args.steps, sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None,
             eval_file=args.eval_file, hyperparameters=hyper, seed=args.seed, source_field=args.source_field,
             lora={"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None, device=args.device,
-            emit=emit)
+            text_format=args.text_format, chat_template=chat_template, emit=emit)
     except (ConfigError, DataError, ModelError, PartitionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, DataError) and getattr(e, "report", None):
             for err in e.report.get("errors", [])[:20]:
                 print(f"  line {err['line']}: {err.get('field') or '-'}: {err['reason']}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: non_finite: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
     print_table(summary)
     return 0
 

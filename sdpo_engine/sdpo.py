@@ -28,25 +28,34 @@ STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
 
 
 def score_sources(model_dir: str | Path, pairs: list[dict], *, max_length: int, device: str = "auto",
-                  batch_size: int = 8) -> dict[str, float]:
+                  batch_size: int = 8, text_format: str = "chat", chat_template: str | None = None,
+                  ) -> dict[str, float]:
     """The paper's (v2) difficulty of each source: share of its pairs where the initial model already
-    prefers the chosen answer (gamma > 0). Higher = easier."""
+    prefers the chosen answer (gamma > 0). Higher = easier. Pairs without training signal at
+    `max_length` (they are dropped from training too) do not count; a source left with none is an error."""
     from .step import load_policy, pair_logps, resolve_device
 
     device = resolve_device(device)
     tokenizer, model = load_policy(model_dir, device)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    kept: list[int] = []
     chosen, rejected = pair_logps(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
-                                  device=device)
-    if len(chosen) != len(pairs):
-        raise ValueError("some pairs' prompts reach max_length; raise max_length to score sources")
+                                  device=device, text_format=text_format, kept=kept)
+    scored = [pairs[i] for i in kept]
+    missing = sorted({p.get("source") or "(none)" for p in pairs} - {p.get("source") or "(none)" for p in scored})
+    if missing:
+        raise ValueError(f"no pair of source(s) {', '.join(missing)} has a training signal at max_length={max_length} "
+                         "(prompt fills it, or both answers are the same tokens); raise max_length to score sources")
     wins: dict[str, list[int]] = {}
-    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
+    for pair, c, r in zip(scored, chosen, rejected, strict=True):
         wins.setdefault(pair.get("source") or "(none)", []).append(int(c - r > 0))
     return {source: sum(v) / len(v) for source, v in sorted(wins.items())}
 
 
 def plan_chunks(out_dir: Path, base: Path, *, step_files, train_file, strategy, n_steps, seed, sizes,
-                source_field, max_length, device, emit) -> tuple[list[Path], dict]:
+                source_field, max_length, device, emit, text_format: str = "chat",
+                chat_template: str | None = None) -> tuple[list[Path], dict]:
     """Write each step's chunk to out_dir/data and say how they were made."""
     data_dir = out_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +71,8 @@ def plan_chunks(out_dir: Path, base: Path, *, step_files, train_file, strategy, 
     info: dict = {"strategy": strategy, "n_steps": n_steps, "seed": seed, "train_file": str(Path(train_file).resolve())}
     scores = None
     if strategy in ("easy_to_hard", "hard_to_easy"):
-        scores = score_sources(base, pairs, max_length=max_length, device=device)
+        scores = score_sources(base, pairs, max_length=max_length, device=device, text_format=text_format,
+                               chat_template=chat_template)
         info["source_scores"] = scores
         info["source_order"] = source_order(scores, strategy)
         emit({"event": "info", "phase": "source_scores", "scores": scores, "order": info["source_order"]})
@@ -80,10 +90,18 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
              strategy: str | None = None, n_steps: int | None = None, sizes: list[int] | None = None,
              eval_file: str | None = None, hyperparameters: dict | None = None, seed: int = 0,
              source_field: str = "source", lora: dict | None = None, device: str = "auto",
+             text_format: str = "chat", chat_template: str | None = None,
              emit: Callable[[dict], None] | None = None) -> dict:
-    """Run a whole sDPO job in this process and return the summary (also written to summary.json)."""
+    """Run a whole sDPO job in this process and return the summary (also written to summary.json).
+
+    Every input file is checked against the base model's tokenizer first (markup.check_pairs,
+    naming the user's own lines): a file that cannot be trained as asked raises
+    `step.TrainingDataError` before any chunk is written or any model trained.
+    """
+    from transformers import AutoTokenizer
+
     from .models import resolve_base_model
-    from .step import run_step
+    from .step import check_training_text, run_step
 
     if bool(step_files) == bool(train_file):
         raise ValueError("give either step files (one per step) or a train file with a partition strategy")
@@ -97,6 +115,12 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     user_emit = emit or (lambda e: None)
     t0 = time.perf_counter()
     base = resolve_base_model(model, out_dir / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    for f in (step_files or []) + ([train_file] if train_file else []) + ([eval_file] if eval_file else []):
+        check_training_text(f, tokenizer, text_format=text_format, source_field=source_field,
+                            model_name=str(model))
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics_fh = metrics_path.open("a", encoding="utf-8")
@@ -110,7 +134,8 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     try:
         chunks, plan = plan_chunks(out_dir, base, step_files=step_files, train_file=train_file, strategy=strategy,
                                    n_steps=n_steps, seed=seed, sizes=sizes, source_field=source_field,
-                                   max_length=cfg.max_length, device=device, emit=relay)
+                                   max_length=cfg.max_length, device=device, emit=relay,
+                                   text_format=text_format, chat_template=chat_template)
         steps = []
         previous = base
         for k, chunk in enumerate(chunks, start=1):
@@ -122,7 +147,7 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
                     "output_dir": str(output), "work_dir": str(out_dir / "work" / f"step-{k}"),
                     "hyperparameters": cfg.to_dict(), "eval_file": eval_file,
                     "eval_reference": str(base) if eval_file else None, "lora": lora, "device": device,
-                    "source_field": source_field,
+                    "source_field": source_field, "text_format": text_format, "chat_template": chat_template,
                 }, emit=relay)
             else:  # finished in an earlier run of the same command
                 summary = {**manifest["metrics"], "reference": manifest["reference"],
@@ -150,7 +175,7 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
 
 def _step_row(k: int, chunk: Path, summary: dict) -> dict:
     keys = ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "pairs",
-            "train_seconds", "global_steps")
+            "pairs_used", "pairs_dropped", "train_seconds", "global_steps")
     row = {"index": k, "chunk": str(chunk), "reference": summary["reference"], "output": summary["output"],
            **{key: summary.get(key) for key in keys}}
     if "eval" in summary:

@@ -31,12 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, StepConfig
-from .data import DataError, fingerprint, load_pairs
+from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
 from .manifest import checkpoint_identity, write_checkpoint_atomically
+from .markup import TEXT_FORMATS
+from .tokens import no_signal_reason, raw_tokenize
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3  # a reference log-prob, loss, gradient norm or held-out metric is NaN or infinite
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a resumable trainer checkpoint
 
 Emit = Callable[[dict], None]
@@ -46,6 +49,19 @@ class SpecError(ValueError):
     """The step spec itself is wrong (missing key, bad path). No retry helps."""
 
 
+class TrainingDataError(DataError):
+    """Data that validated as a file but cannot be trained as asked on this model. `code` names the
+    kind (``special_tokens_in_text``, ``no_chat_template``, ``raw_needs_strings``,
+    ``no_trainable_pairs``); `report` has the lines, fields and reasons."""
+
+    def __init__(self, code: str, message: str, report: dict | None = None):
+        super().__init__(message, report)
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.args[0], self.report))
+
+
 class StepStopped(Exception):
     """Training stopped on SIGTERM or the stop file; a trainer checkpoint is in `work_dir`."""
 
@@ -53,6 +69,20 @@ class StepStopped(Exception):
         super().__init__(f"stopped at global step {global_step}; resumable checkpoint: {checkpoint}")
         self.global_step = global_step
         self.checkpoint = checkpoint
+
+
+class NonFiniteError(RuntimeError):
+    """A number the step depends on is NaN or infinite; nothing was written.
+
+    `value` names it ("reference log-prob", "loss", "grad_norm", ...), `global_step` is the optimizer
+    step it appeared at (None before training). Retrying does not help: the same model, data and
+    hyperparameters give the same numbers.
+    """
+
+    def __init__(self, message: str, *, value: str, global_step: int | None = None):
+        super().__init__(message)
+        self.value = value
+        self.global_step = global_step
 
 
 @dataclass
@@ -80,6 +110,10 @@ class StepSpec:
     device: str = "auto"
     source_field: str = "source"
     save_steps: int = 0  # >0: also save a trainer checkpoint every N optimizer steps (crash recovery)
+    # "chat": the chat template formats message lists (markup inside the text is refused before the
+    # step, see markup.py); "raw": strings already formatted, trained exactly as given (tokens.py).
+    text_format: str = "chat"
+    chat_template: str | None = None  # a Jinja chat template that replaces the tokenizer's own
 
     @classmethod
     def from_dict(cls, d: dict) -> StepSpec:
@@ -107,6 +141,10 @@ class StepSpec:
             raise SpecError("eval_file needs eval_reference (the fixed reference model, normally the base model)")
         if spec.device not in ("auto", "cpu", "cuda"):
             raise SpecError("device must be auto, cpu or cuda")
+        if spec.text_format not in TEXT_FORMATS:
+            raise SpecError(f"text_format must be one of {', '.join(TEXT_FORMATS)}")
+        if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
+            raise SpecError("chat_template must be a non-empty Jinja template string")
         return spec
 
 
@@ -125,26 +163,93 @@ def resolve_device(device: str) -> str:
 
 
 def load_policy(path: str | Path, device: str):
-    """Tokenizer and model from a local checkpoint directory. Never `trust_remote_code`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer and model from a local checkpoint directory, every dropout off. Never `trust_remote_code`.
+
+    `model.sdpo_dropout_disabled` says what was turned off: {"config": {key: original value},
+    "modules": number of dropout modules, "module_attributes": ["Class.attribute", ...]}.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Dropout off before the modules are built: many copy their probability from the config at
+    # init (LlamaAttention.attention_dropout) or read it at forward time, and the Trainer's
+    # model.train() turns them on again, so TRL's disable_dropout (nn.Dropout modules only) and
+    # model.eval() are not enough. With dropout on, the policy's first forward differs from the
+    # reference pass and the first loss is not ln 2.
+    config = AutoConfig.from_pretrained(path)
+    config_keys = _zero_dropout_in_config(config)
     # float32 weights: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
     # mixed precision while the optimizer keeps float32 master weights.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
+    model.sdpo_dropout_disabled = {"config": config_keys, **_zero_dropout_in_modules(model)}
     return tokenizer, model.to(device)
 
 
-def to_trl_rows(pairs: list[dict], tokenizer) -> list[dict]:
+def _is_dropout_name(name: str) -> bool:
+    name = name.lower()
+    return "dropout" in name or name.endswith("pdrop") or name == "layerdrop"
+
+
+def _zero_dropout_in_config(config, prefix: str = "") -> dict[str, float]:
+    """Set every dropout probability of a transformers config (sub-configs included) to 0, in place.
+
+    A key counts when its name contains "dropout" or ends with "pdrop" (attention_dropout,
+    hidden_dropout_prob, resid_pdrop, summary_first_dropout, ...) or is "layerdrop", and its value
+    is a non-zero number. Returns the zeroed keys (dotted for sub-configs) with their original value.
+    """
+    from transformers import PretrainedConfig
+
+    zeroed: dict[str, float] = {}
+    for key in config.to_dict():
+        value = getattr(config, key, None)
+        if isinstance(value, PretrainedConfig):
+            zeroed.update(_zero_dropout_in_config(value, f"{prefix}{key}."))
+        elif (_is_dropout_name(key) and isinstance(value, (int, float)) and not isinstance(value, bool)
+              and value != 0):
+            setattr(config, key, 0.0)
+            zeroed[prefix + key] = value
+    return zeroed
+
+
+def _zero_dropout_in_modules(model) -> dict:
+    """p = 0 in every dropout module, and 0 in every float attribute of a module named like a
+    dropout probability (some modules keep one hard-coded, not from the config)."""
+    from torch.nn.modules.dropout import _DropoutNd
+
+    modules, attributes = 0, set()
+    for module in model.modules():
+        if isinstance(module, _DropoutNd) and module.p != 0:
+            module.p = 0.0
+            modules += 1
+        for name, value in list(vars(module).items()):
+            if _is_dropout_name(name) and isinstance(value, float) and value != 0:
+                setattr(module, name, 0.0)
+                attributes.add(f"{type(module).__name__}.{name}")
+    return {"modules": modules, "module_attributes": sorted(attributes)}
+
+
+def _restore_dropout_config(model) -> None:
+    """Put the config's own dropout values back before saving: the checkpoint keeps the user's
+    config (the manifest records that training ran without dropout)."""
+    for dotted, value in getattr(model, "sdpo_dropout_disabled", {}).get("config", {}).items():
+        *parents, key = dotted.split(".")
+        target = model.config
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, key, value)
+
+
+def to_trl_rows(pairs: list[dict], tokenizer, text_format: str = "chat") -> list[dict]:
     """The engine's normalised pairs in the form TRL reads.
 
     With a chat template the conversational form goes in as is (TRL applies the template). Without
-    one, messages are flattened to strings: a single-message prompt keeps its exact text, so a
-    standard-format file trains exactly as the user wrote it.
+    one, or with ``text_format="raw"``, messages are flattened to strings: a single-message prompt
+    keeps its exact text, so a standard-format file trains exactly as the user wrote it. (Message
+    lists on a model without a template are refused before a step runs: markup.check_pairs.)
     """
-    if getattr(tokenizer, "chat_template", None):
+    if text_format != "raw" and getattr(tokenizer, "chat_template", None):
         return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
 
     def flat(messages):
@@ -187,6 +292,11 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
         gradient_checkpointing=False,
         logging_steps=1,
         logging_first_step=True,
+        # transformers' default replaces a NaN/inf loss by the running mean before logging (a NaN
+        # run then logs 0.0); the step must see the real value to fail on it (_NumericGuard).
+        logging_nan_inf_filter=False,
+        # TRL's own (nn.Dropout modules); load_policy also zeroes the config-level probabilities.
+        disable_dropout=True,
         save_strategy="steps" if save_steps > 0 else "no",
         save_steps=save_steps if save_steps > 0 else 500,
         save_total_limit=2,
@@ -227,11 +337,15 @@ def packing_default() -> bool:
     return os.environ.get("SDPO_PACKING", "auto").strip().lower() not in ("off", "0", "false", "no")
 
 
-def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool | None = None):
+def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool | None = None,
+                  text_format: str = "chat"):
+    """TRL's trainer for `rows` (`to_trl_rows`). Pairs without training signal are dropped while TRL
+    prepares the dataset, before the reference pass: `trainer.pairs_dropped` = {reason: [row indices]}."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
     trainer = _trainer_class()(
+        text_format=text_format,
         model=model,
         ref_model=None,
         args=args,
@@ -293,8 +407,10 @@ def _define_trainer_class():
           not depend on its batch), kept in memory instead of TRL's cache file.
         """
 
-        def __init__(self, *args, pack: bool = True, **kwargs):
+        def __init__(self, *args, pack: bool = True, text_format: str = "chat", **kwargs):
             self._pack_requested = pack
+            self._text_format = text_format
+            self.pairs_dropped: dict[str, list[int]] = {}
             self._packing_checked = False
             self.packing: str | None = "not checked"
             train_args = kwargs.get("args")
@@ -330,6 +446,33 @@ def _define_trainer_class():
         @property
         def packed(self) -> bool:
             return self.packing is None
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            """TRL's tokenisation ("chat") or the strings exactly as given ("raw", tokens.py), then every
+            pair without training signal dropped and its row index kept by reason (tokens.no_signal_reason)."""
+            if not isinstance(dataset, Dataset) or dataset_name != "train":
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            n_rows = len(dataset)
+            dataset = dataset.add_column("sdpo_row", list(range(n_rows)))
+            tokenizer = self._tokenizer
+            if self._text_format == "raw":
+                dataset = dataset.map(lambda row: raw_tokenize(tokenizer, row["prompt"], row["chosen"], row["rejected"]),
+                                      desc="Tokenizing raw text")
+            else:  # TRL's own; it drops the pairs whose prompt fills max_length itself
+                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            kept = set(dataset["sdpo_row"])
+            dropped = {"prompt_fills_max_length": [i for i in range(n_rows) if i not in kept]}
+            keep = []
+            for row, p, c, r in zip(dataset["sdpo_row"], dataset["prompt_ids"], dataset["chosen_ids"],
+                                    dataset["rejected_ids"], strict=True):
+                reason = no_signal_reason(p, c, r, args.max_length)
+                keep.append(reason is None)
+                if reason is not None:
+                    dropped.setdefault(reason, []).append(row)
+            if not all(keep):
+                dataset = dataset.select([i for i, k in enumerate(keep) if k])
+            self.pairs_dropped = {k: sorted(v) for k, v in dropped.items() if v}
+            return dataset.remove_columns("sdpo_row")
 
         def _packed_forward(self, model, outputs):
             unwrapped = self.accelerator.unwrap_model(model) is model
@@ -387,17 +530,26 @@ def _define_trainer_class():
 
 
 def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 8,
-               device: str = "cpu") -> tuple[list[float], list[float]]:
+               device: str = "cpu", text_format: str = "chat", kept: list[int] | None = None,
+               ) -> tuple[list[float], list[float]]:
     """Summed completion log-probs (chosen, rejected) of each pair under `model`.
 
     Computed by TRL's own reference pass (same tokenization, truncation and masking as training),
-    so a gamma computed here equals the gamma_ref a step trained against.
+    so a gamma computed here equals the gamma_ref a step trained against. Pairs without training
+    signal (tokens.no_signal_reason) are left out, as in training; pass a list as `kept` to receive
+    the indices into `pairs` of the pairs that were scored, in the order of the returned lists.
     """
     with tempfile.TemporaryDirectory(prefix="sdpo-logps-") as tmp:
         cfg = StepConfig(max_length=max_length, batch_size=batch_size)
         args = dpo_config(cfg, tmp, device, precompute_ref_batch_size=batch_size)
-        trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer), args)
+        trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, text_format), args,
+                                text_format=text_format)
         ds = trainer.train_dataset
+        if kept is not None:
+            dropped = {i for rows in trainer.pairs_dropped.values() for i in rows}
+            kept.extend(i for i in range(len(pairs)) if i not in dropped)
+        if "ref_chosen_logps" not in ds.column_names:  # every pair dropped: no reference pass ran
+            return [], []
         chosen, rejected = list(ds["ref_chosen_logps"]), list(ds["ref_rejected_logps"])
     return chosen, rejected
 
@@ -520,7 +672,7 @@ class _StopRequest:
         return self.signalled or bool(self.stop_file and self.stop_file.exists())
 
 
-def _callbacks(index: int, emit: Emit, stop: _StopRequest):
+def _callbacks(index: int, emit: Emit, stop: _StopRequest, *, first_loss_expected: float | None = None):
     from transformers import TrainerCallback
 
     class Relay(TrainerCallback):
@@ -545,6 +697,31 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest):
             emit({"event": "metrics", "step": index, "global_step": state.global_step,
                   "max_steps": state.max_steps, **logs, "tokens_per_second": tps})
 
+    class NumericGuard(TrainerCallback):
+        """Fails the step at the first non-finite loss or gradient norm (every optimizer step is
+        logged), before the trainer saves anything; warns when the first loss is not ln 2."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "train_runtime" in logs:
+                return
+            for key in ("loss", "grad_norm"):
+                value = logs.get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise NonFiniteError(
+                        f"{key} is {_nonfinite_name(value)} at optimizer step {state.global_step} of {state.max_steps}; "
+                        "nothing was saved (lower the learning rate, or check the model's weights)",
+                        value=key, global_step=state.global_step)
+            loss = logs.get("loss")
+            if state.global_step == 1 and first_loss_expected is not None and isinstance(loss, (int, float)):
+                off = abs(loss - first_loss_expected)
+                if off > FIRST_LOSS_TOLERANCE:
+                    emit({"event": "warning", "code": "first_loss_not_ln2", "step": index, "global_step": 1,
+                          "first_loss": loss, "expected": first_loss_expected,
+                          "message": f"first loss {loss:.6f} is {off:.6f} off ln 2 = {first_loss_expected:.6f} "
+                                     f"(tolerance {FIRST_LOSS_TOLERANCE:g}): the policy and its reference differ "
+                                     "before the first update"})
+
     class Stopper(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
@@ -557,7 +734,43 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest):
                 control.should_training_stop = True
             return control
 
-    return [Relay(), Stopper()]
+    return [Relay(), NumericGuard(), Stopper()]
+
+
+FIRST_LOSS_TOLERANCE = 1e-3  # a first loss further than this from ln 2 is a warning event
+
+
+def expected_first_loss(loss_type: str) -> float | None:
+    """The first loss of a step whose policy is its reference (every reward 0): ln 2 for DPO's
+    sigmoid loss; None for the other loss types (not checked)."""
+    return math.log(2) if loss_type == "sigmoid" else None
+
+
+def _nonfinite_name(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def check_finite_logps(chosen: list[float], rejected: list[float], what: str, labels: list[str] | None = None) -> None:
+    """Raise NonFiniteError naming the first pair whose summed log-prob (`what`, e.g. "reference
+    log-prob") is NaN or infinite. `labels[i]` names pair i for the user ("the pair at line 3");
+    default "pair i+1"."""
+    for i, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
+        for answer, value in (("chosen", c), ("rejected", r)):
+            if not math.isfinite(value):
+                label = labels[i] if labels is not None else f"pair {i + 1}"
+                bad = sum(1 for a, b in zip(chosen, rejected, strict=True)
+                          if not (math.isfinite(a) and math.isfinite(b)))
+                raise NonFiniteError(
+                    f"{what} of the {answer} answer of {label} is {_nonfinite_name(value)} ({bad} of "
+                    f"{len(chosen)} pairs non-finite); nothing was saved (check the model's weights)",
+                    value=what)
+
+
+def _held_out_labels(logps: tuple[list[float], list[float]], eval_pairs: list[dict]) -> list[str] | None:
+    # TRL drops pairs whose prompt fills max_length; only without drops is row i the file's pair i.
+    if len(logps[0]) != len(eval_pairs):
+        return None
+    return [f"held-out pair {i + 1}" for i in range(len(eval_pairs))]
 
 
 def _last_trainer_checkpoint(work_dir: str) -> str | None:
@@ -595,6 +808,35 @@ def _summary_from_history(history: list[dict], n_epochs: int) -> dict:
 # The step
 
 
+def check_training_text(path: str, tokenizer, *, text_format: str, source_field: str | None = "source",
+                        model_name: str = "the model") -> list[tuple[int, dict]]:
+    """Load a preference file and check its text against the model's tokenizer (markup.check_pairs).
+
+    Returns `load_numbered_pairs`'s ``[(line, pair)]``. Raises DataError for an invalid file and
+    TrainingDataError (code ``special_tokens_in_text``, ``no_chat_template`` or
+    ``raw_needs_strings``) when the text cannot be trained as asked.
+    """
+    from .data import validate_file
+    from .markup import check_pairs
+
+    numbered = load_numbered_pairs(path, source_field=source_field)
+    fmt = validate_file(path, source_field=source_field, max_errors=1)["format"]
+    checked = check_pairs(numbered, fmt=fmt, tokenizer=tokenizer, text_format=text_format, model_name=model_name)
+    if not checked["valid"]:
+        first = checked["errors"][0]
+        where = f"line {first['line']}, {first['field']}: " if first["line"] else ""
+        raise TrainingDataError(checked["code"], f"{where}{first['reason']}"
+                                + (f" (and {checked['error_count'] - 1} more)" if checked["error_count"] > 1 else ""),
+                                {"valid": False, "errors": checked["errors"], "error_count": checked["error_count"]})
+    return numbered
+
+
+def dropped_summary(dropped: dict[str, list[int]], lines: list[int], max_lines: int = 10) -> dict:
+    """``{reason: {"count", "lines": [first file lines]}}`` from a trainer's `pairs_dropped` row indices."""
+    return {reason: {"count": len(rows), "lines": [lines[i] for i in rows[:max_lines]]}
+            for reason, rows in dropped.items()}
+
+
 def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     """Run one sDPO step. Returns the summary (also written into the output's manifest).
 
@@ -615,7 +857,17 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     stop.install()
     t_start = time.perf_counter()
 
-    pairs = load_pairs(spec.train_file, source_field=spec.source_field)
+    from transformers import AutoTokenizer
+
+    # The text is checked against the model's tokenizer before anything loads a model: markup in the
+    # text, message lists on a model without a chat template (markup.py).
+    tokenizer = AutoTokenizer.from_pretrained(spec.policy_init)
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    numbered = check_training_text(spec.train_file, tokenizer, text_format=spec.text_format,
+                                   source_field=spec.source_field, model_name=Path(spec.policy_init).name)
+    lines = [line for line, _ in numbered]
+    pairs = [pair for _, pair in numbered]
     data_sha256 = fingerprint(spec.train_file)
     reference = checkpoint_identity(spec.policy_init)
     emit({"event": "info", "phase": "start", "step": spec.index, "pairs": len(pairs), "device": device,
@@ -626,14 +878,20 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     if spec.eval_file:
         eval_pairs = load_pairs(spec.eval_file, source_field=spec.source_field)
         ref_tok, ref_model = load_policy(spec.eval_reference, device)
+        if spec.chat_template:
+            ref_tok.chat_template = spec.chat_template
         eval_ref = pair_logps(ref_model, ref_tok, eval_pairs, max_length=cfg.max_length,
-                              batch_size=max(cfg.batch_size, 8), device=device)
+                              batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format)
         del ref_model
+        check_finite_logps(*eval_ref, "held-out reference log-prob", _held_out_labels(eval_ref, eval_pairs))
         emit({"event": "info", "phase": "eval_reference", "step": spec.index, "pairs": len(eval_pairs)})
 
     # Seed before the model (and a LoRA adapter) exist: the Trainer seeds only later.
     set_seed(cfg.seed)
     tokenizer, model = load_policy(spec.policy_init, device)
+    if spec.chat_template:
+        # Saved with the checkpoint's tokenizer: the next step, and inference, use the same template.
+        tokenizer.chat_template = spec.chat_template
     peft_config = None
     if spec.lora:
         from peft import LoraConfig
@@ -642,19 +900,35 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps)
     t_ref = time.perf_counter()
-    trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer), args,
-                            callbacks=_callbacks(spec.index, emit, stop), peft_config=peft_config)
-    ref_c = list(trainer.train_dataset["ref_chosen_logps"])
-    ref_r = list(trainer.train_dataset["ref_rejected_logps"])
+    trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
+                            callbacks=_callbacks(spec.index, emit, stop,
+                                                 first_loss_expected=expected_first_loss(cfg.loss_type)),
+                            peft_config=peft_config,
+                            text_format=spec.text_format)
+    pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
+    if pairs_dropped:
+        emit({"event": "info", "phase": "pairs_dropped", "step": spec.index, "pairs": len(pairs),
+              "max_length": cfg.max_length, "pairs_dropped": pairs_dropped})
+    # With every pair dropped there is no reference pass (and no column) at all.
+    has_ref = "ref_chosen_logps" in trainer.train_dataset.column_names
+    ref_c = list(trainer.train_dataset["ref_chosen_logps"]) if has_ref else []
+    ref_r = list(trainer.train_dataset["ref_rejected_logps"]) if has_ref else []
+    dropped_rows = {row for rows in trainer.pairs_dropped.values() for row in rows}
+    check_finite_logps(ref_c, ref_r, "reference log-prob",
+                       [f"the pair at line {lines[k]}" for k in range(len(pairs)) if k not in dropped_rows])
     g = gammas(ref_c, ref_r)
     mean_gamma_ref = sum(g) / len(g) if g else float("nan")
     emit({"event": "info", "phase": "reference_logps", "step": spec.index, "mean_gamma_ref": mean_gamma_ref,
-          "pairs_used": len(g), "pairs_dropped": len(pairs) - len(g),
+          "pairs_used": len(g), "pairs_dropped": {k: v["count"] for k, v in pairs_dropped.items()},
           "packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
           "seconds": time.perf_counter() - t_ref,
           "forward_seconds": getattr(trainer, "reference_forward_seconds", None)})
     if not g:
-        raise DataError(f"every pair's prompt reaches max_length={cfg.max_length}; nothing to train on")
+        why = "; ".join(f"{v['count']} {k.replace('_', ' ')} (lines {', '.join(map(str, v['lines']))})"
+                        for k, v in pairs_dropped.items())
+        raise TrainingDataError("no_trainable_pairs", f"no pair of the {len(pairs)} has a training signal at "
+                                f"max_length={cfg.max_length}: {why}. Shorten the prompts, raise max_length, or "
+                                "fix answers that are the same")
     emit({"event": "info", "phase": "memory", "step": spec.index, **plan_activation_checkpointing(trainer, device)})
 
     resume_from = _last_trainer_checkpoint(spec.work_dir)
@@ -682,12 +956,14 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         **_summary_from_history(trainer.state.log_history, cfg.n_epochs),
         "pairs": len(pairs),
         "pairs_used": len(g),
+        "pairs_dropped": {k: v["count"] for k, v in pairs_dropped.items()},
         "train_seconds": train_seconds,
         "resumed_from": resume_from,
     }
     if eval_pairs is not None:
         eval_policy = pair_logps(policy, tokenizer, eval_pairs, max_length=cfg.max_length,
-                                 batch_size=max(cfg.batch_size, 8), device=device)
+                                 batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format)
+        check_finite_logps(*eval_policy, "held-out policy log-prob", _held_out_labels(eval_policy, eval_pairs))
         summary["eval"] = preference_metrics(eval_policy, eval_ref, cfg.beta)
         emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"]})
 
@@ -696,14 +972,19 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "step": spec.index,
         "config": cfg.to_dict(),
         "lora": spec.lora.__dict__ if spec.lora else None,
+        "text_format": spec.text_format,
+        "chat_template": spec.chat_template,
         "data_sha256": data_sha256,
         "train_file": str(Path(spec.train_file).resolve()),
         "reference": reference,
         "metrics": summary,
+        # What load_policy turned off for training (the saved config keeps its own values).
+        "dropout_disabled": model.sdpo_dropout_disabled,
         "torch": torch.__version__,
     }
 
     def write(tmp: Path):
+        _restore_dropout_config(model)
         policy.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
@@ -735,8 +1016,12 @@ def main_step(spec_path: str) -> int:
     except StepStopped as e:
         emit({"event": "stopped", "global_step": e.global_step, "checkpoint": e.checkpoint})
         return EXIT_STOPPED
+    except NonFiniteError as e:
+        emit({"event": "error", "code": "non_finite", "message": str(e), "value": e.value,
+              "global_step": e.global_step})
+        return EXIT_NON_FINITE
     except (SpecError, ConfigError, DataError, json.JSONDecodeError, FileNotFoundError) as e:
-        payload = {"event": "error", "code": "invalid_input", "message": str(e)}
+        payload = {"event": "error", "code": getattr(e, "code", None) or "invalid_input", "message": str(e)}
         if isinstance(e, ConfigError):
             payload["param"] = e.param
         if isinstance(e, DataError) and getattr(e, "report", None):

@@ -51,16 +51,20 @@ from core.models import Checkpoint, Event, File, Job, JobStep, RegisteredModel
 from core.queue import enqueue_after_commit, job_chain, make_celery
 from core.settings import get_settings
 from core.states import JOB_TERMINAL, STEP_TERMINAL, JobStatus, StepStatus, sources, transition
-from sdpo_engine.data import load_pairs
+from sdpo_engine.data import DataError, load_numbered_pairs, load_pairs, pair_rows, validate_file
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
+from sdpo_engine.markup import check_pairs, read_tokenizer_files
 from sdpo_engine.partition import PartitionError, partition, source_order
 from worker import broker, db
-from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
+from worker.supervisor import CANCEL, GO, PAUSE, child_environment, engine_command, supervise
 
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 75  # sdpo_engine.step.EXIT_STOPPED (not imported: that module imports TRL)
 EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3  # sdpo_engine.step.EXIT_NON_FINITE: a NaN/inf reference log-prob, loss or gradient norm
+# sdpo_engine.step.TrainingDataError codes, passed through as the job's error code
+TRAINING_DATA_CODES = ("special_tokens_in_text", "no_chat_template", "raw_needs_strings", "no_trainable_pairs")
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a trainer checkpoint
 REAP_RETRY_SECONDS = 15.0
 _PATH = re.compile(r"(/[^\s:'\"]+)+")  # server paths stay out of the errors users read
@@ -93,6 +97,14 @@ def step_work_dir(job_id: str, index: int) -> Path:
     return get_settings().storage_dir / "work" / job_id / f"step-{index}"
 
 
+def text_options(job: Job) -> tuple[str, str | None]:
+    """(text_format, chat_template) of a job: ``method.<type>.text_format`` ("chat" unless "raw") and
+    ``method.<type>.chat_template`` (None: the model's own)."""
+    method = job.method or {}
+    options = method.get(method.get("type") or "") or {}
+    return options.get("text_format") or "chat", options.get("chat_template")
+
+
 def _base_model_source(session, job: Job) -> tuple[str, str, Path]:
     """(source, model id, path) of the job's starting model, read inside a transaction."""
     if job.initial_checkpoint_id:
@@ -120,7 +132,8 @@ def _convert_gguf(model_id: str, gguf_path: Path) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)
     out = get_settings().storage_dir / "models" / f"{safe}-{key}"
     if not (out / "config.json").is_file():
-        done = subprocess.run(engine_command("base-model", str(gguf_path), str(out)), capture_output=True, text=True)
+        done = subprocess.run(engine_command("base-model", str(gguf_path), str(out)), capture_output=True, text=True,
+                              env=child_environment())
         if done.returncode != 0 and not (out / "config.json").is_file():
             raise RuntimeError(f"converting {gguf_path} failed: {done.stderr[-1000:]}")
     return out
@@ -139,23 +152,44 @@ def prepare_job(job_id: str) -> Outcome:
             if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                 return None  # cancelled, paused or finished before it started
             steps = get_steps(s, job_id)
+            files = [job.training_file_id] + [st.training_file_id for st in steps if st.training_file_id]
+            if job.validation_file_id:
+                files.append(job.validation_file_id)
+            files = list(dict.fromkeys(files))
             return {"needs_chunks": bool(job.partition) and any(st.chunk_uri is None for st in steps),
                     "plan": dict(job.partition or {}),
                     "train_uri": s.get(File, job.training_file_id).storage_uri,
-                    "base_source": _base_model_source(s, job),
+                    "files": [(f, s.get(File, f).storage_uri) for f in files],
+                    "base_source": _base_model_source(s, job), "text": text_options(job),
+                    "started": job.status == JobStatus.RUNNING,
                     "max_length": job.hyperparameters.get("max_length", 512), "seed": job.seed}
 
     found = db.retrying(read, what=f"prepare {job_id}")
     if found is None:
         return Outcome.STOP
     plan = found["plan"]
+    base: Path | None = None
+    if not found["started"]:
+        # Before any chunk or step: every file against the model's tokenizer (markup in the text,
+        # message lists without a chat template), so a job that cannot train as asked fails here.
+        try:
+            base = _materialize(found["base_source"])
+        except (OSError, RuntimeError) as e:
+            return _fail_job(job_id, None, "invalid_model", f"The model {found['base_source'][1]} could not be "
+                             f"prepared for training: {_PATH.sub('<path>', str(e))[:500]}")
+        refused = _check_text(found["files"], base, found["base_source"][1], *found["text"],
+                              source_field=plan.get("source_field") or "source")
+        if refused is not None:
+            return _fail_job(job_id, None, *refused)
     written: list[tuple[str, dict]] = []
     if found["needs_chunks"]:
         strategy = plan.get("strategy")
-        base = _materialize(found["base_source"]) if strategy in ("easy_to_hard", "hard_to_easy") else None
+        if strategy in ("easy_to_hard", "hard_to_easy") and base is None:
+            base = _materialize(found["base_source"])
         try:
-            written, plan = _write_chunks(job_id, _local(found["train_uri"]), plan, base, found["max_length"],
-                                          found["seed"])
+            written, plan = _write_chunks(job_id, _local(found["train_uri"]), plan,
+                                          base if strategy in ("easy_to_hard", "hard_to_easy") else None,
+                                          found["max_length"], found["seed"], text=found["text"])
         except (PartitionError, ValueError) as e:
             return _fail_job(job_id, None, "partition_failed", str(e))
 
@@ -188,7 +222,37 @@ def prepare_job(job_id: str) -> Outcome:
     return db.retrying(start, what=f"start {job_id}")
 
 
-def _write_chunks(job_id: str, train_path: Path, plan: dict, base: Path | None, max_length: int, seed: int):
+def _check_text(files: list[tuple[str, str]], base: Path, model_id: str, text_format: str,
+                chat_template: str | None, *, source_field: str) -> tuple[str, str] | None:
+    """(code, message) for the first file the model's tokenizer refuses (markup.check_pairs), or None.
+
+    Reads the tokenizer's saved files only (no transformers in this process); the step checks again
+    with the loaded tokenizer before it trains.
+    """
+    tokenizer = read_tokenizer_files(base)
+    if tokenizer is None:
+        return None  # no tokenizer files to read: the step's own check (with the loaded tokenizer) decides
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    for file_id, uri in files:
+        path = _local(uri)
+        try:
+            numbered = load_numbered_pairs(path, source_field=source_field)
+        except DataError as e:
+            return "invalid_training_data", f"File {file_id}: {e}"
+        fmt = validate_file(path, source_field=source_field, max_errors=1)["format"]
+        checked = check_pairs(numbered, fmt=fmt, tokenizer=tokenizer, text_format=text_format, model_name=model_id)
+        if not checked["valid"]:
+            first = checked["errors"][0]
+            where = f"line {first['line']}, {first['field']}: " if first["line"] else ""
+            more = checked["error_count"] - 1
+            return checked["code"], (f"File {file_id} cannot be trained on {model_id}: {where}{first['reason']}"
+                                     + (f" ({more} more problem(s) of this kind in the file)" if more > 0 else ""))
+    return None
+
+
+def _write_chunks(job_id: str, train_path: Path, plan: dict, base: Path | None, max_length: int, seed: int,
+                  text: tuple[str, str | None] = ("chat", None)):
     """Partition the training file into T chunks in storage. Returns [(uri, stats)], plan."""
     import subprocess
 
@@ -196,9 +260,17 @@ def _write_chunks(job_id: str, train_path: Path, plan: dict, base: Path | None, 
     pairs = load_pairs(train_path, source_field=source_field)
     scores = None
     if base is not None:
+        text_format, chat_template = text
+        extra = ["--text-format", text_format]
+        if chat_template:
+            template_file = step_work_dir(job_id, 0).parent / "chat_template.jinja"
+            template_file.parent.mkdir(parents=True, exist_ok=True)
+            template_file.write_text(chat_template, encoding="utf-8")
+            extra += ["--chat-template-file", str(template_file)]
         done = subprocess.run(engine_command("score-sources", "--model", str(base), "--file", str(train_path),
-                                             "--max-length", str(max_length), "--source-field", source_field),
-                              capture_output=True, text=True)
+                                             "--max-length", str(max_length), "--source-field", source_field,
+                                             *extra),
+                              capture_output=True, text=True, env=child_environment())
         if done.returncode != 0:
             raise ValueError(f"scoring the sources failed: {done.stderr.strip().splitlines()[-1:]}")
         scores = json.loads(done.stdout.strip().splitlines()[-1])
@@ -208,7 +280,8 @@ def _write_chunks(job_id: str, train_path: Path, plan: dict, base: Path | None, 
     out = []
     for k, idx in enumerate(chunks, start=1):
         rows = [pairs[i] for i in idx]
-        body = (json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
+        # pair_rows: a chunk of a string file stays a string file (what the step's own checks read)
+        body = (json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in pair_rows(rows))
         stored = db.storage().save_stream(f"chunks/{job_id}/step-{k}.jsonl", body)
         sources = Counter(r.get("source") or "(none)" for r in rows)
         out.append((stored.uri, {"rows": len(rows), "sources": dict(sorted(sources.items())),
@@ -237,6 +310,8 @@ class _Claim:
     hyperparameters: dict
     source_field: str
     recorded_global_step: int  # metrics of earlier attempts of this step go up to here
+    text_format: str = "chat"
+    chat_template: str | None = None
 
 
 def run_step(job_id: str, index: int) -> Outcome:
@@ -285,7 +360,8 @@ def _train_claimed_step(job_id: str, index: int, claim: _Claim, settings) -> Out
             "eval_file": str(claim.eval_file) if claim.eval_file else None,
             "eval_reference": str(base) if claim.eval_file else None,
             "device": os.environ.get("SDPO_DEVICE", "auto"), "source_field": claim.source_field,
-            "save_steps": settings.step_save_steps}
+            "save_steps": settings.step_save_steps, "text_format": claim.text_format,
+            "chat_template": claim.chat_template}
     spec_path = attempt_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
 
@@ -336,9 +412,13 @@ def _train_claimed_step(job_id: str, index: int, claim: _Claim, settings) -> Out
         message = err.get("message") or _exit_description(outcome.returncode)
         if not err and outcome.tail:
             message += ": " + outcome.tail[-1][:500]
+        if outcome.returncode == EXIT_NON_FINITE or err.get("code") == "non_finite":
+            # The same model, data and hyperparameters give the same NaN: no retry, nothing registered.
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return _fail_job(job_id, index, "non_finite", f"Step {index} failed: {message}", attempt=attempt)
         if outcome.returncode == EXIT_BAD_INPUT:  # bad spec or data: no retry can help
-            return _fail_job(job_id, index, "invalid_training_data", f"Step {index} failed: {message}",
-                             attempt=attempt)
+            code = err.get("code") if err.get("code") in TRAINING_DATA_CODES else "invalid_training_data"
+            return _fail_job(job_id, index, code, f"Step {index} failed: {message}", attempt=attempt)
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})")
     return _succeeded(job_id, claim.step_id, index, attempt, claim.owner, out_dir, outcome, work)
 
@@ -389,7 +469,7 @@ def _claim_step(job_id: str, index: int, me: str) -> _Claim | Outcome:
             eval_file=_local(s.get(File, job.validation_file_id).storage_uri) if job.validation_file_id else None,
             hyperparameters=dict(step.hyperparameters),
             source_field=(job.partition or {}).get("source_field") or "source",
-            recorded_global_step=int(recorded))
+            recorded_global_step=int(recorded), text_format=text_options(job)[0], chat_template=text_options(job)[1])
         add_event(s, job_id, f"Step {index}/{job.n_steps} started (attempt {claim.attempt}) on {me}; reference and "
                   f"initial policy: {reference_id or job.model}.", step_index=index,
                   data={"reference_checkpoint": reference_id, "attempt": claim.attempt, "worker": me})
@@ -522,8 +602,18 @@ class _Relay:
                     "eval": f"Step {index}: held-out reward accuracy {_f(e.get('reward_accuracy'))}",
                     "train_end": f"Step {index}: training finished"}[e["phase"]]
             add_event(s, job_id, text, step_index=index, data=fields, event_id=event_id)
+        elif kind == "info" and e.get("phase") == "pairs_dropped":
+            dropped = e.get("pairs_dropped") or {}
+            parts = [f"{v.get('count')} {reason.replace('_', ' ')} (lines {', '.join(map(str, v.get('lines') or []))})"
+                     for reason, v in dropped.items()]
+            add_event(s, job_id, f"Step {index}: {sum(v.get('count', 0) for v in dropped.values())} of {e.get('pairs')} "
+                      f"pair(s) dropped, no training signal at max_length={e.get('max_length')}: {'; '.join(parts)}.",
+                      level="warn", step_index=index, data=fields, event_id=event_id)
         elif kind == "error":
             add_event(s, job_id, f"Step {index}: {e.get('message')}", level="error", step_index=index,
+                      data=fields, event_id=event_id)
+        elif kind == "warning":  # e.g. first_loss_not_ln2: the step goes on, the user is told
+            add_event(s, job_id, f"Step {index}: warning: {e.get('message')}", level="warn", step_index=index,
                       data=fields, event_id=event_id)
 
 
@@ -558,8 +648,8 @@ def _succeeded(job_id, step_id, index, attempt, owner, out_dir: Path, outcome, w
                          f"({reason}). Nothing was registered; free space or fix the store, then start a new "
                          "job (or branch from the last good checkpoint).", attempt=attempt)
     metrics = {k: summary.get(k) for k in ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy",
-                                           "reward_margin", "eval", "pairs", "pairs_used", "train_seconds",
-                                           "global_steps")}
+                                           "reward_margin", "eval", "pairs", "pairs_used", "pairs_dropped",
+                                           "train_seconds", "global_steps")}
     metrics["num_tokens"] = (outcome.last_metrics or {}).get("num_tokens")
     event_id = ids.new_id(ids.EVENT)
 

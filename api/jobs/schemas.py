@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from core.clock import to_unix
 from core.jobs import fine_tuned_model_name
 from core.models import Checkpoint, Event, Job, JobStep
+from core.text import clean_optional_name
 
 # ------------------------------------------------------------------------------------------------
 # Requests
@@ -23,10 +24,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_TEXT_FORMAT = ("chat (default): message lists go through the model's chat template, and chat markup or the "
+                "tokenizer's special tokens inside the text are refused; raw: prompt/chosen/rejected strings are "
+                "already formatted and are trained exactly as given, never templated (BOS and EOS added at most "
+                "once).")
+_CHAT_TEMPLATE = ("A Jinja chat template used instead of the model's own (needed for message lists on a model "
+                  "without one); saved with every checkpoint of the job.")
+
+
 class DpoSpec(_Strict):
     hyperparameters: dict[str, Any] | None = Field(
         None, description="beta, learning_rate or learning_rate_multiplier, n_epochs, batch_size, max_length, "
                           "loss_type, …: numbers or \"auto\".")
+    text_format: StrictStr | None = Field(None, description=_TEXT_FORMAT)
+    chat_template: StrictStr | None = Field(None, description=_CHAT_TEMPLATE)
 
 
 class SdpoStepSpec(_Strict):
@@ -45,6 +56,8 @@ class SdpoSpec(_Strict):
     hyperparameters: dict[str, Any] | None = None
     steps: list[SdpoStepSpec] | None = Field(None, description="One uploaded file per step (as in the paper).")
     partition: PartitionSpec | None = Field(None, description="Or: split training_file into n_steps chunks.")
+    text_format: StrictStr | None = Field(None, description=_TEXT_FORMAT)
+    chat_template: StrictStr | None = Field(None, description=_CHAT_TEMPLATE)
 
 
 class MethodSpec(_Strict):
@@ -67,6 +80,9 @@ class JobCreate(_Strict):
     suffix: StrictStr | None = None
     metadata: dict[str, Any] | None = None
     integrations: list[Any] | None = None
+
+    # Invisible characters go before the suffix's own check (api/jobs/spec.py): see core/text.py.
+    _clean_suffix = field_validator("suffix")(clean_optional_name)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from api.models import repository as models_repository
 from core.errors import InvalidRequest
 from core.models import Checkpoint, File, FileStatus, Job, ModelSource, RegisteredModel
 from core.settings import Settings
+from core.storage import LOCAL_SCHEME, make_storage
 from sdpo_engine.config import ConfigError, StepConfig, learning_rate_from_multiplier
+from sdpo_engine.markup import TEXT_FORMATS, read_tokenizer_files
 
 # Must match sdpo_engine.partition.STRATEGIES; the API may import only sdpo_engine.data and
 # sdpo_engine.config (import contract), so the names are repeated here.
@@ -52,6 +54,7 @@ MAX_SEED = 2**31 - 1
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_METADATA_KEY, MAX_METADATA_VALUE = 64, 512  # OpenAI's; the number of pairs is a setting
 FILE_PURPOSE = "fine-tune"
+MAX_CHAT_TEMPLATE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -93,17 +96,18 @@ def build_plan(db: Session, owner: str, body: JobCreate, settings: Settings) -> 
     model, initial_checkpoint = _resolve_model(db, owner, body.model)
     resolver = _Resolver(model.default_hyperparameters or {}, seed)
 
+    text = _check_text_options(method)
     if method.type == "dpo":
         training_file = _usable_file(db, owner, _require_training_file(body), "training_file")
         method_cfg = resolver.resolve([method_hp])
         steps = [StepPlan(1, training_file, method_cfg)]
-        echo = {"type": "dpo", "dpo": {"hyperparameters": resolver.echo(method_cfg)}}
+        echo = {"type": "dpo", "dpo": {"hyperparameters": resolver.echo(method_cfg), **text}}
         partition = None
     else:
         sdpo = method.sdpo
         assert sdpo is not None
         method_cfg = resolver.resolve([method_hp])
-        echo_sdpo: dict[str, Any] = {"hyperparameters": resolver.echo(method_cfg)}
+        echo_sdpo: dict[str, Any] = {"hyperparameters": resolver.echo(method_cfg), **text}
         if sdpo.steps is not None:
             training_file, steps = _steps_form(db, owner, body, resolver, method_hp, settings)
             echo_sdpo["steps"] = [{"training_file": s.training_file.id if s.training_file else None,
@@ -120,6 +124,11 @@ def build_plan(db: Session, owner: str, body: JobCreate, settings: Settings) -> 
     validation_file = None
     if body.validation_file is not None:
         validation_file = _usable_file(db, owner, body.validation_file, "validation_file")
+    _check_files_fit_model(model, initial_checkpoint, text, settings, [
+        *((f"method.sdpo.steps[{s.index - 1}].training_file" if method.type == "sdpo" and partition is None
+           else "training_file", s.training_file) for s in steps if s.training_file is not None),
+        *([("training_file", training_file)] if partition is not None else []),
+        *([("validation_file", validation_file)] if validation_file is not None else [])])
 
     return JobPlan(model=model, initial_checkpoint=initial_checkpoint, training_file=training_file,
                    validation_file=validation_file, method_type=method.type, method=echo,
@@ -201,6 +210,70 @@ def _hyperparameters_of(body: JobCreate, method: MethodSpec) -> dict[str, tuple[
         return _Resolver.given(body.hyperparameters, "hyperparameters")
     spec = method.dpo if method.type == "dpo" else method.sdpo
     return _Resolver.given(spec.hyperparameters if spec else None, f"method.{method.type}.hyperparameters")
+
+
+def _check_text_options(method: MethodSpec) -> dict[str, Any]:
+    """``text_format`` and ``chat_template`` of method.<type>, checked; echoed as given (defaults filled)."""
+    spec = method.dpo if method.type == "dpo" else method.sdpo
+    p = f"method.{method.type}"
+    text_format = (spec.text_format if spec else None) or "chat"
+    if text_format not in TEXT_FORMATS:
+        raise bad(f"Unknown text_format {text_format!r}; one of {', '.join(TEXT_FORMATS)}.", f"{p}.text_format",
+                  "invalid_value")
+    template = spec.chat_template if spec else None
+    if template is not None:
+        if not template.strip():
+            raise bad("chat_template must be a Jinja template, not empty.", f"{p}.chat_template", "invalid_value")
+        if len(template.encode()) > MAX_CHAT_TEMPLATE_BYTES:
+            raise bad(f"chat_template is longer than {MAX_CHAT_TEMPLATE_BYTES} bytes.", f"{p}.chat_template",
+                      "invalid_value")
+        if text_format == "raw":
+            raise bad("text_format 'raw' trains strings exactly as given; a chat_template would not be used.",
+                      f"{p}.chat_template", "conflicting_parameters")
+    return {"text_format": text_format, "chat_template": template}
+
+
+def _check_files_fit_model(model: RegisteredModel, checkpoint: Checkpoint | None, text: dict[str, Any],
+                           settings: Settings, files: list[tuple[str, File]]) -> None:
+    """Refuse, before anything is written, files whose format the model cannot train as asked.
+
+    Message lists (conversational or OpenAI format) need a chat template: the job's or the model's
+    (read from its tokenizer files; a GGUF model's is only known once converted, so the worker's
+    preparation checks it). With text_format raw, only the standard string format is accepted.
+    Markup inside the text needs the tokenizer and is checked when the job is prepared.
+    """
+    listed = [(param, f) for param, f in files if f.format in ("conversational", "openai")]
+    if not listed:
+        return
+    param, file = listed[0]
+    if text["text_format"] == "raw":
+        raise bad(f"text_format 'raw' trains prompt/chosen/rejected strings exactly as given, but file '{file.id}' "
+                  f"is in the {file.format} format (message lists, which only a chat template can render).", param,
+                  "raw_needs_strings")
+    if text["chat_template"]:
+        return
+    model_dir = _model_dir(model, checkpoint, settings)
+    tokenizer = read_tokenizer_files(model_dir) if model_dir is not None else None
+    if tokenizer is not None and not tokenizer.chat_template:
+        raise bad(f"The model '{model.id}' has no chat template, so the message lists of file '{file.id}' "
+                  f"({file.format} format) cannot be rendered: roles would be dropped and turns glued together. "
+                  "Give method's chat_template, use a model with a template, or upload prompt/chosen/rejected "
+                  "strings.", param, "no_chat_template")
+
+
+def _model_dir(model: RegisteredModel, checkpoint: Checkpoint | None, settings: Settings) -> str | None:
+    """The local directory of a model's tokenizer files, or None where the API cannot read them."""
+    uri = checkpoint.uri if checkpoint is not None else model.uri
+    if model.source == ModelSource.GGUF and checkpoint is None:
+        return None
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith(LOCAL_SCHEME):
+        try:
+            return str(make_storage(settings.storage_dir).local_path(uri))
+        except ValueError:
+            return None
+    return uri if uri.startswith("/") else None
 
 
 def _require_training_file(body: JobCreate) -> str:
