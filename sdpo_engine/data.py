@@ -63,6 +63,7 @@ __all__ = [
     "load_numbered_pairs",
     "load_pairs",
     "pair_rows",
+    "parquet_rows",
     "pair_key",
     "validate_file",
     "write_pairs",
@@ -326,6 +327,22 @@ def pair_rows(pairs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             row["source"] = pair["source"]
         rows.append(row)
     return rows
+
+
+def parquet_rows(path: str | os.PathLike[str]) -> int | None:
+    """The number of rows a Parquet file's footer declares, read without reading any row; None when
+    the file is not Parquet (no ``PAR1`` magic) or its footer is unreadable (`validate_file` then
+    says why). Lets a caller refuse a file with too many rows before validating it."""
+    with open(path, "rb") as f:
+        if f.read(len(_PARQUET_MAGIC)) != _PARQUET_MAGIC:
+            return None
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowException, OSError, ValueError):
+            return None
 
 
 def fingerprint(path: str | os.PathLike[str]) -> str:

@@ -41,6 +41,7 @@ from core.models import File, FileStatus
 from core.settings import Settings
 
 RATE_WINDOW = timedelta(seconds=60)
+PARQUET_MAGIC = b"PAR1"  # Parquet's row cap is read from its footer instead (files.service)
 
 
 @dataclass(frozen=True)
@@ -192,11 +193,14 @@ def capped_upload(chunks: Iterable[bytes], *, max_rows: int,
     counter = RowCounter()
     size = 0
     bytes_left = allowance.bytes_left if allowance is not None else None
+    head = b""  # the file's first bytes: a Parquet file (magic PAR1) has no lines to count
     for chunk in chunks:
         size += len(chunk)
         if bytes_left is not None and size > bytes_left:
             raise _quota_error(allowance.stored_bytes, allowance.quota_bytes, size)
-        if max_rows and (line := counter.feed(chunk, max_rows)) is not None:
+        if len(head) < len(PARQUET_MAGIC):
+            head += chunk[: len(PARQUET_MAGIC) - len(head)]
+        if max_rows and head != PARQUET_MAGIC and (line := counter.feed(chunk, max_rows)) is not None:
             raise too_many_rows(max_rows, line=line)
         yield chunk
 

@@ -29,7 +29,8 @@ _UPLOAD_BODY = {
             "required": ["file", "purpose"],
             "properties": {
                 "file": {"type": "string", "format": "binary",
-                         "description": "JSONL preference pairs (standard, conversational or OpenAI format)."},
+                         "description": "Preference pairs: JSONL (one pair a line) or Parquet (one pair a "
+                                        "row), standard, conversational or OpenAI format."},
                 "purpose": {"type": "string", "enum": ["fine-tune"]},
             },
         }}},
@@ -53,7 +54,7 @@ def _blocking_chunks(request: Request) -> Iterator[bytes]:
 
 
 @router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY,
-             summary="Upload a preference file (streamed, validated line by line)")
+             summary="Upload a preference file, JSONL or Parquet (streamed, validated row by row)")
 async def create_file(
     request: Request,
     principal: Principal = Depends(get_principal),

@@ -10,6 +10,16 @@ from core.clock import to_unix
 from core.models import File
 
 
+class FileWarning(BaseModel):
+    """A data smell found by validation: the file is valid and trains, but may not say what its
+    author meant (see `sdpo_engine.data.validate_file` for the codes)."""
+
+    code: str
+    message: str
+    count: int
+    lines: list[int]
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"
@@ -22,9 +32,11 @@ class FileObject(BaseModel):
     expires_at: int | None = None
     # Extensions
     sha256: str
+    file_type: str = "jsonl"
     format: str | None
     rows: int
     stats: dict[str, Any] | None
+    warnings: list[FileWarning] | None = None
 
 
 class FileList(BaseModel):
@@ -53,7 +65,11 @@ def file_object(row: File) -> dict[str, Any]:
         "status_details": row.status_details,
         "expires_at": None,
         "sha256": row.sha256,
+        # Files validated before Parquet support were all JSONL, and their reports had no warnings
+        # (None: not computed, unlike [] for none found).
+        "file_type": (row.report or {}).get("file_type") or "jsonl",
         "format": row.format,
         "rows": row.rows,
         "stats": (row.report or {}).get("stats"),
+        "warnings": (row.report or {}).get("warnings"),
     }

@@ -22,7 +22,7 @@ from core.errors import Conflict, InvalidRequest, NotFound
 from core.models import File, FileStatus
 from core.settings import Settings
 from core.storage import StoredObject
-from sdpo_engine.data import validate_file
+from sdpo_engine.data import parquet_rows, validate_file
 
 PURPOSE = "fine-tune"
 MAX_FILENAME = 255
@@ -78,7 +78,12 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
         if purpose != PURPOSE:
             raise InvalidRequest(f"Invalid purpose {purpose!r}: this service only accepts '{PURPOSE}'.",
                                  param="purpose", code="invalid_purpose")
-        report = validate_file(storage.local_path(stored.uri), max_errors=settings.max_reported_errors,
+        local = storage.local_path(stored.uri)
+        # A Parquet file has no lines for the stream to count; its footer says how many rows it has.
+        declared_rows = parquet_rows(local)
+        if declared_rows is not None and declared_rows > settings.max_file_rows:
+            raise too_many_rows(settings.max_file_rows, rows=declared_rows)
+        report = validate_file(local, max_errors=settings.max_reported_errors,
                                max_line_bytes=settings.max_line_bytes)
         if report["rows"] > settings.max_file_rows:  # the stream's count stops this first; kept as a backstop
             raise too_many_rows(settings.max_file_rows, rows=report["rows"])

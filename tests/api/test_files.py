@@ -203,3 +203,125 @@ def test_idempotent_upload(client, user_key, settings, count_rows):
     other = _post_file(client, user_key, jsonl_bytes(preference_rows(5)), headers={"Idempotency-Key": "up-1"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
     assert count_rows()["files"] == 1 and len(stored_objects(settings)) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Warnings, nothing dropped silently, and Parquet uploads (issue #13)
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({k: [row.get(k) for row in rows] for k in keys}), buffer)
+    return buffer.getvalue()
+
+
+def _smelly_rows() -> list[dict]:
+    rows = preference_rows(24)
+    rows[5] = dict(rows[4])  # an exact duplicate
+    rows[2]["id"] = "ex-2"  # an ignored field
+    for row in rows:  # chosen the longer answer in every pair
+        row["chosen"] += " Explained step by step."
+    return rows
+
+
+def test_warnings_are_in_the_file_object_of_the_upload_and_later_reads(client, user_key):
+    response = _post_file(client, user_key, jsonl_bytes(_smelly_rows()))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["file_type"] == "jsonl"
+    assert [(w["code"], w["count"], w["lines"]) for w in body["warnings"]] == [
+        ("ignored_fields", 1, [3]), ("duplicate_pairs", 1, [6]), ("length_bias", 24, list(range(1, 11)))]
+    assert body["warnings"][0]["message"] == "1 pair: top-level fields not used for training were ignored: id (1 pair)"
+    assert body["stats"]["length"]["chosen_longer_share"] == 1.0
+    assert client.get(f"/v1/files/{body['id']}", headers=bearer(user_key)).json()["warnings"] == body["warnings"]
+    listed = client.get("/v1/files", headers=bearer(user_key)).json()["data"]
+    assert [f["warnings"] for f in listed if f["id"] == body["id"]] == [body["warnings"]]
+
+
+def test_clean_file_has_an_empty_warnings_list(client, user_key):
+    body = _post_file(client, user_key, jsonl_bytes(preference_rows(4))).json()
+    assert body["warnings"] == []
+
+
+def test_silently_dropped_content_is_refused_with_line_field_and_reason(client, user_key, settings, count_rows):
+    good = {"input": {"messages": [{"role": "user", "content": "Capital of France?"}]},
+            "preferred_output": [{"role": "assistant", "content": "Paris."}],
+            "non_preferred_output": [{"role": "assistant", "content": "Lyon."}]}
+    with_name = json.loads(json.dumps(good))
+    with_name["input"]["messages"][0]["name"] = "alice"
+    with_tools = json.loads(json.dumps(good))
+    with_tools["input"]["tools"] = [{"type": "function", "function": {"name": "lookup"}}]
+    image = json.loads(json.dumps(good))
+    image["input"]["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]
+    lines = [json.dumps(good), json.dumps(with_name), json.dumps(with_tools), json.dumps(image),
+             json.dumps(good)[:-1] + ', "preferred_output": []}']
+    before = count_rows()
+    response = _post_file(client, user_key, ("\n".join(lines) + "\n").encode())
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_file"
+    assert [(e["line"], e["field"]) for e in error["errors"]] == [
+        (2, "input.messages[0].name"), (3, "input.tools"), (4, "input.messages[0].content[0].type"),
+        (5, "preferred_output"), (5, "preferred_output")]
+    assert error["errors"][2]["reason"].startswith("content part type 'image_url' is not supported")
+    # The repeated key, and what its last value (the one a JSON reader keeps) would have meant.
+    assert error["errors"][3]["reason"].startswith("duplicate key 'preferred_output'")
+    assert error["errors"][4]["reason"] == "expected exactly one assistant message, got 0 messages"
+    assert count_rows() == before and stored_objects(settings) == []
+
+
+def test_a_parquet_upload_is_described_like_the_same_pairs_in_jsonl(client, user_key, settings):
+    rows = _smelly_rows()
+    parquet = _parquet_bytes(rows)
+    as_jsonl = _post_file(client, user_key, jsonl_bytes(rows)).json()
+    response = _post_file(client, user_key, parquet, filename="train.parquet")
+    assert response.status_code == 200, response.text
+    as_parquet = response.json()
+    assert (as_parquet["file_type"], as_parquet["format"], as_parquet["rows"]) == ("parquet", "standard", 24)
+    same = ("format", "rows", "stats", "warnings", "status", "purpose")
+    assert {k: as_parquet[k] for k in same} == {k: as_jsonl[k] for k in same}
+    assert as_parquet["sha256"] == hashlib.sha256(parquet).hexdigest() and as_parquet["bytes"] == len(parquet)
+    # Stored byte for byte, and the engine reads the stored object as Parquet.
+    content = client.get(f"/v1/files/{as_parquet['id']}/content", headers=bearer(user_key)).content
+    assert content == parquet
+    from sdpo_engine.data import load_pairs
+
+    stored = {p.name: p for p in stored_objects(settings)}
+    assert load_pairs(stored[as_parquet["id"]]) == load_pairs(stored[as_jsonl["id"]])
+
+
+def test_a_bad_parquet_upload_names_rows_and_stores_nothing(client, user_key, settings, count_rows):
+    rows = preference_rows(4)
+    rows[2]["rejected"] = rows[2]["chosen"]
+    before = count_rows()
+    response = _post_file(client, user_key, _parquet_bytes(rows), filename="bad.parquet")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_file"
+    assert error["errors"] == [{"line": 3, "field": "rejected", "reason": "is the same text as chosen"}]
+    assert count_rows() == before and stored_objects(settings) == []
+    corrupt = _post_file(client, user_key, b"PAR1" + b"\x00" * 100 + b"PAR1", filename="x.parquet")
+    assert corrupt.status_code == 400
+    assert corrupt.json()["error"]["errors"][0]["reason"].startswith("not a readable Parquet file")
+
+
+def test_the_row_cap_counts_parquet_rows_not_newline_bytes(make_client, user_key, settings, count_rows):
+    few = make_client(max_file_rows=5)
+    # Answers full of newlines: a line count of the bytes would see hundreds of "rows".
+    rows = [{"prompt": f"Poem {i}?", "chosen": "line\n" * 100 + str(i), "rejected": "x\n" * 50 + str(i)}
+            for i in range(6)]
+    assert _post_file(few, user_key, _parquet_bytes(rows[:5]), filename="ok.parquet").status_code == 200
+    before = count_rows()
+    response = _post_file(few, user_key, _parquet_bytes(rows), filename="big.parquet")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "too_many_rows" and error["rows"] == 6 and error["max_rows"] == 5
+    assert count_rows() == before
