@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import kombu.transport.sqlalchemy
 from celery import Celery, chain
 from celery.canvas import Signature
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from core.celery_config import FINALIZE_JOB, PREPARE_JOB, RUN_STEP, celery_config
 from core.db import after_commit
+from core.permissions import create_private_file
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,12 @@ def make_celery(settings: Settings, *, name: str = "sdpo") -> Celery:
     """A Celery app configured from settings. The API uses it only to send."""
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
+    broker_url = str(settings.broker_url)
+    if broker_url.startswith("sqla+sqlite:///"):
+        # The embedded broker's file holds every task's arguments: owner-only, like the database.
+        database = make_url(broker_url.removeprefix("sqla+")).database
+        if database and database != ":memory:":
+            create_private_file(Path(database).expanduser())
     return app
 
 

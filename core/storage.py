@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.errors import PayloadTooLarge
+from core.permissions import FILE_MODE, make_private_dir
 
 LOCAL_SCHEME = "local://"
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
@@ -94,10 +95,10 @@ class LocalStorage(Storage):
     reader (or a crash) never sees half an object."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.root / ".tmp"
-        self._tmp.mkdir(exist_ok=True)
+        # Users' data and models: folders this store creates are owner-only (0700), files 0600
+        # (core/permissions.py); existing ones keep their modes.
+        self.root = make_private_dir(Path(root).resolve())
+        self._tmp = make_private_dir(self.root / ".tmp")
 
     # -- keys and URIs
 
@@ -127,7 +128,7 @@ class LocalStorage(Storage):
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(tmp, "wb") as out:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb") as out:
                 for chunk in chunks:
                     if not chunk:
                         continue
@@ -139,7 +140,7 @@ class LocalStorage(Storage):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(final.parent)
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -176,8 +177,9 @@ class LocalStorage(Storage):
         tmp = self._temp_path()
         try:
             shutil.copytree(source, tmp)
+            _restrict_tree(tmp)
             _fsync_tree(tmp)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dir(final.parent)
             os.replace(tmp, final)  # fails if `final` is a non-empty directory: never overwrite
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -193,8 +195,9 @@ class LocalStorage(Storage):
             raise NotADirectoryError(source)
         uri = self.uri_for(key)
         final = self._path(uri)
+        _restrict_tree(source)
         _fsync_tree(source)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(final.parent)
         if final.exists():
             raise FileExistsError(errno.EEXIST, "a stored object already has this key", str(final))
         try:
@@ -220,6 +223,17 @@ class LocalStorage(Storage):
 def _check_key(key: str) -> None:
     if not _KEY_RE.match(key) or any(part in (".", "..") for part in key.split("/")):
         raise ValueError(f"invalid storage key: {key!r}")
+
+
+def _restrict_tree(root: Path) -> None:
+    """A tree becoming a stored object loses group and other access bits (a checkpoint written by
+    a process with a wider umask must not stay readable by everyone)."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
 
 
 def _fsync_tree(root: Path) -> None:

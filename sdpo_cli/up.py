@@ -25,6 +25,7 @@ import httpx
 from core.db import make_engine, make_session_factory, session_scope
 from core.migrate import upgrade_head
 from core.models import RegisteredModel
+from core.permissions import make_private_dir, open_private_append, restrict_umask
 from core.settings import Settings, get_settings
 
 BUILTIN_MODEL = "sdpo-tiny"
@@ -38,7 +39,7 @@ def admin_key(settings: Settings) -> str:
     if path.is_file():
         return path.read_text().strip()
     key = "sk-sdpo-admin-" + secrets.token_urlsafe(32)
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.home)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
@@ -97,17 +98,26 @@ def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) ->
 def start(host: str, port: int, *, log_dir: Path | None = None, quiet: bool = False) -> tuple[dict, list]:
     """Migrate, register the built-in model, start API + worker; returns (info, processes)."""
     settings = get_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    # Everything under SDPO_HOME is owner-only: this process and the API and worker it starts
+    # create files 0600 and folders 0700 (core/permissions.py).
+    restrict_umask()
+    make_private_dir(settings.home)
     upgrade_head(settings.database_url)
     key = admin_key(settings)
     register_builtin_model(settings)
     env = {**os.environ, "SDPO_HOME": str(settings.home), "SDPO_ADMIN_KEY": key,
            "SDPO_DATABASE_URL": settings.database_url, "SDPO_BROKER_URL": settings.broker_url,
            "SDPO_STORAGE_DIR": str(settings.storage_dir)}
-    log_dir = log_dir or settings.home / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    api_log = open(log_dir / "api.log", "ab")
-    worker_log = open(log_dir / "worker.log", "ab")
+    # The worker never checks API keys: it gets neither the admin key nor the metrics token (only
+    # production settings insist on an admin key in every process). Its training processes get an
+    # allow-listed environment besides (worker/supervisor.py).
+    worker_env = dict(env)
+    if settings.environment != "production":
+        worker_env.pop("SDPO_ADMIN_KEY", None)
+    worker_env.pop("SDPO_METRICS_TOKEN", None)
+    log_dir = make_private_dir(log_dir or settings.home / "logs")
+    api_log = open_private_append(log_dir / "api.log")
+    worker_log = open_private_append(log_dir / "worker.log")
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", host,
                             "--port", str(port), "--log-level", "warning"], env=env, stdout=api_log,
                            stderr=subprocess.STDOUT)
@@ -115,7 +125,7 @@ def start(host: str, port: int, *, log_dir: Path | None = None, quiet: bool = Fa
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
                                f"{settings.train_queue},{settings.light_queue}", "--concurrency", "1", "-B",
                                "-s", str(settings.home / "celerybeat-schedule"), "--loglevel", "INFO",
-                               "-n", f"sdpo-embedded-{port}@%h"], env=env, stdout=worker_log,
+                               "-n", f"sdpo-embedded-{port}@%h"], env=worker_env, stdout=worker_log,
                               stderr=subprocess.STDOUT)
     url = f"http://{host}:{port}"
     procs = [api, worker]

@@ -11,10 +11,14 @@ import logging
 from celery.signals import worker_process_init, worker_ready
 
 from core.celery_config import REAP
+from core.permissions import restrict_umask
 from core.queue import make_celery
 from core.settings import get_settings
 from core.webhooks import webhook_settings
 
+# Owner-only files (core/permissions.py): checkpoints, chunks, logs, the beat schedule, and
+# whatever the training processes (which inherit the umask) write.
+restrict_umask()
 settings = get_settings()
 app = make_celery(settings, name="sdpo-worker")
 app.conf.update(

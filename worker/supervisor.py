@@ -13,7 +13,8 @@ waits on stdin): a step takes it and hands it its argv and log file, and a new o
 as soon as that step's training ends (its `train_end` line, or its exit): the import then overlaps
 the checkpoint save, hashing, copy into the store and the database commit, and never takes CPU from
 training (measured on 2 cores: starting it with the step made SmolLM2's training 1.8x slower).
-Steps 2..T of a job (and every step after the first one a worker runs) start without the import. The warm process is started with the same environment as a cold child,
+Steps 2..T of a job (and every step after the first one a worker runs) start without the import. The warm process is started with the same environment as a cold child (`child_environment`: an
+allow-list, so the worker's secrets never reach it),
 dies with the worker (PDEATHSIG, and end of stdin), and is replaced if it died.
 """
 
@@ -34,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.permissions import make_private_dir, open_private_append
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -43,6 +46,31 @@ MAX_PENDING_EVENTS = 100_000
 QUIET_SECONDS = 30.0
 
 GO, PAUSE, CANCEL = "go", "pause", "cancel"
+
+# What an engine process may see of the worker's environment: an allow-list, not a deny-list, so a
+# secret added to the worker's environment later (the admin key, the metrics token, database and
+# broker URLs with their passwords, webhook secrets, AWS_* or other cloud credentials) never reaches
+# the code that loads models and user data. The engine reads files named in its spec; it needs the
+# interpreter's, the libraries' and the accelerator's settings, and the few SDPO_* settings below.
+CHILD_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP",
+    "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "TQDM_DISABLE", "TOKENIZERS_PARALLELISM", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    # The engine's own settings (sdpo_engine/step.py): add a new one here when the engine reads it.
+    "SDPO_PACKING", "SDPO_PAD_TO_MULTIPLE_OF", "SDPO_ACTIVATION_CHECKPOINTING", "SDPO_DEVICE", "SDPO_LOG_FORMAT",
+})
+CHILD_ENV_PREFIXES = ("PYTHON", "LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_",
+                      "CUDNN_", "CUBLAS_", "NCCL_", "NVIDIA_", "TRITON_", "ACCELERATE_", "OMP_", "MKL_", "KMP_",
+                      "OPENBLAS_", "GOTO_", "VECLIB_", "NUMEXPR_")
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment an engine process gets: the allow-listed part of this process's
+    (`CHILD_ENV_NAMES`, `CHILD_ENV_PREFIXES`), unbuffered output, no progress bars, then `extra`."""
+    env = {name: value for name, value in os.environ.items()
+           if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)}
+    return {**env, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(extra or {})}
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -167,10 +195,11 @@ def supervise(
     a step never trains on unsupervised.
 
     `warm` (engine commands only): run in the warm process if one is ready, and start the next one.
+    The child (warm or cold) gets `child_environment(env)`, never the worker's whole environment.
     """
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
+    make_private_dir(log_path.parent)
+    child_env = child_environment(env)
     prefix = engine_command()
     warm = warm and cmd[:len(prefix)] == prefix
     proc = _Warm.take(child_env) if warm else None
@@ -178,7 +207,7 @@ def supervise(
         proc = None
     took_warm = proc is not None
     if proc is None:
-        with open(log_path, "ab") as log_file:
+        with open_private_append(log_path) as log_file:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL,
                                     text=True, env=child_env, preexec_fn=_die_with_parent)
     def prepare_next() -> None:
