@@ -1,6 +1,6 @@
 """`sdpo files|jobs|checkpoints …`: a command-line client of a running service, over HTTP only.
 
-    sdpo files upload PATH                         upload and validate; prints the report
+    sdpo files upload PATH                         upload (JSONL or Parquet) and validate; prints the report
     sdpo files list
     sdpo jobs create --model M --training-file F [--steps T --partition S …] [--spec job.yaml] [--watch]
     sdpo jobs list | get JOB | cancel JOB
@@ -115,8 +115,9 @@ def _error_text(response: httpx.Response) -> str:
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:300]}"
     text = f"{error.get('message')} ({response.status_code} {error.get('code')})"
+    unit = "row" if error.get("file_type") == "parquet" else "line"
     for problem in (error.get("errors") or [])[:20]:
-        text += f"\n  line {problem.get('line')}: {problem.get('field') or '-'}: {problem.get('reason')}"
+        text += f"\n  {unit} {problem.get('line')}: {problem.get('field') or '-'}: {problem.get('reason')}"
     return text
 
 
@@ -129,11 +130,23 @@ def _print_json(data: Any, out: TextIO = sys.stdout) -> None:
 
 
 def upload_file(api: Api, path: Path) -> dict[str, Any]:
+    """Upload a JSONL or Parquet preference file (the server tells them apart by their bytes)."""
     if not path.is_file():
         raise ClientError(f"{path} is not a file")
     with open(path, "rb") as fh:
-        return api.post("/v1/files", files={"file": (path.name, fh, "application/jsonl")},
+        media_type = "application/vnd.apache.parquet" if fh.read(4) == b"PAR1" else "application/jsonl"
+        fh.seek(0)
+        return api.post("/v1/files", files={"file": (path.name, fh, media_type)},
                         data={"purpose": "fine-tune"}, timeout=None)
+
+
+def print_warnings(file: dict[str, Any], out: TextIO = sys.stderr) -> None:
+    """The validation report's warnings, one per line with its sample line (Parquet: row) numbers."""
+    unit = "rows" if file.get("file_type") == "parquet" else "lines"
+    for warning in file.get("warnings") or []:
+        more = "…" if warning["count"] > len(warning["lines"]) else ""
+        where = f" ({unit} {', '.join(map(str, warning['lines']))}{more})" if warning["lines"] else ""
+        print(f"warning {warning['code']}: {warning['message']}{where}", file=out)
 
 
 def _files_upload(args: argparse.Namespace) -> int:
@@ -145,8 +158,10 @@ def _files_upload(args: argparse.Namespace) -> int:
     stats = file.get("stats") or {}
     sources = ", ".join(f"{k}: {v}" for k, v in (stats.get("sources") or {}).items()) or "-"
     print(file["id"])
-    print(f"valid {file['format']} file: {file['rows']} pairs, {file['bytes']} bytes; sources {sources}; "
-          f"duplicates {stats.get('duplicates', '-')}", file=sys.stderr)
+    print(f"valid {file['format']} {file.get('file_type', 'jsonl')} file: {file['rows']} pairs, {file['bytes']} bytes; "
+          f"sources {sources}; duplicates {stats.get('duplicates', '-')}; "
+          f"{len(file.get('warnings') or [])} warning(s)", file=sys.stderr)
+    print_warnings(file)
     return 0
 
 
@@ -173,6 +188,7 @@ def _file_ref(api: Api, value: str | None) -> str | None:
         raise ClientError(f"{value} is neither a file id (file-…) nor a file on this machine")
     file = upload_file(api, path)
     print(f"uploaded {path.name}: {file['id']} ({file['rows']} pairs)", file=sys.stderr)
+    print_warnings(file)
     return file["id"]
 
 
@@ -497,7 +513,9 @@ def register_client(commands: argparse._SubParsersAction) -> None:
 
     files = commands.add_parser("files", help="upload and list preference files")
     sub = files.add_subparsers(dest="files_command", required=True)
-    p = sub.add_parser("upload", parents=[common], help="upload a JSONL file; prints its id and validation report")
+    p = sub.add_parser("upload", parents=[common],
+                       help="upload a JSONL or Parquet file; prints its id, and its validation report and warnings "
+                            "on stderr")
     p.add_argument("path")
     p.set_defaults(handler=_guard(_files_upload))
     sub.add_parser("list", parents=[common], help="list your files").set_defaults(handler=_guard(_files_list))

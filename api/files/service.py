@@ -91,10 +91,10 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
             count = report["error_count"]
             raise InvalidRequest(
                 f"The file has {count} problem{'s' if count != 1 else ''}; nothing was stored. "
-                "Each problem is listed in `errors` with its line, field and reason.",
+                "Each problem is listed in `errors` with its line (Parquet: row), field and reason.",
                 param="file", code="invalid_file",
                 extra={"errors": report["errors"], "error_count": count, "format": report["format"],
-                       "rows": report["rows"]},
+                       "file_type": report["file_type"], "rows": report["rows"]},
             )
     except BaseException:
         # Deleted here as well as by the rollback hook, so the object is gone before the error
