@@ -23,14 +23,13 @@ from api.jobs.schemas import JobCreate
 from api.metrics import install_metrics
 from api.models.router import router as models_router
 from api.models.schemas import ModelRegister
-from api.openapi import install_openapi
+from api.openapi import install_docs, install_openapi
 from api.ui.router import install_ui
 from api.webhooks.router import router as webhooks_router
 from api.webhooks.schemas import WebhookCreate
 from core.db import make_engine, make_session_factory, session_scope
 from core.keys import ensure_settings_admin_key
 from core.logging import configure_logging
-from core.permissions import restrict_umask
 from core.queue import make_celery
 from core.settings import Settings, get_settings
 from core.storage import make_storage
@@ -44,9 +43,6 @@ official `openai` SDK at this server's `/v1`. Extensions: the `sdpo` method, `â€
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    # Owner-only files from this process: uploads, the SQLite database and its -wal/-shm
-    # (core/permissions.py).
-    restrict_umask()
     configure_logging()
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                          max_overflow=settings.db_max_overflow)
@@ -68,7 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             engine.dispose()
 
-    app = FastAPI(title="sDPO training service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: off; /docs is served from the package
+    # (api/openapi.py), and with the schema only where docs are enabled (off in production by default).
+    app = FastAPI(title="sDPO training service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
+                  openapi_url="/openapi.json" if settings.docs_enabled else None)
     app.state.services = services
     install_error_handlers(app)
     app.include_router(health.router)
@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ConcurrencyLimit, limit=settings.api_max_concurrency, queue_seconds=settings.api_queue_seconds)
     install_ui(app)
     install_openapi(app, [JobCreate, ModelRegister, WebhookCreate])
+    if settings.docs_enabled:
+        install_docs(app)
     return app
 
 
