@@ -10,8 +10,14 @@ connection held by a request that waits for it; excess requests queue here witho
 connection, in arrival order, and get 503 `server_busy` (with Retry-After) after
 `SDPO_API_QUEUE_SECONDS`.
 
-Not counted: probes and static files (no session), and the work done by a live event stream (it
-reads the database in short, self-contained thread-pool calls and may stay open for minutes).
+A slot covers a request until its response starts: the key check, reading the body, the endpoint
+and building the response. It is given back at `http.response.start`, when the request's database
+session is already closed (api/deps.py), so sending the body (a download to a slow reader, a live
+event stream for minutes) holds neither a slot nor a connection. A live event stream's setup waits
+for a slot like any request; its polls afterwards are short, self-contained thread-pool calls (a
+thread and a connection for a moment, never one while waiting for the other).
+
+Not counted: probes and static files (no session).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _FREE_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
 _FREE_PREFIXES = ("/ui",)
@@ -27,11 +33,7 @@ _FREE_PREFIXES = ("/ui",)
 
 def _counted(scope: Scope) -> bool:
     path = scope.get("path", "")
-    if path in _FREE_PATHS or path.startswith(_FREE_PREFIXES):
-        return False
-    if path.endswith("/events") and b"stream=true" in scope.get("query_string", b""):
-        return False
-    return True
+    return not (path in _FREE_PATHS or path.startswith(_FREE_PREFIXES))
 
 
 class ConcurrencyLimit:
@@ -50,10 +52,23 @@ class ConcurrencyLimit:
         except TimeoutError:
             await _busy(send, self.queue_seconds)
             return
+        slots, held = self._slots, True
+
+        def give_back() -> None:
+            nonlocal held
+            if held:
+                held = False
+                slots.release()
+
+        async def send_releasing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                give_back()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_releasing)
         finally:
-            self._slots.release()
+            give_back()
 
 
 async def _busy(send: Send, waited: float) -> None:

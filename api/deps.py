@@ -1,13 +1,24 @@
 """Request dependencies: the database session, the caller's identity, and the app's services.
 
-The session is opened per request and closed at its end; the request (the route, through
-`api.idempotency.respond`) commits. Anything not committed is rolled back, and its registered
-after-rollback callbacks (e.g. deleting an upload that was stored) run.
+No request holds a database transaction (on SQLite: the write lock; on Postgres: a pooled
+connection) while it waits on its client:
+
+- the key check (`get_principal`) reads in a short transaction of its own, closed before the
+  endpoint reads the request body;
+- the request's session (`get_db`) is opened lazily by the endpoint's first query and closed as
+  soon as the endpoint has built its response (FastAPI's `scope="function"`), before a byte of the
+  response is sent, so a slow reader or a streamed download holds nothing;
+- GET and HEAD requests get a read-only session (`core.db.read_only_session`: no write lock on
+  SQLite).
+
+The route (through `api.idempotency.respond`) commits. Anything not committed is rolled back, and
+its registered after-rollback callbacks (e.g. deleting an upload that was stored) run.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +28,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import close_session
+from api.slowloris import rate_limited_body
+from core.db import close_session, read_only_session
 from core.errors import AuthenticationError, InvalidRequest, PayloadTooLarge, PermissionDenied
 from core.keys import find_active_key
 from core.settings import Settings
@@ -47,12 +59,26 @@ def get_services(request: Request) -> AppServices:
     return request.app.state.services
 
 
-def get_db(services: AppServices = Depends(get_services)) -> Iterator[Session]:
-    session = services.session_factory()
+_READ_METHODS = ("GET", "HEAD")
+
+
+def _request_session(request: Request, services: AppServices = Depends(get_services)) -> Iterator[Session]:
+    if request.method in _READ_METHODS:
+        session = read_only_session(services.session_factory)
+    else:
+        session = services.session_factory()
+    request.state.db_session = session  # for api.slowloris' check that it is idle while the body arrives
     try:
         yield session
     finally:
         close_session(session)
+
+
+def get_db(session: Session = Depends(_request_session, scope="function")) -> Session:
+    """The request's session, closed once the endpoint has returned (its response built, not yet
+    sent). A plain function around the generator, so that every `Depends(get_db)` gets that early
+    close without saying `scope="function"` itself."""
+    return session
 
 
 # auto_error=False: a missing header must give our 401 envelope, not FastAPI's 403. Declaring the
@@ -67,14 +93,17 @@ _BAD_KEY = "Incorrect API key provided. Create a key with `sdpo keys create`."
 
 def get_principal(
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
-    db: Session = Depends(get_db),
+    services: AppServices = Depends(get_services),
 ) -> Principal:
+    """The caller of a valid, unrevoked key; 401 otherwise. Read in a transaction of its own that
+    is over (connection back in the pool) before the endpoint runs."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise AuthenticationError(_NO_KEY)
-    row = find_active_key(db, credentials.credentials.strip())
-    if row is None:
-        raise AuthenticationError(_BAD_KEY)
-    return Principal(owner=row.owner, key_id=row.id, is_admin=row.is_admin)
+    with read_only_session(services.session_factory) as session:
+        row = find_active_key(session, credentials.credentials.strip())
+        if row is None:
+            raise AuthenticationError(_BAD_KEY)
+        return Principal(owner=row.owner, key_id=row.id, is_admin=row.is_admin)
 
 
 def require_admin(principal: Principal = Depends(get_principal)) -> Principal:
@@ -85,6 +114,11 @@ def require_admin(principal: Principal = Depends(get_principal)) -> Principal:
 
 # A job spec is a few kilobytes; anything near this is a mistake or an attack.
 MAX_JSON_BODY_BYTES = 1 << 20
+
+
+# json.loads joins an escaped pair ("\ud83d\ude00") into one character, and decodes the bytes of a
+# UTF-8-encoded surrogate too (surrogatepass): what is left in the text is unpaired.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _reject_constant(name: str):
@@ -102,7 +136,7 @@ async def json_body(request: Request) -> Any:
         raise PayloadTooLarge(f"The request body is larger than {MAX_JSON_BODY_BYTES} bytes.",
                               code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in rate_limited_body(request):
         size += len(chunk)
         if size > MAX_JSON_BODY_BYTES:  # a chunked body without Content-Length
             raise PayloadTooLarge(f"The request body is larger than {MAX_JSON_BODY_BYTES} bytes.",
@@ -117,12 +151,14 @@ async def json_body(request: Request) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     except (ValueError, RecursionError) as exc:  # NaN/Infinity, absurd nesting or integers
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
-    _reject_nul(value)
+    _reject_bad_text(value)
     return value
 
 
-def _reject_nul(value: Any) -> None:
-    """No string of a body (key or value) may hold a NUL character: Postgres refuses them in text."""
+def _reject_bad_text(value: Any) -> None:
+    """No string of a body (key or value) may hold a NUL character (Postgres refuses them in text)
+    or a lone UTF-16 surrogate (`"\\ud800"` is valid JSON but no Unicode text: it cannot be
+    stored or encoded as UTF-8). 400 `invalid_value` for either, before anything is written."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -130,6 +166,9 @@ def _reject_nul(value: Any) -> None:
             if "\x00" in item:
                 raise InvalidRequest("The request body contains a NUL character (\\u0000).",
                                      code="invalid_value")
+            if _SURROGATE.search(item):
+                raise InvalidRequest("The request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff) "
+                                     "in a string: it is not valid Unicode text.", code="invalid_value")
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())

@@ -20,6 +20,10 @@ for it, so a scraper never holds a key that can read or train anything.
     sdpo_uploads_total, sdpo_upload_bytes_total   files ever uploaded (deleted ones included)
     sdpo_webhook_deliveries{status}       webhook outbox by status
     sdpo_http_requests_total{method,route,status}, sdpo_http_request_duration_seconds_sum/_count
+
+The HTTP labels only take values from fixed sets, so requests (unauthenticated ones included)
+cannot create new time series: `method` is one of the standard methods, `route` one of the app's
+route templates, `status` a standard HTTP status code; anything else is `other`.
 """
 
 from __future__ import annotations
@@ -30,14 +34,17 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppServices, get_services
+from core.db import read_only_session
 from core.errors import AuthenticationError
 from core.logging import log_context
 from core.models import Event, File, Job, JobStep, WebhookDelivery
@@ -93,9 +100,9 @@ class _HttpStats:
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
         self.seconds: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
 
-    def record(self, method: str, route: str, status: int, seconds: float) -> None:
+    def record(self, method: str, route: str, status: str, seconds: float) -> None:
         with self.lock:
-            self.requests[(method, route, str(status))] += 1
+            self.requests[(method, route, status)] += 1
             total = self.seconds[(method, route)]
             total[0] += seconds
             total[1] += 1
@@ -130,8 +137,24 @@ class ObserveRequests:
                 await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "(unmatched)"
-            self.stats.record(scope.get("method", ""), template, status, time.perf_counter() - started)
+            # A template only when a route of this app matched (never the raw path); a request
+            # that matched nothing, or a mounted app (static files), is `other`.
+            template = getattr(route, "path", None) if isinstance(route, BaseRoute) else None
+            self.stats.record(_method_label(scope.get("method", "")), template or OTHER, _status_label(status),
+                              time.perf_counter() - started)
+
+
+OTHER = "other"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_STATUSES = frozenset(s.value for s in HTTPStatus)
+
+
+def _method_label(method: str) -> str:
+    return method if method in _METHODS else OTHER
+
+
+def _status_label(status: int) -> str:
+    return str(status) if status in _STATUSES else OTHER
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +230,7 @@ def metrics(request: Request, services: AppServices = Depends(get_services)) -> 
             raise AuthenticationError("/metrics needs `Authorization: Bearer <SDPO_METRICS_TOKEN>`.",
                                       code="invalid_metrics_token")
     stats = getattr(request.app.state, "http_stats", None) or _HttpStats()
-    with services.session_factory() as session:
+    with read_only_session(services.session_factory) as session:
         body = _collect(session, stats)
     return PlainTextResponse(body, media_type=CONTENT_TYPE)
 

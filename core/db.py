@@ -31,6 +31,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 _AFTER_COMMIT = "sdpo_after_commit"
 _AFTER_ROLLBACK = "sdpo_after_rollback"
+# Execution option (and session.info key) of read-only sessions: see read_only_session().
+READ_ONLY = "sdpo_read_only"
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -64,9 +66,15 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
+        if conn.get_execution_options().get(READ_ONLY):
+            # A reader takes no lock in WAL mode: it never waits for, nor holds up, a writer.
+            conn.exec_driver_sql("BEGIN")
+            return
         # IMMEDIATE takes the write lock up front. A deferred transaction that reads and then
         # writes fails at once with SQLITE_BUSY (busy_timeout cannot help it) when another
         # writer committed in between; taking the lock first turns that into a short wait.
+        # Such a transaction holds the one write lock of the database, so it must be short:
+        # never open across a client's I/O (api/deps.py).
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -87,6 +95,26 @@ def is_transient_db_error(exc: BaseException) -> bool:
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: the API renders objects after the commit without reloading them.
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def read_only_session(factory: sessionmaker[Session]) -> Session:
+    """A session of `factory` for work that only reads (a key check, a GET, a stream's poll).
+
+    On SQLite its transactions BEGIN DEFERRED: a snapshot read that takes no write lock, so a
+    reader neither waits for the worker's writes nor delays them. Flushing a change from it raises
+    RuntimeError (a programming error: writes belong in an ordinary session, which takes the write
+    lock first). On Postgres it is an ordinary session.
+    """
+    # An option-engine shares the engine's pool, dialect and event listeners (a few µs to make).
+    session = factory(bind=factory.kw["bind"].execution_options(**{READ_ONLY: True}))
+    session.info[READ_ONLY] = True
+    return session
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_writes_when_read_only(session: Session, _context, _instances) -> None:
+    if session.info.get(READ_ONLY) and (session.new or session.dirty or session.deleted):
+        raise RuntimeError("a read-only session (core.db.read_only_session) cannot write")
 
 
 @contextmanager

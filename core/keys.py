@@ -14,6 +14,7 @@ from core import ids
 from core.clock import utcnow
 from core.errors import InvalidRequest
 from core.models import ApiKey
+from core.text import clean_name
 
 KEY_PREFIX = "sk-sdpo-"
 # Owners appear inside fine-tuned model names (ft:{base}:{owner}:…), so keep them plain.
@@ -33,10 +34,11 @@ def generate_key() -> str:
 def create_api_key(session: Session, *, name: str, owner: str | None = None,
                    is_admin: bool = False) -> tuple[ApiKey, str]:
     """Add a new key; return the row and the plaintext key, which is never stored or shown again."""
+    name = clean_name(name)  # shown in `sdpo keys list`: no control or format characters (core/text.py)
     owner = owner or name
     if not name or len(name) > 64:
-        raise InvalidRequest("name must be 1 to 64 characters", param="name")
-    if not OWNER_RE.match(owner):
+        raise InvalidRequest("name must be 1 to 64 visible characters", param="name")
+    if not OWNER_RE.fullmatch(owner):  # fullmatch: `$` alone would let a trailing newline through
         raise InvalidRequest("owner must be 1 to 64 of A-Z a-z 0-9 . _ - (starting with a letter or digit)",
                              param="owner")
     plaintext = generate_key()

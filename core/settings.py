@@ -75,6 +75,16 @@ class Settings(BaseSettings):
         "connection) up to api_queue_seconds, then get 503 server_busy. Must stay below db_pool_size + "
         "db_max_overflow (see api/concurrency.py).")
     api_queue_seconds: float = Field(60.0, gt=0, description="How long a request waits for a slot.")
+    max_streams_per_key: int = Field(
+        8, ge=0, description="Live event streams (`…/events?stream=true`) one API key may hold open in one API "
+        "process; one more gets 429 too_many_streams. 0: no limit.")
+    upload_min_bytes_per_second: int = Field(
+        16 * 1024, ge=0, description="Slowest request body (uploads, JSON) accepted once "
+        "upload_rate_grace_seconds have passed: a body that falls behind this average rate, or sends "
+        "nothing for upload_rate_grace_seconds, gets 408 request_timeout. 0: no minimum.")
+    upload_rate_grace_seconds: float = Field(
+        30.0, gt=0, description="Time a request body may take before the minimum rate applies, and the "
+        "longest it may send nothing.")
 
     # For the worker (next issue); defined here so API and worker read the same values.
     step_heartbeat_seconds: float = Field(15.0, gt=0)

@@ -14,6 +14,8 @@ from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.files import quotas, service
 from api.files.schemas import FileDeleted, FileList, FileObject, file_object
 from api.idempotency import respond
+from api.slowloris import rate_limited_body
+from core.db import read_only_session
 from core.errors import PayloadTooLarge
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -41,7 +43,7 @@ _UPLOAD_BODY = {
 def _blocking_chunks(request: Request) -> Iterator[bytes]:
     """The request body as a plain iterator, for code running in a worker thread: each chunk is
     awaited on the event loop as it is needed, so the body is never buffered whole."""
-    stream = request.stream().__aiter__()
+    stream = rate_limited_body(request).__aiter__()  # 408 for a client that sends too slowly
 
     async def next_chunk() -> bytes | None:
         try:
@@ -68,8 +70,9 @@ async def create_file(
 
     def upload() -> JSONResponse:
         # The owner's quotas first: an owner at a limit is refused before a byte of the body is read.
-        allowance = quotas.admit_upload(db, services.settings, principal.owner,
-                                        int(length) if length and length.isdigit() else None)
+        with read_only_session(services.session_factory) as quota_db:  # over before the body is read
+            allowance = quotas.admit_upload(quota_db, services.settings, principal.owner,
+                                            int(length) if length and length.isdigit() else None)
         received = service.receive_upload(db, services, request.headers.get("content-type"),
                                           _blocking_chunks(request), allowance=allowance)
         return respond(request, db, principal, received.identity(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +21,11 @@ from core.errors import Conflict, InvalidRequest, NotFound
 from core.models import File, FileStatus
 from core.settings import Settings
 from core.storage import StoredObject
+from core.text import clean_name
 from sdpo_engine.data import parquet_rows, validate_file
 
 PURPOSE = "fine-tune"
 MAX_FILENAME = 255
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _READ_CHUNK = 1 << 20
 
 
@@ -47,9 +46,10 @@ class ReceivedUpload:
 
 
 def clean_filename(name: str | None) -> str:
-    """The client's file name as display metadata: no directories, no control characters."""
+    """The client's file name as display metadata: no directories, no control or format characters
+    (core.text.clean_name)."""
     name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = _CONTROL.sub("", name).strip()
+    name = clean_name(name)
     return name[:MAX_FILENAME] or "upload.jsonl"
 
 

@@ -15,9 +15,7 @@ from api.idempotency import respond
 from api.jobs import service
 from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList
 from api.openapi import json_body_doc
-from api.stream import HEADERS as STREAM_HEADERS
-from api.stream import MEDIA_TYPE as STREAM_MEDIA_TYPE
-from api.stream import job_event_stream
+from api.stream import EventStreamResponse, job_event_stream, open_streams
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -81,6 +79,7 @@ _state_route("resume", "Resume a paused job from its first unfinished step")
             summary="List a job's events (newest first), or follow them live with stream=true (server-sent events)")
 def list_events(
     job_id: str,
+    request: Request,
     after: str | None = None,
     limit: int | None = Query(None, description="1 to 100 (default 20)."),
     stream: bool = Query(False, description="Server-sent events, oldest first, until the job ends; "
@@ -93,8 +92,9 @@ def list_events(
     if stream:
         after_seq = service.stream_start(db, principal, job_id, last_event_id)
         db.close()  # the stream polls with short sessions of its own; hold no connection meanwhile
-        return StreamingResponse(job_event_stream(services.session_factory, job_id, after_seq),
-                                 media_type=STREAM_MEDIA_TYPE, headers=STREAM_HEADERS)
+        release = open_streams(request.app).acquire(principal.key_id, services.settings.max_streams_per_key)
+        return EventStreamResponse(job_event_stream(services.session_factory, job_id, after_seq,
+                                                    key_id=principal.key_id, owner=principal.owner), release)
     return service.list_events(db, principal, job_id, after=after, limit=limit)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from core.clock import to_unix
 from core.models import Webhook, WebhookDelivery
+from core.text import clean_optional_name
 from core.webhooks import EVENT_TYPES, delivery_error_class
 
 
@@ -17,7 +18,10 @@ class WebhookCreate(BaseModel):
     url: StrictStr = Field(description="An http(s) URL that receives a signed POST per event.")
     events: list[StrictStr] | None = Field(
         None, description=f"Event types to receive (default all): {', '.join(EVENT_TYPES)}.")
-    description: StrictStr | None = Field(None, description="A label for the webhook (up to 255 characters).")
+    description: StrictStr | None = Field(None, description="A label for the webhook (up to 255 characters; "
+                                          "control and format characters are removed).")
+
+    _clean_description = field_validator("description")(clean_optional_name)
 
 
 class WebhookObject(BaseModel):

@@ -32,6 +32,9 @@ def _run(coro):
 
 
 def test_a_request_that_waits_too_long_gets_503_and_probes_pass():
+    """A slot is held from admission to the response's start: a request (an event stream's setup
+    too) that cannot get one in time is 503; probes never wait; a response that has started
+    (a stream sending for minutes) no longer holds its slot."""
     release = asyncio.Event()
     entered = []
 
@@ -40,6 +43,9 @@ def test_a_request_that_waits_too_long_gets_503_and_probes_pass():
         if scope["path"] == "/slow":
             await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/streaming":
+            await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            await release.wait()
         await send({"type": "http.response.body", "body": b"ok"})
 
     limited = ConcurrencyLimit(app, limit=1, queue_seconds=0.2)
@@ -62,12 +68,20 @@ def test_a_request_that_waits_too_long_gets_503_and_probes_pass():
         await asyncio.sleep(0.05)
         busy = await call("/v1/files")
         probe = await call("/healthz")
-        stream = await call("/v1/fine_tuning/jobs/x/events", b"stream=true")
+        stream_setup = await call("/v1/fine_tuning/jobs/x/events", b"stream=true")
         release.set()
         first = await slow
         after = await call("/v1/files")
-        return busy, probe, stream, first, after
+        # A started response gives its slot back: with limit 1, a request is served meanwhile.
+        release.clear()
+        streaming = asyncio.create_task(call("/streaming"))
+        await asyncio.sleep(0.05)
+        during = await call("/v1/files")
+        release.set()
+        await streaming
+        return busy, probe, stream_setup, first, after, during
 
-    busy, probe, stream, first, after = _run(scenario())
+    busy, probe, stream_setup, first, after, during = _run(scenario())
     assert busy[0] == 503 and b"server_busy" in busy[1] and busy[2]["retry-after"] == "1"
-    assert probe[0] == 200 and stream[0] == 200 and first[0] == 200 and after[0] == 200
+    assert stream_setup[0] == 503 and b"server_busy" in stream_setup[1]
+    assert probe[0] == 200 and first[0] == 200 and after[0] == 200 and during[0] == 200

@@ -1,0 +1,284 @@
+"""No slow client starves the others (issue #20, kind 2), on the embedded SQLite service and on
+Postgres, against a real uvicorn server with real sockets:
+
+- slow downloads (a file and a checkpoint tar read at ~100 KB/s through a small receive window,
+  so the server really waits on TCP backpressure) hold no admission slot, no pooled connection
+  and no SQLite write lock while they stream: with one slot and a pool of two connections, another
+  user's 20 requests (reads and writes) are all answered, each under 2 s;
+- a slow (but fast enough) upload holds no transaction while its body arrives;
+- a body slower than the minimum rate gets 408 `request_timeout` in the error envelope.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import ids
+from core.db import make_engine, make_session_factory, session_scope
+from core.keys import create_api_key
+from core.migrate import upgrade_head
+from core.models import File, RegisteredModel
+from core.storage import make_storage
+from tests.api.factories import checkpoint_row, job_row
+from tests.conftest import LiveServer, bearer, jsonl_bytes, preference_rows
+
+RATE = 100_000  # bytes per second a slow client reads or sends
+BIG = 16 << 20  # far more than the socket buffers on both sides hold, so the server must wait
+RECEIVE_WINDOW = 16 * 1024
+
+
+@dataclass
+class Service:
+    url: str
+    factory: sessionmaker[Session]
+    storage_dir: Path
+    alice: str  # the slow client
+    bob: str  # everyone else
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def start_service(request, settings, tmp_path, session_factory, user_key, other_key, make_live_server):
+    """Factory: a live server on SQLite (the embedded mode: a fresh database file) or on the
+    session's Postgres database, with `overrides` on the settings; keys for two owners; the model
+    "tiny-base" registered."""
+    servers: list[LiveServer] = []
+
+    def start(**overrides) -> Service:
+        if request.param == "postgres":
+            factory, storage_dir, alice, bob = session_factory, Path(settings.storage_dir), user_key, other_key
+            url = make_live_server(**overrides)
+        else:
+            database_url = f"sqlite:///{tmp_path / 'sdpo.db'}"
+            upgrade_head(database_url)
+            factory = make_session_factory(make_engine(database_url))
+            with session_scope(factory) as s:
+                alice = create_api_key(s, name="alice", owner="alice")[1]
+                bob = create_api_key(s, name="bob", owner="bob")[1]
+            storage_dir = tmp_path / "storage"
+            server = LiveServer(settings.model_copy(update={
+                "database_url": database_url, "storage_dir": storage_dir, **overrides})).start()
+            servers.append(server)
+            url = server.url
+        with session_scope(factory) as s:
+            uri = (tmp_path / "tiny-base").as_uri()
+            s.add(RegisteredModel(id="tiny-base", owner=None, source="local", uri=uri,
+                                  default_hyperparameters={"learning_rate": 1e-3}))
+        return Service(url, factory, storage_dir, alice, bob)
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def slow_client() -> httpx.Client:
+    """A client whose sockets have a small receive window: the server can only send as fast as
+    this client reads."""
+    transport = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_WINDOW)])
+    return httpx.Client(transport=transport, timeout=60)
+
+
+class SlowDownload(threading.Thread):
+    """GET `url` and read the body at RATE bytes/s until `stop` is set (or the body ends)."""
+
+    def __init__(self, url: str, key: str, stop: threading.Event):
+        super().__init__(daemon=True)
+        self.url, self.key, self.stop = url, key, stop
+        self.status: int | None = None
+        self.received = 0
+        self.finished = False
+        self.started_streaming = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with slow_client() as http, http.stream("GET", self.url, headers=bearer(self.key)) as response:
+                self.status = response.status_code
+                self.started_streaming.set()
+                started = time.monotonic()
+                for chunk in response.iter_raw(8192):
+                    self.received += len(chunk)
+                    # Hold the reading back to RATE on average.
+                    time.sleep(max(0.0, started + self.received / RATE - time.monotonic()))
+                    if self.stop.is_set():
+                        return
+                self.finished = True
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+            self.started_streaming.set()
+
+
+def big_file_row(service: Service, owner: str) -> File:
+    """A 16 MB file of `owner` (its bytes are never validated: only downloaded)."""
+    storage = make_storage(service.storage_dir)
+    file_id = ids.new_id(ids.FILE)
+    data = os.urandom(1 << 20) * (BIG >> 20)
+    stored = storage.save_stream(f"files/{file_id}", iter([data]))
+    with session_scope(service.factory) as s:
+        row = File(id=file_id, owner=owner, filename="big.jsonl", bytes=stored.bytes, sha256=stored.sha256,
+                   purpose="fine-tune", format="standard", rows=1, status="processed", report={"valid": True},
+                   storage_uri=stored.uri)
+        s.add(row)
+    return row
+
+
+def big_checkpoint(service: Service, owner: str, file_id: str, tmp_path: Path) -> tuple[str, str]:
+    """A succeeded job of `owner` with a stored 16 MB checkpoint; (job id, checkpoint id)."""
+    tree = tmp_path / "ckpt"
+    tree.mkdir()
+    (tree / "model.safetensors").write_bytes(os.urandom(1 << 20) * (BIG >> 20))
+    with service.factory() as s:
+        job = job_row(s, owner, file_id)
+        ckpt = checkpoint_row(s, job, storage=make_storage(service.storage_dir), tree=tree)
+        return job.id, ckpt.id
+
+
+def ordinary_requests(service: Service, count: int = 20) -> list[tuple[str, int, float]]:
+    """`count` requests by bob, one after another, reads and writes mixed: (what, status, seconds)."""
+    results = []
+    with httpx.Client(base_url=service.url, headers=bearer(service.bob), timeout=60) as http:
+        file_id = None
+        for i in range(count):
+            kind = ("list files", "upload", "create job", "list jobs", "models")[i % 5]
+            started = time.monotonic()
+            if kind == "list files":
+                response = http.get("/v1/files")
+            elif kind == "upload":
+                response = http.post("/v1/files", data={"purpose": "fine-tune"},
+                                     files={"file": ("b.jsonl", jsonl_bytes(preference_rows(8, start=i)))})
+                file_id = response.json().get("id")
+            elif kind == "create job":
+                response = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-base", "training_file": file_id})
+            elif kind == "list jobs":
+                response = http.get("/v1/fine_tuning/jobs")
+            else:
+                response = http.get("/v1/models")
+            results.append((kind, response.status_code, time.monotonic() - started))
+    return results
+
+
+def assert_all_quick(results: list[tuple[str, int, float]]) -> None:
+    assert len(results) == 20
+    slow = [r for r in results if r[1] != 200 or r[2] >= 2.0]
+    assert not slow, f"requests refused or slower than 2 s during the slow client: {slow}"
+
+
+def test_slow_downloads_hold_no_slot_connection_or_lock(start_service, tmp_path):
+    # One admission slot and two pooled connections: a download that kept either while it streams
+    # would make every other request wait (for the slot: 503 after 60 s; for a connection: the
+    # pool's 30 s timeout; on SQLite for the write lock: 30 s, then 503 database_unavailable).
+    service = start_service(api_max_concurrency=1, db_pool_size=2, db_max_overflow=0)
+    big = big_file_row(service, "alice")
+    job_id, ckpt_id = big_checkpoint(service, "alice", big.id, tmp_path)
+    stop = threading.Event()
+    downloads = [SlowDownload(f"{service.url}/v1/files/{big.id}/content", service.alice, stop),
+                 SlowDownload(f"{service.url}/v1/fine_tuning/jobs/{job_id}/checkpoints/{ckpt_id}/content",
+                              service.alice, stop)]
+    for d in downloads:
+        d.start()
+    try:
+        for d in downloads:
+            assert d.started_streaming.wait(30)
+            assert d.error is None and d.status == 200, (d.status, d.error)
+        time.sleep(1)  # both well into their bodies
+        started = time.monotonic()
+        results = ordinary_requests(service)
+        # The downloads were still crawling the whole time (not finished in a burst).
+        time.sleep(max(0.0, 5.5 - (time.monotonic() - started)))
+        assert all(not d.finished and d.error is None for d in downloads)
+        assert all(d.received < 2 * RATE * (time.monotonic() - started + 2) for d in downloads), \
+            [d.received for d in downloads]
+    finally:
+        stop.set()
+        for d in downloads:
+            d.join(10)
+    assert_all_quick(results)
+
+
+def multipart_body(boundary: str, content: bytes) -> tuple[bytes, bytes]:
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n").encode()
+    return head + content, f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_a_slow_upload_holds_no_transaction(start_service):
+    service = start_service()
+    content = jsonl_bytes(preference_rows(1200))  # ~80 KB: about 6 s at 12 KB/s
+    head, tail = multipart_body("sdpo-slow", content)
+    body = head + tail
+    outcome: dict = {}
+
+    def slow_chunks() -> Iterator[bytes]:
+        started = time.monotonic()
+        for i in range(0, len(body), 4096):
+            yield body[i:i + 4096]
+            time.sleep(max(0.0, started + (i + 4096) / 12_000 - time.monotonic()))
+
+    def upload() -> None:
+        with httpx.Client(timeout=60) as http:
+            response = http.post(f"{service.url}/v1/files", content=slow_chunks(),
+                                 headers={**bearer(service.alice),
+                                          "Content-Type": "multipart/form-data; boundary=sdpo-slow"})
+        outcome["response"] = response
+
+    uploader = threading.Thread(target=upload, daemon=True)
+    started = time.monotonic()
+    uploader.start()
+    time.sleep(1)
+    results = ordinary_requests(service)
+    uploader.join(60)
+    assert time.monotonic() - started > 5, "the upload was not slow"
+    assert outcome["response"].status_code == 200, outcome["response"].text
+    assert outcome["response"].json()["bytes"] == len(content)
+    assert_all_quick(results)
+
+
+def _raw_request(url: str, head: str, first: bytes) -> tuple[float, bytes]:
+    """Send `head` and the first bytes of a body that promises more, then nothing: (seconds until
+    the server answered, the answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + first)
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return time.monotonic() - started, answer
+
+
+@pytest.mark.parametrize("start_service", ["postgres"], indirect=True)
+def test_a_body_slower_than_the_minimum_rate_gets_408(start_service):
+    service = start_service(upload_min_bytes_per_second=1000, upload_rate_grace_seconds=1.0)
+    host = service.url.removeprefix("http://")
+    auth = f"Authorization: Bearer {service.alice}\r\n"
+    # An upload that stops after its first bytes, and one that trickles below the rate: 408 each.
+    head, _tail = multipart_body("b", b"")
+    upload = (f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: multipart/form-data; boundary=b\r\n"
+              f"Content-Length: 1000000\r\n\r\n")
+    seconds, answer = _raw_request(service.url, upload, head)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b'"code":"request_timeout"' in answer.replace(b" ", b"") and b'"type"' in answer
+    assert 0.5 < seconds < 5
+    # A JSON body (job create) that stalls.
+    create = (f"POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+              f"Content-Length: 500\r\n\r\n")
+    seconds, answer = _raw_request(service.url, create, b'{"model": "tiny-')
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b'"code":"request_timeout"' in answer.replace(b" ", b"")
+    assert 0.5 < seconds < 5
+    # Nothing of the refused upload is left behind.
+    with service.factory() as s:
+        assert s.query(File).count() == 0
