@@ -218,34 +218,53 @@ async function jobsPage() {
 
 // ---- upload + start a job
 
+// Data smells the validator found (the file is valid and trains): code, message, sample line numbers.
+function warningsView(file) {
+  const warnings = file.warnings || [];
+  if (!warnings.length) return null;
+  const unit = file.file_type === "parquet" ? "rows" : "lines";
+  return h("div", { id: "report-warnings" },
+    h("h3", {}, `${warnings.length} warning${warnings.length === 1 ? "" : "s"}`),
+    h("table", { class: "report-warnings" },
+      h("thead", {}, h("tr", {}, h("th", {}, "warning"), h("th", {}, "pairs"), h("th", {}, "what"), h("th", {}, unit))),
+      h("tbody", {}, warnings.map((w) => h("tr", { "data-code": w.code },
+        h("td", { class: "mono" }, w.code), h("td", {}, w.count), h("td", {}, w.message),
+        h("td", { class: "small" }, w.lines.join(", ") + (w.count > w.lines.length ? "…" : "")))))));
+}
+
 function reportView(file) {
   const stats = file.stats || {};
   const sources = Object.entries(stats.sources || {}).map(([s, n]) => `${s}: ${n}`).join(", ") || "–";
+  const warnings = file.warnings || [];
   return h("div", { class: "card", id: "report", "data-valid": "true" },
-    h("h2", {}, "Validation report: ", h("span", { class: "badge succeeded" }, "valid")),
+    h("h2", {}, "Validation report: ", h("span", { class: "badge succeeded" }, "valid"),
+      warnings.length ? h("span", { class: "badge queued", id: "warning-badge" },
+        `${warnings.length} warning${warnings.length === 1 ? "" : "s"}`) : null),
     h("dl", { class: "kv" },
       h("dt", {}, "file"), h("dd", { class: "mono", id: "file-id" }, file.id),
       h("dt", {}, "name"), h("dd", {}, file.filename),
-      h("dt", {}, "format"), h("dd", {}, file.format),
+      h("dt", {}, "format"), h("dd", {}, `${file.format} (${file.file_type || "jsonl"})`),
       h("dt", {}, "pairs"), h("dd", { id: "file-rows" }, file.rows),
       h("dt", {}, "sources"), h("dd", {}, sources),
       h("dt", {}, "duplicates"), h("dd", {}, stats.duplicates ?? "–"),
       h("dt", {}, "bytes"), h("dd", {}, file.bytes),
-      h("dt", {}, "sha256"), h("dd", { class: "mono small" }, file.sha256)));
+      h("dt", {}, "sha256"), h("dd", { class: "mono small" }, file.sha256)),
+    warningsView(file));
 }
 
 function invalidReportView(error) {
   const rows = (error.errors || []).map((e) => h("tr", {}, h("td", {}, e.line), h("td", { class: "mono" }, e.field || ""),
     h("td", {}, e.reason)));
+  const unit = error.file_type === "parquet" ? "row" : "line";
   return h("div", { class: "card", id: "report", "data-valid": "false" },
     h("h2", {}, "Validation report: ", h("span", { class: "badge failed" }, "invalid")),
     h("p", { class: "error" }, error.message),
-    rows.length ? h("table", { class: "report-errors" }, h("thead", {}, h("tr", {}, h("th", {}, "line"),
+    rows.length ? h("table", { class: "report-errors" }, h("thead", {}, h("tr", {}, h("th", {}, unit),
       h("th", {}, "field"), h("th", {}, "reason"))), h("tbody", {}, rows)) : null);
 }
 
 async function uploadPage() {
-  const fileInput = h("input", { type: "file", id: "file-input", accept: ".jsonl,.json,application/jsonl" });
+  const fileInput = h("input", { type: "file", id: "file-input", accept: ".jsonl,.json,.parquet,application/jsonl" });
   const uploadMsg = h("p", { class: "error" });
   const reportBox = h("div", { id: "report-box" });
   const models = await api("/v1/models");
@@ -270,7 +289,7 @@ async function uploadPage() {
   const uploadForm = h("form", { class: "card", id: "upload-form", onsubmit: async (e) => {
     e.preventDefault();
     uploadMsg.textContent = "";
-    if (!fileInput.files.length) { uploadMsg.textContent = "Choose a .jsonl file first."; return; }
+    if (!fileInput.files.length) { uploadMsg.textContent = "Choose a .jsonl or .parquet file first."; return; }
     const body = new FormData();
     body.append("purpose", "fine-tune");
     body.append("file", fileInput.files[0]);
@@ -288,7 +307,8 @@ async function uploadPage() {
     } finally {
       button.disabled = false;
     }
-  } }, h("label", { for: "file-input" }, "Preference file (JSONL: prompt / chosen / rejected, conversational or OpenAI format)"),
+  } }, h("label", { for: "file-input" },
+    "Preference file (JSONL or Parquet: prompt / chosen / rejected, conversational or OpenAI format)"),
   fileInput, " ", h("button", { type: "submit", id: "upload-button" }, "Upload and validate"), uploadMsg);
 
   const jobForm = h("form", { class: "card", id: "job-form", onsubmit: async (e) => {
