@@ -18,6 +18,8 @@ What survives what (tests/reliability proves each):
   written once (the first attempt's), and a "resumes from" event names the redone range;
 - a training process that crashes: the step is retried up to `max_step_attempts` (bad input is
   not: it fails at once), then the job fails with `retries_exhausted`;
+- a NaN or infinite reference log-prob, loss or gradient norm (engine exit 3): the same inputs give
+  the same numbers, so no retry; the job fails with `non_finite` and nothing is registered;
 - the broker losing its messages: `reap` re-sends a chain for every job that waits on a message
   the broker does not hold;
 - the database restarting: every transaction is retried (`worker.db.retrying`) and written to be
