@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,8 +14,11 @@ import pytest
 from api.files import quotas
 from api.files.multipart import MultipartUpload
 from api.files.quotas import RowCounter
+from core.db import make_engine, make_session_factory, session_scope
+from core.keys import create_api_key
+from core.migrate import upgrade_head
 from sdpo_engine.data import validate_file
-from tests.conftest import bearer, jsonl_bytes, preference_rows, stored_objects
+from tests.conftest import LiveServer, bearer, jsonl_bytes, preference_rows, stored_objects
 
 BOUNDARY = "quotaboundary"
 
@@ -192,11 +196,34 @@ def test_zero_means_no_limit(make_client, user_key):
         assert _post_file(client, user_key, jsonl_bytes(preference_rows(2, start=i))).status_code == 200
 
 
-def test_concurrent_uploads_cannot_squeeze_past_the_files_limit(make_live_server, user_key, settings,
-                                                                monkeypatch):
+@pytest.fixture(params=["postgres", "sqlite"])
+def files_limited_server(request, settings, tmp_path, user_key, make_live_server):
+    """Factory: a live server with `overrides`, on the session's Postgres database or on a fresh
+    SQLite file (the embedded mode); returns (url, a key of owner alice, the storage folder)."""
+    servers: list[LiveServer] = []
+
+    def start(**overrides) -> tuple[str, str, Path]:
+        if request.param == "postgres":
+            return make_live_server(**overrides), user_key, Path(settings.storage_dir)
+        database_url = f"sqlite:///{tmp_path / 'sdpo.db'}"
+        upgrade_head(database_url)
+        with session_scope(make_session_factory(make_engine(database_url))) as s:
+            key = create_api_key(s, name="alice", owner="alice")[1]
+        storage_dir = tmp_path / "storage"
+        server = LiveServer(settings.model_copy(update={"database_url": database_url, "storage_dir": storage_dir,
+                                                        **overrides})).start()
+        servers.append(server)
+        return server.url, key, storage_dir
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_concurrent_uploads_cannot_squeeze_past_the_files_limit(files_limited_server, monkeypatch):
     """Eight uploads all pass the check before their bodies (a barrier holds each one there until
-    all eight did): the check in the inserting transaction, under the owner's lock, still lets
-    exactly three in."""
+    all eight did): the check in the inserting transaction, under the owner's lock (Postgres) or
+    SQLite's one writer, still lets exactly three in."""
     n, limit = 8, 3
     barrier = threading.Barrier(n, timeout=30)
     real_admit = quotas.admit_upload
@@ -207,10 +234,10 @@ def test_concurrent_uploads_cannot_squeeze_past_the_files_limit(make_live_server
         return allowance
 
     monkeypatch.setattr(quotas, "admit_upload", admit_then_wait)
-    url = make_live_server(max_files_per_owner=limit)
+    url, key, storage_dir = files_limited_server(max_files_per_owner=limit)
 
     def one(i: int) -> httpx.Response:
-        return httpx.post(f"{url}/v1/files", headers=bearer(user_key), data={"purpose": "fine-tune"},
+        return httpx.post(f"{url}/v1/files", headers=bearer(key), data={"purpose": "fine-tune"},
                           files={"file": ("p.jsonl", jsonl_bytes(preference_rows(3, start=10 * i)))}, timeout=60)
 
     with ThreadPoolExecutor(n) as pool:
@@ -218,4 +245,4 @@ def test_concurrent_uploads_cannot_squeeze_past_the_files_limit(make_live_server
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * limit + [429] * (n - limit), [r.text for r in responses]
     assert all(r.json()["error"]["code"] == "too_many_files" for r in responses if r.status_code == 429)
-    assert len(stored_objects(settings)) == limit
+    assert len([p for p in (storage_dir / "files").iterdir()]) == limit
