@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from core.clock import utcnow
 from core.errors import InvalidRequest, PayloadTooLarge, TooManyRequests
-from core.models import File, FileStatus
+from core.models import File, FileStatus, IdempotencyKey
 from core.settings import Settings
 
 RATE_WINDOW = timedelta(seconds=60)
@@ -121,9 +121,16 @@ def _check(db: Session, settings: Settings, owner: str, incoming: int | None) ->
     return allowance
 
 
-def admit_upload(db: Session, settings: Settings, owner: str, content_length: int | None = None) -> UploadAllowance:
+def admit_upload(db: Session, settings: Settings, owner: str, content_length: int | None = None, *,
+                 idempotency_key: str | None = None) -> UploadAllowance:
     """Before the body is read: refuse an owner at a limit (429/413). `content_length` (the whole
-    request's, an upper bound of the file's) refuses early an upload that cannot fit. Reads only."""
+    request's, an upper bound of the file's) refuses early an upload that cannot fit. Reads only.
+
+    A retry under an `idempotency_key` that already has a stored reply is not refused: it creates
+    nothing (the reply is replayed, or 409 for a different request) and must not be answered with
+    a limit that its first success reached."""
+    if idempotency_key is not None and db.get(IdempotencyKey, (owner, idempotency_key)) is not None:
+        return UploadAllowance()
     allowance = _check(db, settings, owner, None)
     if (allowance.bytes_left is not None and content_length is not None
             and content_length > allowance.bytes_left + _MULTIPART_SLACK):

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.files import quotas, service
 from api.files.schemas import FileDeleted, FileList, FileObject, file_object
-from api.idempotency import respond
+from api.idempotency import idempotency_key, respond
 from api.slowloris import rate_limited_body
 from core.db import read_only_session
 from core.errors import PayloadTooLarge
@@ -72,7 +72,8 @@ async def create_file(
         # The owner's quotas first: an owner at a limit is refused before a byte of the body is read.
         with read_only_session(services.session_factory) as quota_db:  # over before the body is read
             allowance = quotas.admit_upload(quota_db, services.settings, principal.owner,
-                                            int(length) if length and length.isdigit() else None)
+                                            int(length) if length and length.isdigit() else None,
+                                            idempotency_key=idempotency_key(request))
         received = service.receive_upload(db, services, request.headers.get("content-type"),
                                           _blocking_chunks(request), allowance=allowance)
         return respond(request, db, principal, received.identity(),

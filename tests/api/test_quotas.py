@@ -190,6 +190,22 @@ def test_upload_rate_is_429_with_retry_after(make_client, user_key, other_key, s
     assert _post_file(client, other_key, jsonl_bytes(preference_rows(2))).status_code == 200
 
 
+def test_a_replayed_upload_is_not_refused_by_the_limit_it_reached(make_client, user_key, settings):
+    client = make_client(max_uploads_per_minute=1, max_files_per_owner=1)
+    content = jsonl_bytes(preference_rows(2))
+    first = client.post("/v1/files", headers={**bearer(user_key), "Idempotency-Key": "up-1"},
+                        data={"purpose": "fine-tune"}, files={"file": ("p.jsonl", content)})
+    assert first.status_code == 200
+    again = client.post("/v1/files", headers={**bearer(user_key), "Idempotency-Key": "up-1"},
+                        data={"purpose": "fine-tune"}, files={"file": ("p.jsonl", content)})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    other = client.post("/v1/files", headers={**bearer(user_key), "Idempotency-Key": "up-2"},
+                        data={"purpose": "fine-tune"}, files={"file": ("p.jsonl", content)})
+    _assert_envelope(other, 429, "upload_rate_limited")
+    assert len(stored_objects(settings)) == 1
+
+
 def test_zero_means_no_limit(make_client, user_key):
     client = make_client(max_files_per_owner=0, max_uploads_per_minute=0, max_storage_bytes_per_owner=0)
     for i in range(4):
