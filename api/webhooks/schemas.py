@@ -15,7 +15,8 @@ from core.webhooks import EVENT_TYPES, delivery_error_class
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: StrictStr = Field(description="An http(s) URL that receives a signed POST per event.")
+    url: StrictStr = Field(description="An http(s) URL on a public address that receives a signed POST per "
+                           "event (internal hosts are refused unless the admin allows them).")
     events: list[StrictStr] | None = Field(
         None, description=f"Event types to receive (default all): {', '.join(EVENT_TYPES)}.")
     description: StrictStr | None = Field(None, description="A label for the webhook (up to 255 characters; "

@@ -144,13 +144,15 @@ class Listener:
 
     SECRET_REPLY = b"internal-reply: root:x:0:0 do-not-leak"
 
-    def __init__(self, host: str = "127.0.0.1", *, ssl_context=None, statuses: dict[str, int] | None = None):
+    def __init__(self, host: str = "127.0.0.1", *, ssl_context=None, statuses: dict[str, int] | None = None,
+                 redirects: dict[str, str] | None = None):
         import socket
 
         self.connections = 0
         self.requests: list[dict] = []
         self.server_names: list[str | None] = []
         self.statuses = statuses or {}
+        self.redirects = redirects or {}  # path -> Location of a 307 answer
         self.lock = threading.Lock()
         self.ssl_context = ssl_context
         if ssl_context is not None:
@@ -188,8 +190,9 @@ class Listener:
             method, path, _ = request_line.split(" ", 2)
             with self.lock:
                 self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
-            status = self.statuses.get(path, 200)
-            conn.sendall(f"HTTP/1.1 {status} X\r\ncontent-length: {len(self.SECRET_REPLY)}\r\n"
+            status = 307 if path in self.redirects else self.statuses.get(path, 200)
+            location = f"location: {self.redirects[path]}\r\n" if path in self.redirects else ""
+            conn.sendall(f"HTTP/1.1 {status} X\r\ncontent-length: {len(self.SECRET_REPLY)}\r\n{location}"
                          f"connection: close\r\n\r\n".encode() + self.SECRET_REPLY)
         except Exception:  # noqa: BLE001 (a failed handshake is what some tests provoke)
             pass

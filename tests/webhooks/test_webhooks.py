@@ -269,7 +269,8 @@ def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(s
     worker without the allowance resolves it, sees 127.0.0.1 and never connects (blocked_address,
     retried); a worker whose admin lists it delivers. The owner sees status codes and error
     classes, never the receiver's reply."""
-    listener = Listener(statuses={"/teapot": 418})
+    inside = Listener()  # an "internal" service a redirect points at
+    listener = Listener(statuses={"/teapot": 418}, redirects={"/moved": f"{inside.url}/admin"})
     try:
         service.env.update({"SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS": "localhost",
                             "SDPO_WEBHOOK_RETRY_BASE_SECONDS": "0.3", "SDPO_WEBHOOK_RETRY_MAX_SECONDS": "0.6",
@@ -277,7 +278,8 @@ def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(s
         service.start_api()
         client = service.client()
         hooks = {path: client.post(HOOKS, json={"url": f"http://localhost:{listener.port}{path}",
-                                                "events": ["job.cancelled"]}).json() for path in ("/ok", "/teapot")}
+                                                "events": ["job.cancelled"]}).json()
+                 for path in ("/ok", "/teapot", "/moved")}
         assert all(h.get("secret") for h in hooks.values()), hooks
 
         service.env["SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS"] = ""  # this worker's admin allows nothing
@@ -293,7 +295,7 @@ def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(s
 
         def blocked_twice():
             rows = [d for path in hooks for d in deliveries(path)]
-            return rows if len(rows) == 2 and all(d["attempts"] >= 2 for d in rows) else None
+            return rows if len(rows) == 3 and all(d["attempts"] >= 2 for d in rows) else None
 
         for row in _wait_for(blocked_twice, 60, "two refused attempts per delivery", service):
             assert (row["status"], row["last_status_code"], row["last_error"]) == ("pending", None, "blocked_address")
@@ -309,6 +311,9 @@ def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(s
         teapot = _wait_for(lambda: [d for d in deliveries("/teapot") if d["last_status_code"] == 418], 60,
                            "the 418 answer", service)
         assert teapot[0]["last_error"] == "http_4xx" and teapot[0]["status"] == "pending"
+        moved = _wait_for(lambda: [d for d in deliveries("/moved") if d["last_status_code"] == 307], 60,
+                          "the redirect answer", service)
+        assert moved[0]["last_error"] == "http_3xx" and inside.connections == 0  # redirects are not followed
         posted = [r for r in listener.requests if r["path"] == "/ok"]
         assert posted and posted[0]["headers"]["host"] == f"localhost:{listener.port}"
         verify_signature(hooks["/ok"]["secret"], posted[0]["headers"], posted[0]["body"])
@@ -317,6 +322,7 @@ def test_worker_refuses_a_name_resolving_to_loopback_until_the_admin_allows_it(s
         assert Listener.SECRET_REPLY.decode() not in seen and "internal-reply" not in seen
     finally:
         listener.close()
+        inside.close()
 
 
 def test_deliveries_written_before_the_error_classes_show_only_a_class(api_client, db, user_key):
