@@ -30,6 +30,7 @@ from api.webhooks.schemas import WebhookCreate
 from core.db import make_engine, make_session_factory, session_scope
 from core.keys import ensure_settings_admin_key
 from core.logging import configure_logging
+from core.permissions import restrict_umask
 from core.queue import make_celery
 from core.settings import Settings, get_settings
 from core.storage import make_storage
@@ -43,6 +44,9 @@ official `openai` SDK at this server's `/v1`. Extensions: the `sdpo` method, `â€
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Owner-only files from this process: uploads, the SQLite database and its -wal/-shm
+    # (core/permissions.py).
+    restrict_umask()
     configure_logging()
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size,
                          max_overflow=settings.db_max_overflow)
