@@ -41,7 +41,8 @@ from starlette.responses import StreamingResponse
 from api.jobs.schemas import event_object
 from core.db import read_only_session
 from core.errors import TooManyRequests
-from core.models import ApiKey, Event, Job
+from core.keys import is_key_active
+from core.models import Event, Job
 from core.states import JOB_TERMINAL
 
 POLL_SECONDS = 0.5
@@ -76,8 +77,7 @@ def _poll(factory: sessionmaker[Session], job_id: str, after_seq: int, *, key_id
     Raises _Revoked when the key `key_id` is no longer valid; a job no longer owned by `owner`
     reads as gone (status None)."""
     with read_only_session(factory) as session:
-        key = session.execute(select(ApiKey.revoked_at).where(ApiKey.id == key_id)).first()
-        if key is None or key.revoked_at is not None:
+        if not is_key_active(session, key_id):
             raise _Revoked
         status = session.scalar(select(Job.status).where(Job.id == job_id, Job.owner == owner))
         if status is None:

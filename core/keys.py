@@ -59,6 +59,13 @@ def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
     return row
 
 
+def is_key_active(session: Session, key_id: str) -> bool:
+    """True while the key `key_id` exists and is not revoked (re-checked by long-lived requests,
+    such as a live event stream, after their first key check)."""
+    revoked_at = session.execute(select(ApiKey.revoked_at).where(ApiKey.id == key_id)).first()
+    return revoked_at is not None and revoked_at[0] is None
+
+
 def ensure_settings_admin_key(session: Session, plaintext: str) -> ApiKey:
     """Register the admin key from SDPO_ADMIN_KEY (idempotent).
 
