@@ -325,3 +325,19 @@ def test_the_row_cap_counts_parquet_rows_not_newline_bytes(make_client, user_key
     error = response.json()["error"]
     assert error["code"] == "too_many_rows" and error["rows"] == 6 and error["max_rows"] == 5
     assert count_rows() == before
+
+
+def test_the_shared_text_parts_case_uploads(client, user_key, settings):
+    """../shared/cases/07 (OpenAI text content parts): accepted, and the stored file reads as the
+    joined text."""
+    from pathlib import Path
+
+    from sdpo_engine.data import load_pairs
+
+    case = Path(__file__).resolve().parents[2].parent / "shared" / "cases" / "07-openai-text-content-parts.jsonl"
+    response = _post_file(client, user_key, case.read_bytes(), filename=case.name)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["format"], body["rows"], body["warnings"]) == ("openai", 2, [])
+    [stored] = stored_objects(settings)
+    assert [p["prompt"][0]["content"] for p in load_pairs(stored)] == ["Name a planet.", "Name a fruit."]

@@ -8,6 +8,8 @@ errors (line, field, reason).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,25 @@ def test_exactly_equal_answers_are_refused_in_every_format(tmp_path):
     assert _errors(_write(tmp_path, rows, name="s.jsonl")) == [(1, "rejected", "is the same text as chosen")]
     rows = [_conv(chosen="x\n", rejected="x\n")]
     assert _errors(_write(tmp_path, rows, name="c.jsonl")) == [(1, "rejected", "is the same text as chosen")]
+
+
+def test_the_text_parts_case_validates_and_trains_through_the_engine_commands(tmp_path, tiny_model):
+    """../shared/cases/07: `validate` accepts it; `run` trains a step on it, its step data holding the
+    joined text, identical to the same pairs written with plain strings."""
+    case = CASES / "07-openai-text-content-parts.jsonl"
+    done = subprocess.run([sys.executable, "-m", "sdpo_engine", "validate", str(case)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["valid"], report["format"], report["rows"], report["warnings"]) == (True, "openai", 2, [])
+
+    plain = _write(tmp_path, [_openai([_msg("user", "Name a planet.")], "Mars is a planet.", "The Moon."),
+                              _openai([_msg("user", "Name a fruit.")], "An apple.", "A carrot.")], name="plain.jsonl")
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "sdpo_engine", "run", "--model", str(tiny_model), "--step-file", str(case),
+         "--out", str(out), "--learning-rate", "1e-3", "--batch-size", "2", "--max-length", "96", "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_pairs(out / "data" / "step-1.jsonl") == load_pairs(plain)
+    assert json.loads((out / "summary.json").read_text())["steps"][0]["index"] == 1
