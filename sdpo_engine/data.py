@@ -145,8 +145,8 @@ _MAX_IGNORED_NAMES = 64  # distinct ignored field names tracked (a hostile file 
 # Chat markup of the common templates (ChatML, Llama 2/3, Gemma, Phi, Zephyr, Mistral) and the
 # plain-text turn headers of older datasets (Anthropic HH's "\n\nHuman:", Alpaca's "### Response:").
 _MARKUP = re.compile(r"<\|[A-Za-z0-9_]+\|>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>")
-_TURN_HEADER = re.compile(r"(?:^|\n)[ \t]*(?:Human|Assistant|User|USER|ASSISTANT|### ?(?:Instruction|Response|Human|"
-                          r"Assistant|Input))[ \t]*:")
+_TURN_HEADER = re.compile(r"^[ \t]*(?:Human|Assistant|User|USER|ASSISTANT|### ?(?:Instruction|Response|Human|"
+                          r"Assistant|Input))[ \t]*:", re.MULTILINE)
 
 
 class DataError(ValueError):
@@ -1039,6 +1039,21 @@ class _RunningStat:
         return {"min": self.low, "mean": mean, "max": self.high}
 
 
+def _has_markup(text: str) -> bool:
+    # The substring tests are C-fast and rule out most texts before the regex runs (3x overall).
+    return ("<" in text or "[" in text) and _MARKUP.search(text) is not None
+
+
+def _pair_digest(prompt: list[tuple[str, str]], chosen: str, rejected: str) -> bytes:
+    """16 bytes naming a pair's content (not its source). Each text is prefixed with its role and
+    length, so no two different pairs give the same string to hash; blake2b, because this runs
+    twice per row and is 2-3x cheaper than JSON-encoding the pair for `pair_key`."""
+    parts = [f"{role}{len(text)}:{text}" for role, text in prompt]
+    parts.append(f"chosen{len(chosen)}:{chosen}")
+    parts.append(f"rejected{len(rejected)}:{rejected}")
+    return hashlib.blake2b("".join(parts).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def _normalised(text: str) -> str:
     """Whitespace runs collapsed to one space, ends stripped, case folded."""
     return " ".join(text.split()).casefold()
@@ -1126,8 +1141,8 @@ class _Collector:
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
         chosen_n, rejected_n = _normalised(chosen), _normalised(rejected)
         prompt_n = [(m["role"], _normalised(m["content"])) for m in pair["prompt"]]
-        digest = bytes.fromhex(pair_key(pair))[:16]
-        near = hashlib.sha256(_KEY_ENCODER.encode([prompt_n, chosen_n, rejected_n]).encode("utf-8")).digest()[:16]
+        digest = _pair_digest([(m["role"], m["content"]) for m in pair["prompt"]], chosen, rejected)
+        near = _pair_digest(prompt_n, chosen_n, rejected_n)
         if digest in self.seen:
             self.duplicates += 1
             self._warn("duplicate_pairs", line)
@@ -1142,9 +1157,9 @@ class _Collector:
         if (len(last_user) >= REPEAT_MIN_PROMPT_CHARS and chosen_n.startswith(last_user)
                 and rejected_n.startswith(last_user)):
             self._warn("answers_repeat_prompt", line)
-        if any(_MARKUP.search(text) or _TURN_HEADER.search(text) for text in (chosen, rejected)):
+        if any(_has_markup(text) or (":" in text and _TURN_HEADER.search(text)) for text in (chosen, rejected)):
             self._warn("answers_contain_markup", line)
-        if any(_MARKUP.search(m["content"]) for m in pair["prompt"]):
+        if any(_has_markup(m["content"]) for m in pair["prompt"]):
             self._warn("prompt_contains_markup", line)
         if chosen_length > rejected_length:
             self.chosen_longer += 1
