@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import AppServices, get_services
+from core.db import read_only_session
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +22,7 @@ def healthz() -> dict[str, str]:
 
 
 def _check_database(services: AppServices) -> None:
-    with services.session_factory() as session:
+    with read_only_session(services.session_factory) as session:  # no write lock for a probe (SQLite)
         session.execute(text("SELECT 1"))
 
 
