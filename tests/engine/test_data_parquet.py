@@ -143,3 +143,25 @@ def test_the_engine_trains_an_sdpo_run_from_a_parquet_file(tmp_path, tiny_model)
     key = lambda p: json.dumps(p, sort_keys=True)  # noqa: E731
     assert sorted(map(key, chunked)) == sorted(map(key, load_pairs(train)))
     assert len(chunked) == len(rows)
+
+
+def test_parquet_is_read_a_batch_at_a_time_never_as_a_whole_table(tmp_path, monkeypatch):
+    rows = preference_rows(600)
+    path = _parquet(rows, tmp_path / "pairs.parquet")
+    batches = []
+    real_iter_batches = pq.ParquetFile.iter_batches
+
+    def counting(self, *args, **kwargs):
+        for batch in real_iter_batches(self, *args, **kwargs):
+            batches.append(batch.num_rows)
+            yield batch
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole table was read")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    for name in ("read", "read_row_group", "read_row_groups"):
+        monkeypatch.setattr(pq.ParquetFile, name, whole)
+    monkeypatch.setattr(pq, "read_table", whole)
+    assert validate_file(path)["rows"] == 600
+    assert sum(batches) == 600 and max(batches) <= 256 and len(batches) >= 3
