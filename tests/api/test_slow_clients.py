@@ -6,11 +6,14 @@ Postgres, against a real uvicorn server with real sockets:
   and no SQLite write lock while they stream: with one slot and a pool of two connections, another
   user's 20 requests (reads and writes) are all answered, each under 2 s;
 - a slow (but fast enough) upload holds no transaction while its body arrives;
-- a body slower than the minimum rate gets 408 `request_timeout` in the error envelope.
+- a body slower than the minimum rate gets 408 `request_timeout` in the error envelope;
+- 60 live event streams by one key (kind 3): the per-key cap answers 429 beyond it, another user's
+  requests stay under 2 s, and idle streams hold no pooled connection between polls.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -23,9 +26,10 @@ import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import stream
 from core import ids
 from core.db import make_engine, make_session_factory, session_scope
-from core.keys import create_api_key
+from core.keys import create_api_key, find_active_key
 from core.migrate import upgrade_head
 from core.models import File, RegisteredModel
 from core.storage import make_storage
@@ -39,15 +43,23 @@ RECEIVE_WINDOW = 16 * 1024
 
 @dataclass
 class Service:
-    url: str
+    server: LiveServer
     factory: sessionmaker[Session]
     storage_dir: Path
     alice: str  # the slow client
     bob: str  # everyone else
 
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def app(self):
+        return self.server._server.config.app
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def start_service(request, settings, tmp_path, session_factory, user_key, other_key, make_live_server):
+def start_service(request, settings, tmp_path, session_factory, user_key, other_key):
     """Factory: a live server on SQLite (the embedded mode: a fresh database file) or on the
     session's Postgres database, with `overrides` on the settings; keys for two owners; the model
     "tiny-base" registered."""
@@ -56,7 +68,6 @@ def start_service(request, settings, tmp_path, session_factory, user_key, other_
     def start(**overrides) -> Service:
         if request.param == "postgres":
             factory, storage_dir, alice, bob = session_factory, Path(settings.storage_dir), user_key, other_key
-            url = make_live_server(**overrides)
         else:
             database_url = f"sqlite:///{tmp_path / 'sdpo.db'}"
             upgrade_head(database_url)
@@ -65,15 +76,14 @@ def start_service(request, settings, tmp_path, session_factory, user_key, other_
                 alice = create_api_key(s, name="alice", owner="alice")[1]
                 bob = create_api_key(s, name="bob", owner="bob")[1]
             storage_dir = tmp_path / "storage"
-            server = LiveServer(settings.model_copy(update={
-                "database_url": database_url, "storage_dir": storage_dir, **overrides})).start()
-            servers.append(server)
-            url = server.url
+            overrides = {"database_url": database_url, "storage_dir": storage_dir, **overrides}
+        server = LiveServer(settings.model_copy(update=overrides)).start()
+        servers.append(server)
         with session_scope(factory) as s:
             uri = (tmp_path / "tiny-base").as_uri()
             s.add(RegisteredModel(id="tiny-base", owner=None, source="local", uri=uri,
                                   default_hyperparameters={"learning_rate": 1e-3}))
-        return Service(url, factory, storage_dir, alice, bob)
+        return Service(server, factory, storage_dir, alice, bob)
 
     yield start
     for server in servers:
@@ -284,3 +294,75 @@ def test_a_body_slower_than_the_minimum_rate_gets_408(start_service):
     # Nothing of the refused upload is left behind.
     with service.factory() as s:
         assert s.query(File).count() == 0
+
+
+def test_sixty_streams_by_one_key(start_service, monkeypatch):
+    """60 streams of one key opened at once: the first SDPO_MAX_STREAMS_PER_KEY are served, the
+    rest get 429 too_many_streams; another owner's 20 requests stay under 2 s while they are open;
+    the open streams hold no pooled connection between polls; a closed stream frees its place."""
+    monkeypatch.setattr(stream, "POLL_SECONDS", 0.5)  # the live server runs in this process
+    service = start_service()
+    cap = service.app.state.services.settings.max_streams_per_key
+    job_id = _running_job(service)
+    url = f"{service.url}/v1/fine_tuning/jobs/{job_id}/events"
+    close = threading.Event()
+    outcomes: list[tuple[int, dict | None]] = []
+    answered = threading.Semaphore(0)
+
+    def follow() -> None:
+        try:
+            with httpx.Client(headers=bearer(service.alice), timeout=60) as http, \
+                    http.stream("GET", url, params={"stream": "true"}) as response:
+                body = json.loads(response.read()) if response.status_code != 200 else None
+                outcomes.append((response.status_code, body))
+                answered.release()
+                if response.status_code == 200:
+                    close.wait(60)
+        except BaseException as exc:  # reported through `outcomes`
+            outcomes.append((-1, {"exception": repr(exc)}))
+            answered.release()
+
+    threads = [threading.Thread(target=follow, daemon=True) for _ in range(60)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in threads:
+            assert answered.acquire(timeout=60)
+        codes = sorted(code for code, _ in outcomes)
+        assert codes == [200] * cap + [429] * (60 - cap), codes
+        refused = next(body for code, body in outcomes if code == 429)
+        assert refused["error"]["code"] == "too_many_streams" and refused["error"]["type"]
+        assert_all_quick(ordinary_requests(service))
+        # Between polls the open streams hold no connection from the pool.
+        pool = service.app.state.services.session_factory.kw["bind"].pool
+        samples = []
+        for _ in range(40):
+            samples.append(pool.checkedout())
+            time.sleep(0.05)
+        assert min(samples) == 0 and sum(samples) / len(samples) < 1, samples
+    finally:
+        close.set()
+        for t in threads:
+            t.join(10)
+    # Every closed stream gave its place back.
+    counter = stream.open_streams(service.app)
+    with service.factory() as s:
+        key_id = find_active_key(s, service.alice).id
+    deadline = time.monotonic() + 5
+    while counter.count(key_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counter.count(key_id) == 0
+    with httpx.Client(headers=bearer(service.alice), timeout=30) as http, \
+            http.stream("GET", url, params={"stream": "true"}) as response:
+        assert response.status_code == 200
+
+
+def _running_job(service: Service) -> str:
+    """A running job of alice (its stream stays open: no events, not finished)."""
+    with service.factory() as s:
+        training = File(id=ids.new_id(ids.FILE), owner="alice", filename="t.jsonl", bytes=1, sha256="0" * 64,
+                        purpose="fine-tune", format="standard", rows=1, status="processed", report={"valid": True},
+                        storage_uri="local://files/none")
+        s.add(training)
+        s.commit()
+        return job_row(s, "alice", training.id, status="running").id

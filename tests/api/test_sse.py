@@ -14,9 +14,9 @@ import pytest
 from api import stream
 from core.db import session_scope
 from core.jobs import add_event
-from core.keys import create_api_key, find_active_key, revoke_key
+from core.keys import create_api_key, revoke_key
 from core.models import Event, Job
-from tests.conftest import LiveServer, bearer, preference_rows
+from tests.conftest import bearer, preference_rows
 
 JOBS = "/v1/fine_tuning/jobs"
 
@@ -148,86 +148,7 @@ def test_a_finished_job_streams_its_history_and_ends(client, session_factory, us
 
 
 # ------------------------------------------------------------------------------------------------
-# Many streams, revocation (issue #20, kinds 3 and 4)
-
-
-@pytest.fixture
-def server(settings, admin_key):
-    """A live server whose app (and so its connection pool) this test can look at."""
-    live = LiveServer(settings).start()
-    yield live
-    live.stop()
-
-
-def _bob_requests(url: str, key: str, count: int = 20) -> list[tuple[int, float]]:
-    results = []
-    with httpx.Client(base_url=url, headers=bearer(key), timeout=60) as http:
-        for i in range(count):
-            started = time.monotonic()
-            response = http.get(("/v1/files", "/v1/fine_tuning/jobs", "/v1/models")[i % 3])
-            results.append((response.status_code, time.monotonic() - started))
-    return results
-
-
-def test_open_streams_per_key_are_capped_and_cost_others_nothing(server, settings, session_factory, user_key,
-                                                                 other_key, job_id, monkeypatch):
-    """60 streams by one key at once: the first SDPO_MAX_STREAMS_PER_KEY are served, the rest get
-    429 too_many_streams; another owner's requests stay under 2 s meanwhile; idle streams hold no
-    pooled connection between polls; a closed stream frees its place."""
-    monkeypatch.setattr(stream, "POLL_SECONDS", 0.5)
-    cap = settings.max_streams_per_key
-    url = f"{server.url}{JOBS}/{job_id}/events"
-    close = threading.Event()
-    outcomes: list[tuple[int, dict | None]] = []
-    opened = threading.Semaphore(0)
-
-    def follow() -> None:
-        try:
-            with httpx.Client(headers=bearer(user_key), timeout=60) as http, \
-                    http.stream("GET", url, params={"stream": "true"}) as response:
-                body = json.loads(response.read()) if response.status_code != 200 else None
-                outcomes.append((response.status_code, body))
-                opened.release()
-                if response.status_code == 200:
-                    close.wait(60)
-        except BaseException as exc:
-            outcomes.append((-1, {"exception": repr(exc)}))
-            opened.release()
-
-    threads = [threading.Thread(target=follow, daemon=True) for _ in range(60)]
-    for t in threads:
-        t.start()
-    try:
-        for _ in threads:
-            assert opened.acquire(timeout=60)
-        codes = sorted(code for code, _ in outcomes)
-        assert codes == [200] * cap + [429] * (60 - cap), codes
-        refused = next(body for code, body in outcomes if code == 429)
-        assert refused["error"]["code"] == "too_many_streams" and refused["error"]["type"]
-        results = _bob_requests(server.url, other_key)
-        assert all(code == 200 and seconds < 2.0 for code, seconds in results), results
-        # Between polls the open streams hold no connection from the pool.
-        pool = server._server.config.app.state.services.session_factory.kw["bind"].pool
-        samples = []
-        for _ in range(40):
-            samples.append(pool.checkedout())
-            time.sleep(0.05)
-        assert min(samples) == 0 and sum(samples) / len(samples) < 1, samples
-    finally:
-        close.set()
-        for t in threads:
-            t.join(10)
-    # Every closed stream gave its place back.
-    with session_factory() as s:
-        key_id = find_active_key(s, user_key).id
-    counter = stream.open_streams(server._server.config.app)
-    deadline = time.monotonic() + 5
-    while counter.count(key_id) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert counter.count(key_id) == 0
-    with httpx.Client(headers=bearer(user_key), timeout=30) as http, \
-            http.stream("GET", url, params={"stream": "true"}) as response:
-        assert response.status_code == 200
+# Revocation (issue #20, kind 4; many streams at once: tests/api/test_slow_clients.py)
 
 
 def test_a_stream_ends_within_a_poll_when_its_key_is_revoked(live_server, session_factory, job_id, monkeypatch):
