@@ -291,9 +291,10 @@ def test_a_body_slower_than_the_minimum_rate_gets_408(start_service):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
     assert b'"code":"request_timeout"' in answer.replace(b" ", b"")
     assert 0.5 < seconds < 5
-    # Nothing of the refused upload is left behind.
+    # Nothing of the refused upload is left behind: no row, no stored or temporary object.
     with service.factory() as s:
         assert s.query(File).count() == 0
+    assert [p for p in service.storage_dir.rglob("*") if p.is_file()] == []
 
 
 def test_sixty_streams_by_one_key(start_service, monkeypatch):
