@@ -94,3 +94,16 @@ def test_raw_text_is_echoed_on_the_sdpo_method(client, upload, user_key, base_mo
     assert r.status_code == 200, r.text
     assert r.json()["method"]["sdpo"]["text_format"] == "raw"
     assert r.json()["method"]["sdpo"]["chat_template"] is None
+
+
+def test_the_shared_multiturn_case_is_a_400_on_a_model_without_a_template(client, user_key, notemplate, count_rows):
+    from pathlib import Path
+
+    case = Path(__file__).resolve().parents[2].parent / "shared" / "cases" / "04-no-chat-template-multiturn.jsonl"
+    r = client.post("/v1/files", headers=bearer(user_key), data={"purpose": "fine-tune"},
+                    files={"file": (case.name, case.read_bytes(), "application/jsonl")})
+    assert r.status_code == 200, r.text
+    before = count_rows()
+    r = client.post(JOBS, headers=bearer(user_key), json=_dpo(r.json()["id"]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+    assert count_rows() == before
