@@ -81,7 +81,9 @@ def _run_json(cmd: list[str], what: str) -> dict:
 
 def ensure_model(client: httpx.Client, out: TextIO) -> Path:
     """Convert the GGUF once and register it as `smollm2-135m` (admin key); returns its directory."""
-    target = get_settings().storage_dir / "models" / MODEL_ID
+    # Under SDPO_HOME but outside the store: POST /v1/models refuses paths inside the storage folder
+    # (users' checkpoints live there), so a registered base model never sits among them.
+    target = get_settings().home / "models" / MODEL_ID
     if not (target / "config.json").is_file():
         print(f"converting SmolLM2-135M-Instruct from its GGUF into {target} (about a minute)...", file=out)
         t0 = time.time()
