@@ -27,10 +27,14 @@ def run_child(script: str, variant: str, model_dir: str | Path, data: str | Path
 
 
 def train_plain_trl(model_dir: str, data: str, hp: dict, *, on_gpu: bool = False,
-                    gradient_checkpointing: bool | None = None) -> dict:
+                    gradient_checkpointing: bool | None = None, tuned: bool = False) -> dict:
     """One DPO step with TRL's DPOTrainer: the reference model loaded as a second model, DPOConfig
     defaults except what the device needs (no bf16 on CPU), logging every step (to compare the
     loss curves) and the run's hyperparameters. gradient_checkpointing None keeps TRL's default (on).
+
+    `tuned`: TRL as a user who read its docs to the end sets it up for sDPO's case (issue #21's a'):
+    `precompute_ref_log_probs=True` with no second model (the policy is the reference) and
+    gradient checkpointing off; everything else identical.
 
     Returns train() seconds, the logged losses and TRL's token count.
     """
@@ -46,8 +50,11 @@ def train_plain_trl(model_dir: str, data: str, hp: dict, *, on_gpu: bool = False
     tok = AutoTokenizer.from_pretrained(model_dir)
     # float32 weights on both devices: on the GPU the trainer's bf16 autocast does the mixed precision.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
+    ref = None if tuned else AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
     extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
+    if tuned:
+        extra = {"gradient_checkpointing": False, "precompute_ref_log_probs": True,
+                 "precompute_ref_batch_size": max(hp["batch_size"], 8)}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DPOConfig(output_dir=tmp, bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu,
                         report_to="none", logging_steps=1, save_strategy="no", beta=hp["beta"],

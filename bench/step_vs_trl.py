@@ -1,11 +1,14 @@
-"""One DPO step: plain TRL as a user writes it (a) against this engine's step (b), side by side.
+"""One DPO step: plain TRL as a user writes it (a), TRL tuned by hand (a'), and this engine's step (b).
 
     python bench/step_vs_trl.py --model tiny --epochs 1 2 --prompt-ratio 3 1
     python bench/step_vs_trl.py --model smollm2 --epochs 1 2 --pairs 16 --prompt-ratio 3 1
+    python bench/step_vs_trl.py --model tiny --tuned --shapes short prompt3x multiturn skewed --repeats 3
 
 (a) follows TRL's docs: the reference model loaded as a second model, DPOConfig defaults except
 what a CPU needs (bf16=False) and logging every step (to compare the loss curves); TRL's default
-gradient checkpointing stays on. (b) is `sdpo_engine.step.run_step` as the worker runs it: the
+gradient checkpointing stays on. With --tuned, (a') is TRL as a user who read its docs to the end
+sets it up for this case: `precompute_ref_log_probs=True` (no second model) and gradient
+checkpointing off, everything else as (a). (b) is `sdpo_engine.step.run_step` as the worker runs it: the
 reference log-probs precomputed once by the initial policy, shared-prompt packing, and the
 checkpoint saved and hashed (b's wall time includes that; a's has no save).
 Each variant runs in its own process (so peak RSS is its own) on the same data, seed and
@@ -18,7 +21,15 @@ claims. Columns:
                   same tokens, b's reference pass excluded)
   mem b/a         peak resident memory of the process
   |loss a-b|      largest difference between the two loss curves, step by step
+  wall a'/b, mem b/a', |loss a'-b|   the same against (a') (with --tuned)
+  floor a'/b      tokens each side's forward passes cover per unique token of the data (prompt +
+                  answers after truncation, no padding): TRL runs the prompt twice, the engine once
+                  plus one token per pair; padding comes on top of both
 With --unpacked, (b2) is the engine with SDPO_PACKING=off (two sequences per pair, as TRL).
+
+Data shapes (--shapes; default: the prompt ratios of --prompt-ratio): `short` (prompt and answers of
+about 10-20 tokens), `prompt3x` (prompts about 3x the answers), `multiturn` (three-turn prompts with
+a system message), `skewed` (most pairs short, one in eight long: where padding dominates).
 """
 
 from __future__ import annotations
@@ -59,6 +70,54 @@ def make_data(path: Path, n_pairs: int, prompt_ratio: float, seed: int) -> None:
     write_jsonl(rows, path)
 
 
+def make_shape(path: Path, shape: str, n_pairs: int, seed: int) -> None:
+    """Pairs of one of the data shapes of issue #21 (see the module docstring)."""
+    from sdpo_engine.sample_data import make_pairs, write_jsonl
+
+    if shape == "prompt3x":
+        make_data(path, n_pairs, 3.0, seed)
+        return
+    rows = make_pairs((n_pairs + 1) // 2, seed=seed)[:n_pairs]
+    rng = random.Random(seed)
+    if shape == "multiturn":
+        originals = [dict(r) for r in rows]
+        for i, r in enumerate(rows):
+            other = originals[(i + 1) % len(rows)]
+            r["prompt"] = [{"role": "system", "content": "Answer briefly and politely."},
+                           {"role": "user", "content": other["prompt"]},
+                           {"role": "assistant", "content": other["chosen"]},
+                           {"role": "user", "content": r["prompt"]}]
+            r["chosen"] = [{"role": "assistant", "content": r["chosen"]}]
+            r["rejected"] = [{"role": "assistant", "content": r["rejected"]}]
+    elif shape == "skewed":
+        for r in rows:
+            if rng.random() < 0.125:
+                r["prompt"] = FILLER * 3 + r["prompt"]
+    elif shape != "short":
+        raise SystemExit(f"unknown shape {shape}")
+    write_jsonl(rows, path)
+
+
+def floor_ratios(model_dir: str, data: Path, max_length: int) -> tuple[float, float]:
+    """(TRL, engine) tokens computed per unique token, without padding (see the docstring)."""
+    from transformers import AutoTokenizer
+
+    from sdpo_engine.data import load_pairs
+    from sdpo_engine.step import to_trl_rows
+    from sdpo_engine.tokens import chat_tokenize
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trl = engine = unique = 0
+    for row in to_trl_rows(load_pairs(data), tok):
+        ids = chat_tokenize(tok, row)
+        p = min(len(ids["prompt_ids"]), max_length)
+        c, r = (min(len(ids[k]), max_length - p) for k in ("chosen_ids", "rejected_ids"))
+        unique += p + c + r
+        trl += 2 * p + c + r
+        engine += p + 1 + c + r
+    return trl / unique, engine / unique
+
+
 def child(args) -> None:
     """Run one variant and print one JSON line of measurements."""
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -89,7 +148,7 @@ def child(args) -> None:
         train_seconds = summary["train_seconds"]
         reference_seconds = next(e["seconds"] for e in events if e.get("phase") == "reference_logps")
     else:
-        plain = train_plain_trl(args.model_dir, args.data, hp)
+        plain = train_plain_trl(args.model_dir, args.data, hp, tuned=args.child == "tuned")
         wall = time.perf_counter() - t0
         train_seconds, losses, tokens = plain["train_seconds"], plain["losses"], plain["tokens"]
     r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -100,18 +159,28 @@ def child(args) -> None:
 
 
 def model_dir_for(name: str, cache: Path) -> str:
+    """tiny (160K parameters), tiny19m (the tiny model's architecture at hidden 512, 7 layers: the
+    size issue #21 measured), smollm2 (135M, from its GGUF) or a model directory."""
     from sdpo_engine.models import resolve_base_model
+
+    if name == "tiny19m":
+        from sdpo_engine.tiny import build_tiny_model
+
+        target = cache / "tiny-19m"
+        if not (target / "config.json").is_file():
+            build_tiny_model(target, hidden_size=512, num_layers=7, num_heads=8)
+        return str(target)
 
     return str(resolve_base_model({"tiny": "sdpo-tiny", "smollm2": "smollm2-135m"}.get(name, name), cache))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--child", choices=["plain", "engine", "engine-unpacked"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["plain", "tuned", "engine", "engine-unpacked"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--hparams", help=argparse.SUPPRESS)
-    p.add_argument("--model", default="tiny", help="tiny, smollm2 or a model directory")
+    p.add_argument("--model", default="tiny", help="tiny, tiny19m, smollm2 or a model directory")
     p.add_argument("--epochs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--prompt-ratio", type=float, nargs="+", default=[3.0], help="prompt length / answer length")
@@ -120,6 +189,10 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--repeats", type=int, default=1, help="a/b pairs per setting (alternated)")
     p.add_argument("--unpacked", action="store_true", help="also run b2: the engine without shared-prompt packing")
+    p.add_argument("--tuned", action="store_true", help="also run a': TRL tuned by hand (precompute, no checkpointing)")
+    p.add_argument("--no-plain", action="store_true", help="skip (a), TRL's defaults (with --tuned)")
+    p.add_argument("--shapes", nargs="+", choices=["short", "prompt3x", "multiturn", "skewed"],
+                   help="data shapes instead of --prompt-ratio")
     p.add_argument("--cache", default=str(ROOT / ".sdpo" / "bench-models"))
     args = p.parse_args()
     if args.child:
@@ -127,25 +200,36 @@ def main() -> None:
         return
 
     model_dir = model_dir_for(args.model, Path(args.cache))
-    lr = args.learning_rate or (1e-3 if args.model == "tiny" else 5e-6)
+    lr = args.learning_rate or (1e-3 if args.model.startswith("tiny") else 5e-6)
     print(f"model {args.model} ({model_dir}), {args.pairs} pairs, batch {args.batch_size}, "
           f"max_length {args.max_length}, lr {lr}, {args.repeats} repeat(s), median of paired ratios")
-    header = (f"{'ratio':>5} {'epochs':>6} {'wall a/b':>9} {'cpu a/b':>8} {'tok/s b/a':>10} {'mem b/a':>8} "
+    header = (f"{'shape':>9} {'epochs':>6} {'wall a/b':>9} {'cpu a/b':>8} {'tok/s b/a':>10} {'mem b/a':>8} "
               f"{'|loss a-b|':>11} {'a wall s':>9} {'b wall s':>9} {'b ref s':>8} {'a MB':>6} {'b MB':>6}")
+    if args.tuned:
+        header += (f" {'wall a`/b':>10} {'cpu a`/b':>9} {'mem b/a`':>9} {'|loss a`-b|':>12} {'a` wall s':>10}"
+                   f" {'floor a`':>8} {'floor b':>8}")
     if args.unpacked:
         header += f" {'wall a/b2':>10} {'mem b2/a':>9}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in args.prompt_ratio:
-            data = Path(tmp) / f"pairs-{ratio}.jsonl"
-            make_data(data, args.pairs, ratio, seed=0)
+        for shape in args.shapes or args.prompt_ratio:
+            data = Path(tmp) / f"pairs-{shape}.jsonl"
+            if args.shapes:
+                make_shape(data, shape, args.pairs, seed=0)
+            else:
+                make_data(data, args.pairs, shape, seed=0)
+            floor = floor_ratios(model_dir, data, args.max_length) if args.tuned else None
             for epochs in args.epochs:
                 hp = {"beta": 0.1, "learning_rate": lr, "n_epochs": epochs, "batch_size": args.batch_size,
                       "max_length": args.max_length, "warmup_ratio": 0.1, "seed": 0}
                 runs = []
                 for _ in range(args.repeats):
-                    run = {"a": run_child(__file__, "plain", model_dir, data, hp),
-                           "b": run_child(__file__, "engine", model_dir, data, hp)}
+                    run = {}
+                    if not args.no_plain:
+                        run["a"] = run_child(__file__, "plain", model_dir, data, hp)
+                    if args.tuned:
+                        run["t"] = run_child(__file__, "tuned", model_dir, data, hp)
+                    run["b"] = run_child(__file__, "engine", model_dir, data, hp)
                     if args.unpacked:
                         run["b2"] = run_child(__file__, "engine-unpacked", model_dir, data, hp)
                     runs.append(run)
@@ -156,15 +240,27 @@ def main() -> None:
                 def tps(x):
                     return x["tokens"] / x["train_seconds"]
 
-                diff = max(max((abs(x - y) for x, y in zip(r["a"]["losses"], r["b"]["losses"], strict=True)),
-                               default=float("nan")) for r in runs)
-                line = (f"{ratio:>5g} {epochs:>6} {med(lambda r: r['a']['wall'] / r['b']['wall']):>9.2f} "
+                def loss_diff(x, runs=runs):
+                    return max(max((abs(u - v) for u, v in zip(r[x]["losses"], r["b"]["losses"], strict=True)),
+                                   default=float("nan")) for r in runs)
+
+                if args.no_plain:
+                    for r in runs:  # the (a) columns show a' then, and say so in the shape column
+                        r["a"] = r["t"]
+                diff = loss_diff("a")
+                label = f"{shape}" if args.shapes else f"{shape:g}"
+                line = (f"{label:>9} {epochs:>6} {med(lambda r: r['a']['wall'] / r['b']['wall']):>9.2f} "
                         f"{med(lambda r: r['a']['cpu'] / r['b']['cpu']):>8.2f} "
                         f"{med(lambda r: tps(r['b']) / tps(r['a'])):>10.2f} "
                         f"{med(lambda r: r['b']['peak_mb'] / r['a']['peak_mb']):>8.2f} {diff:>11.1e} "
                         f"{med(lambda r: r['a']['wall']):>9.1f} {med(lambda r: r['b']['wall']):>9.1f} "
                         f"{med(lambda r: r['b']['reference_seconds']):>8.1f} {med(lambda r: r['a']['peak_mb']):>6.0f} "
                         f"{med(lambda r: r['b']['peak_mb']):>6.0f}")
+                if args.tuned:
+                    line += (f" {med(lambda r: r['t']['wall'] / r['b']['wall']):>10.2f} "
+                             f"{med(lambda r: r['t']['cpu'] / r['b']['cpu']):>9.2f} "
+                             f"{med(lambda r: r['b']['peak_mb'] / r['t']['peak_mb']):>9.2f} {loss_diff('t'):>12.1e} "
+                             f"{med(lambda r: r['t']['wall']):>10.1f} {floor[0]:>8.2f} {floor[1]:>8.2f}")
                 if args.unpacked:
                     line += (f" {med(lambda r: r['a']['wall'] / r['b2']['wall']):>10.2f} "
                              f"{med(lambda r: r['b2']['peak_mb'] / r['a']['peak_mb']):>9.2f}")
