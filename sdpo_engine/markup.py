@@ -27,10 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .protocol import TEXT_FORMATS
+
 __all__ = ["TEXT_FORMATS", "MARKUP_MARKERS", "TokenizerFiles", "check_pairs", "find_markup", "markup_tokens",
            "read_tokenizer_files"]
 
-TEXT_FORMATS = ("chat", "raw")
 
 # Markers of the common chat formats (ChatML, Llama 2/3, Gemma, Phi, Zephyr, Mistral), checked for
 # on every model: data formatted for another model is as wrong as data formatted for this one.

@@ -29,6 +29,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from .protocol import PARTITION_STRATEGIES
+
 __all__ = [
     "STRATEGIES",
     "PartitionError",
@@ -38,7 +40,7 @@ __all__ = [
     "source_order",
 ]
 
-STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
+STRATEGIES = PARTITION_STRATEGIES
 _CURRICULUM = ("easy_to_hard", "hard_to_easy")
 
 

@@ -23,8 +23,9 @@ from .config import StepConfig
 from .data import load_pairs, write_pairs
 from .manifest import read_manifest
 from .partition import partition, source_order
+from .protocol import PARTITION_STRATEGIES
 
-STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
+STRATEGIES = PARTITION_STRATEGIES
 
 
 def score_sources(model_dir: str | Path, pairs: list[dict], *, max_length: int, device: str = "auto",

@@ -33,14 +33,15 @@ from pathlib import Path
 from .config import ConfigError, StepConfig
 from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
 from .manifest import checkpoint_identity, write_checkpoint_atomically
-from .markup import TEXT_FORMATS
+from .protocol import TEXT_FORMATS, ExitCode
 from .tokens import no_signal_reason, raw_tokenize
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_NON_FINITE = 3  # a reference log-prob, loss, gradient norm or held-out metric is NaN or infinite
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a resumable trainer checkpoint
+# The exit codes are the contract's (protocol.ExitCode); these names are kept for callers.
+EXIT_OK = ExitCode.OK
+EXIT_FAILED = ExitCode.FAILED
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
+EXIT_NON_FINITE = ExitCode.NON_FINITE
+EXIT_STOPPED = ExitCode.STOPPED
 
 Emit = Callable[[dict], None]
 

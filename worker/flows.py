@@ -57,16 +57,13 @@ from sdpo_engine.data import DataError, load_numbered_pairs, load_pairs, pair_ro
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.markup import check_pairs, read_tokenizer_files
 from sdpo_engine.partition import PartitionError, partition, source_order
+from sdpo_engine.protocol import TRAINING_DATA_CODES, ExitCode
 from worker import broker, db
 from worker.supervisor import CANCEL, GO, PAUSE, child_environment, engine_command, supervise
 
 log = logging.getLogger(__name__)
 
-EXIT_STOPPED = 75  # sdpo_engine.step.EXIT_STOPPED (not imported: that module imports TRL)
-EXIT_BAD_INPUT = 2
-EXIT_NON_FINITE = 3  # sdpo_engine.step.EXIT_NON_FINITE: a NaN/inf reference log-prob, loss or gradient norm
-# sdpo_engine.step.TrainingDataError codes, passed through as the job's error code
-TRAINING_DATA_CODES = ("special_tokens_in_text", "no_chat_template", "raw_needs_strings", "no_trainable_pairs")
+EXIT_STOPPED, EXIT_BAD_INPUT, EXIT_NON_FINITE = ExitCode.STOPPED, ExitCode.BAD_INPUT, ExitCode.NON_FINITE
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a trainer checkpoint
 REAP_RETRY_SECONDS = 15.0
 _PATH = re.compile(r"(/[^\s:'\"]+)+")  # server paths stay out of the errors users read

@@ -37,12 +37,9 @@ from core.models import Checkpoint, File, FileStatus, Job, ModelSource, Register
 from core.settings import Settings
 from core.storage import LOCAL_SCHEME, make_storage
 from sdpo_engine.config import ConfigError, StepConfig, learning_rate_from_multiplier
-from sdpo_engine.markup import TEXT_FORMATS, read_tokenizer_files
+from sdpo_engine.markup import read_tokenizer_files
+from sdpo_engine.protocol import CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, TEXT_FORMATS
 
-# Must match sdpo_engine.partition.STRATEGIES; the API may import only sdpo_engine.data and
-# sdpo_engine.config (import contract), so the names are repeated here.
-PARTITION_STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
-CURRICULUM_STRATEGIES = ("easy_to_hard", "hard_to_easy")
 SUPPORTED_METHODS = ("dpo", "sdpo")
 OPENAI_ONLY_METHODS = ("supervised", "reinforcement")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "input", "preferred_output", "non_preferred_output")
