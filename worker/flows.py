@@ -732,18 +732,11 @@ def _paused(job_id, step_id, index, attempt, outcome) -> Outcome:
     return db.retrying(record, what=f"record the pause of step {index} of {job_id}")
 
 
-def _failed_attempts(s, job_id: str, index: int) -> int:
-    """How many attempts of a step failed or were lost (pauses do not count)."""
-    return s.scalar(select(func.count()).select_from(Event).where(
-        Event.job_id == job_id, Event.step_index == index, Event.level == "warn",
-        Event.data["failed_attempt"].as_integer().is_not(None))) or 0
-
-
 def _requeue_or_fail_step(s, app, job: Job, steps: list[JobStep], step: JobStep, reason: str) -> bool:
     """In the caller's transaction: after a failed or lost attempt, requeue `step` (a new chain from
     it is sent after the commit) or, past `max_step_attempts`, fail it and the job. True if requeued."""
     settings = get_settings()
-    failures = _failed_attempts(s, job.id, step.index) + 1
+    step.failed_attempts = failures = step.failed_attempts + 1
     if failures >= settings.max_step_attempts:
         message = (f"Step {step.index} failed after {failures} attempt{'s' if failures != 1 else ''} "
                    f"(max_step_attempts={settings.max_step_attempts}); the last one: {reason}.")

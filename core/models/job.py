@@ -80,6 +80,9 @@ class JobStep(Base):
     policy_init_checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
     output_checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id"))
     attempt: Mapped[int] = mapped_column(default=0)
+    # Attempts that failed or were lost (worker died, training process crashed; pauses do not count):
+    # the retry budget, checked against max_step_attempts.
+    failed_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(255))
     heartbeat_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
