@@ -15,8 +15,8 @@ from pathlib import Path
 def run_child(script: str, variant: str, model_dir: str | Path, data: str | Path, hp: dict,
               env: dict | None = None) -> dict:
     """Run `script --child variant ...` in a fresh process (its own imports, its own peak memory) and
-    return the JSON line it prints last. SDPO_PACKING from the caller's shell is dropped: every variant
-    states its own settings through `env`."""
+    return the JSON line it prints last. Every variant states its own engine settings in its step
+    spec; SDPO_PACKING from the caller's shell is dropped all the same (older engines read it)."""
     cmd = [sys.executable, script, "--child", variant, "--model-dir", str(model_dir), "--data", str(data),
            "--hparams", json.dumps(hp)]
     base = {k: v for k, v in os.environ.items() if k != "SDPO_PACKING"}

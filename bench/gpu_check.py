@@ -102,12 +102,15 @@ def child(args) -> None:
     hp = json.loads(args.hparams)
     cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
-    if args.child == "engine":
+    if args.child in ("engine", "engine_nopad"):
         events: list[dict] = []
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_step({"index": 1, "policy_init": args.model_dir, "train_file": args.data,
                                 "output_dir": f"{tmp}/out", "work_dir": f"{tmp}/work", "hyperparameters": hp,
-                                "device": "cuda" if cuda else "cpu"}, emit=events.append)
+                                "device": "cuda" if cuda else "cpu",
+                                # engine_nopad: no GPU length rounding, to measure what it buys
+                                "pad_to_multiple_of": 0 if args.child == "engine_nopad" else None},
+                               emit=events.append)
         wall = time.perf_counter() - t0
         # TRL's train() includes its reference forwards; the engine's run before train(): count the
         # forward pass (not the tokenisation before it, which TRL does in __init__ for (a) too).
@@ -135,7 +138,7 @@ def child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--child", choices=["plain", "plain_nogc", "engine"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["plain", "plain_nogc", "engine", "engine_nopad"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--hparams", help=argparse.SUPPRESS)
@@ -150,7 +153,7 @@ def main() -> None:
                    help="also run (a) with gradient checkpointing off on the first N shapes (TRL defaults it on)")
     p.add_argument("--variants", default="plain,plain_nogc",
                    help="the baselines to run beside the engine: plain (TRL defaults), plain_nogc, engine_nopad "
-                   "(the engine with SDPO_PAD_TO_MULTIPLE_OF=0)")
+                   "(the engine with pad_to_multiple_of 0)")
     p.add_argument("--json-out", help="also write every figure to this JSON file")
     args = p.parse_args()
     if args.child:
@@ -177,7 +180,7 @@ def main() -> None:
             if "plain_nogc" in variants and len(results) < args.nogc_shapes:
                 runs["plain_nogc"] = run_child(__file__, "plain_nogc", model_dir, data, hp)
             if "engine_nopad" in variants:  # the engine without GPU length rounding, to measure what it buys
-                runs["engine_nopad"] = run_child(__file__, "engine", model_dir, data, hp, env={"SDPO_PAD_TO_MULTIPLE_OF": "0"})
+                runs["engine_nopad"] = run_child(__file__, "engine_nopad", model_dir, data, hp)
             runs["engine"] = run_child(__file__, "engine", model_dir, data, hp)
             results.append(report(prompt_tokens, answer_tokens, runs, n_params, args.peak_tflops))
             if args.json_out:  # after every shape: a run cut short keeps what it measured

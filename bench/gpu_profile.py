@@ -13,7 +13,7 @@ the optimizer in the way:
 
 for these variants of the same batch and weights:
 
-  two_seq        TRL's layout (SDPO_PACKING=off)
+  two_seq        TRL's layout (the spec's packing: false)
   packed         the engine's default: shared-prompt packing, compact LM head, sparse tied embedding
   packed_full    packing through the model's own forward and fused head (no compact head, no sparse trick)
   packed_float   packing with an additive bf16 mask instead of sdpa's bool mask

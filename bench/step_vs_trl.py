@@ -25,7 +25,7 @@ claims. Columns:
   floor a'/b      tokens each side's forward passes cover per unique token of the data (prompt +
                   answers after truncation, no padding): TRL runs the prompt twice, the engine once
                   plus one token per pair; padding comes on top of both
-With --unpacked, (b2) is the engine with SDPO_PACKING=off (two sequences per pair, as TRL).
+With --unpacked, (b2) is the engine with packing off (the spec's `packing: false`) (two sequences per pair, as TRL).
 
 Data shapes (--shapes; default: the prompt ratios of --prompt-ratio): `short` (prompt and answers of
 about 10-20 tokens), `prompt3x` (prompts about 3x the answers), `multiturn` (three-turn prompts with
@@ -135,13 +135,11 @@ def child(args) -> None:
     hp = json.loads(args.hparams)
     reference_seconds = None
     if args.child in ("engine", "engine-unpacked"):
-        if args.child == "engine-unpacked":
-            os.environ["SDPO_PACKING"] = "off"
         events = []
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_step({"index": 1, "policy_init": args.model_dir, "train_file": args.data,
                                 "output_dir": f"{tmp}/out", "work_dir": f"{tmp}/work", "hyperparameters": hp,
-                                "device": "cpu"}, emit=events.append)
+                                "device": "cpu", "packing": args.child == "engine"}, emit=events.append)
             wall = time.perf_counter() - t0
         losses = [e["loss"] for e in events if e["event"] == "metrics"]
         tokens = max((e.get("num_tokens") or 0) for e in events if e["event"] == "metrics")

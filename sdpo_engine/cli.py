@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 
+from .protocol import ACTIVATION_CHECKPOINTING
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdpo_engine", description="Stepwise DPO (sDPO) on TRL")
@@ -58,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
                         "raw: strings already formatted, trained exactly as given (BOS/EOS added at most once)")
     r.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    # The settings a server's worker takes from SDPO_PACKING, SDPO_PAD_TO_MULTIPLE_OF and
+    # SDPO_ACTIVATION_CHECKPOINTING (core.settings); here flags, recorded in every step's manifest.
+    r.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="TRL's two sequences per pair instead of shared-prompt packing (same loss, slower)")
+    r.add_argument("--pad-to-multiple-of", type=int, metavar="N",
+                   help="round each batch's length up to N (0: no rounding; default 64 on a GPU, none on CPU)")
+    r.add_argument("--activation-checkpointing", choices=list(ACTIVATION_CHECKPOINTING), default="auto",
+                   help="auto (default): only where a batch's activations would not fit in memory")
     r.add_argument("--quiet", action="store_true", help="print only the final table")
 
     s = sub.add_parser("step", help="run one step from a JSON spec (JSON lines on stdout)")
@@ -251,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             n_steps=args.steps, sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None,
             eval_file=args.eval_file, hyperparameters=hyper, seed=args.seed, source_field=args.source_field,
             lora={"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None, device=args.device,
-            text_format=args.text_format, chat_template=chat_template, emit=emit)
+            text_format=args.text_format, chat_template=chat_template, packing=args.packing,
+            pad_to_multiple_of=args.pad_to_multiple_of, activation_checkpointing=args.activation_checkpointing,
+            emit=emit)
     except (ConfigError, DataError, ModelError, PartitionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, DataError) and getattr(e, "report", None):

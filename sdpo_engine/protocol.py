@@ -8,11 +8,15 @@ text formats). docs/CONTRACTS.md describes the same contract in prose.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 __all__ = [
+    "ACTIVATION_CHECKPOINTING",
     "CURRICULUM_STRATEGIES",
+    "DEVICES",
     "ERROR_CODES",
     "PARTITION_STRATEGIES",
     "TEXT_FORMATS",
@@ -20,8 +24,11 @@ __all__ = [
     "ErrorEvent",
     "ExitCode",
     "InfoEvent",
+    "LoraSpec",
     "MetricsEvent",
     "ResultEvent",
+    "SpecError",
+    "StepSpec",
     "StoppedEvent",
     "WarningEvent",
 ]
@@ -45,6 +52,11 @@ CURRICULUM_STRATEGIES = ("easy_to_hard", "hard_to_easy")
 # "chat": message lists through the chat template, markup inside text refused (sdpo_engine.markup);
 # "raw": strings already formatted, trained exactly as given (sdpo_engine.tokens).
 TEXT_FORMATS = ("chat", "raw")
+
+DEVICES = ("auto", "cpu", "cuda")
+# "auto": on only where the largest batch's activations would not fit (step.plan_activation_checkpointing).
+ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
+MAX_PAD_TO_MULTIPLE_OF = 4096
 
 # Codes of data that validated as a file but cannot be trained as asked on the model (exit 2); the
 # worker makes them the job's error code.
@@ -100,3 +112,118 @@ class StoppedEvent(TypedDict):
     event: Literal["stopped"]
     global_step: int
     checkpoint: str | None
+
+
+class SpecError(ValueError):
+    """The step spec itself is wrong (missing key, bad path, bad value). No retry helps (exit 2)."""
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA adapter trained instead of the full weights, merged into the model after the step."""
+
+    r: int = field(default=8, metadata={"help": "Adapter rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    target_modules: list[str] | str = field(default="all-linear", metadata={
+        "help": "Module names to adapt, or PEFT's \"all-linear\"."})
+
+
+@dataclass
+class StepSpec:
+    """What one step needs: the JSON object of ``python -m sdpo_engine step SPEC.json``.
+
+    Paths are local; the worker downloads from storage before it runs. Every setting that changes how
+    the step trains is a field here (the worker fills them from its `core.settings.Settings`), never an
+    environment variable the engine reads, and each is recorded in the checkpoint's manifest.
+    `from_dict` raises `SpecError` naming the key.
+    """
+
+    index: int = field(metadata={"help": "The sDPO step t, 1-based."})
+    policy_init: str = field(metadata={
+        "help": "Checkpoint directory M_{t-1} the policy starts from; it is also the frozen reference."})
+    train_file: str = field(metadata={"help": "This step's preference pairs (JSONL or Parquet, any accepted "
+                                              "format)."})
+    output_dir: str = field(metadata={"help": "Where the step's checkpoint is written (atomically); must not "
+                                              "exist."})
+    work_dir: str = field(metadata={"help": "Trainer checkpoints for stop/resume; a rerun resumes from here."})
+    hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "StepConfig's fields (sdpo_engine.config); missing keys take their defaults."})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "Held-out pairs scored after training against eval_reference."})
+    eval_reference: str | None = field(default=None, metadata={
+        "help": "The fixed reference model for held-out metrics, normally the base model; needed with "
+                "eval_file."})
+    stop_file: str | None = field(default=None, metadata={
+        "help": "A file whose appearance stops the step at the next optimizer step (exit 75)."})
+    lora: LoraSpec | None = field(default=None, metadata={
+        "help": "Null (full fine-tuning) or {\"r\", \"alpha\", \"dropout\", \"target_modules\"}."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
+    source_field: str = field(default="source", metadata={"help": "The field naming a pair's source dataset."})
+    save_steps: int = field(default=0, metadata={
+        "help": ">0: also save a trainer checkpoint every N optimizer steps (crash recovery)."})
+    text_format: str = field(default="chat", metadata={
+        "help": "chat: the chat template formats message lists (markup inside the text is refused, "
+                "markup.py); raw: strings already formatted, trained exactly as given (tokens.py)."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "A Jinja chat template that replaces the tokenizer's own and is saved with the output."})
+    packing: bool = field(default=True, metadata={
+        "help": "Shared-prompt packing (each pair as one sequence, the prompt computed once) where proven "
+                "identical for the model; false: TRL's two sequences per pair. Same loss either way."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={
+        "help": f"Round each batch's length up to this (0: no rounding, at most {MAX_PAD_TO_MULTIPLE_OF}); "
+                "null: 64 on a GPU, none on CPU. The padding is masked: the loss is unchanged."})
+    activation_checkpointing: str = field(default="auto", metadata={
+        "help": "auto: on only where the largest batch's activations would not fit in memory; on; off."})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepSpec:
+        """The spec from its JSON object, checked: required keys, no unknown keys, paths that exist,
+        values in range. Raises SpecError."""
+        if not isinstance(d, dict):
+            raise SpecError("the step spec must be a JSON object")
+        required = ("index", "policy_init", "train_file", "output_dir", "work_dir")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise SpecError(f"step spec misses {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SpecError(f"unknown step spec keys: {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("lora"):
+            if not isinstance(d["lora"], dict):
+                raise SpecError("lora must be null or an object")
+            try:
+                d["lora"] = LoraSpec(**d["lora"])
+            except TypeError as e:
+                raise SpecError(f"lora: {e}") from None
+        spec = cls(**d)
+        if not isinstance(spec.index, int) or spec.index < 1:
+            raise SpecError("index must be an integer >= 1")
+        if not (Path(spec.policy_init) / "config.json").is_file():
+            raise SpecError(f"policy_init {spec.policy_init} is not a model directory (no config.json)")
+        if not Path(spec.train_file).is_file():
+            raise SpecError(f"train_file {spec.train_file} does not exist")
+        if spec.eval_file and not spec.eval_reference:
+            raise SpecError("eval_file needs eval_reference (the fixed reference model, normally the base model)")
+        if spec.device not in DEVICES:
+            raise SpecError(f"device must be one of {', '.join(DEVICES)}")
+        if spec.text_format not in TEXT_FORMATS:
+            raise SpecError(f"text_format must be one of {', '.join(TEXT_FORMATS)}")
+        if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
+            raise SpecError("chat_template must be a non-empty Jinja template string")
+        if not isinstance(spec.packing, bool):
+            raise SpecError("packing must be true or false")
+        pad = spec.pad_to_multiple_of
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
+                                or not 0 <= pad <= MAX_PAD_TO_MULTIPLE_OF):
+            raise SpecError(f"pad_to_multiple_of must be null or a whole number from 0 to {MAX_PAD_TO_MULTIPLE_OF}")
+        if spec.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise SpecError(f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+        return spec
+
+    def training_settings(self) -> dict[str, Any]:
+        """The operator's settings that change how the step trains (recorded in the manifest)."""
+        return {"device": self.device, "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
+                "activation_checkpointing": self.activation_checkpointing}

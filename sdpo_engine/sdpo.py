@@ -91,9 +91,13 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
              strategy: str | None = None, n_steps: int | None = None, sizes: list[int] | None = None,
              eval_file: str | None = None, hyperparameters: dict | None = None, seed: int = 0,
              source_field: str = "source", lora: dict | None = None, device: str = "auto",
-             text_format: str = "chat", chat_template: str | None = None,
+             text_format: str = "chat", chat_template: str | None = None, packing: bool = True,
+             pad_to_multiple_of: int | None = None, activation_checkpointing: str = "auto",
              emit: Callable[[dict], None] | None = None) -> dict:
     """Run a whole sDPO job in this process and return the summary (also written to summary.json).
+
+    `packing`, `pad_to_multiple_of` and `activation_checkpointing` go into every step's spec
+    (protocol.StepSpec, which says what they do).
 
     Every input file is checked against the base model's tokenizer first (markup.check_pairs,
     naming the user's own lines): a file that cannot be trained as asked raises
@@ -149,6 +153,8 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
                     "hyperparameters": cfg.to_dict(), "eval_file": eval_file,
                     "eval_reference": str(base) if eval_file else None, "lora": lora, "device": device,
                     "source_field": source_field, "text_format": text_format, "chat_template": chat_template,
+                    "packing": packing, "pad_to_multiple_of": pad_to_multiple_of,
+                    "activation_checkpointing": activation_checkpointing,
                 }, emit=relay)
             else:  # finished in an earlier run of the same command
                 summary = {**manifest["metrics"], "reference": manifest["reference"],

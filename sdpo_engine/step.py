@@ -27,13 +27,14 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, StepConfig
 from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
 from .manifest import checkpoint_identity, write_checkpoint_atomically
-from .protocol import TEXT_FORMATS, ExitCode
+
+# StepSpec, LoraSpec and SpecError are the contract's (protocol.py); re-exported for callers.
+from .protocol import ExitCode, LoraSpec, SpecError, StepSpec  # noqa: F401
 from .tokens import no_signal_reason, raw_tokenize
 
 # The exit codes are the contract's (protocol.ExitCode); these names are kept for callers.
@@ -44,10 +45,6 @@ EXIT_NON_FINITE = ExitCode.NON_FINITE
 EXIT_STOPPED = ExitCode.STOPPED
 
 Emit = Callable[[dict], None]
-
-
-class SpecError(ValueError):
-    """The step spec itself is wrong (missing key, bad path). No retry helps."""
 
 
 class TrainingDataError(DataError):
@@ -84,69 +81,6 @@ class NonFiniteError(RuntimeError):
         super().__init__(message)
         self.value = value
         self.global_step = global_step
-
-
-@dataclass
-class LoraSpec:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-
-
-@dataclass
-class StepSpec:
-    """What one step needs. Paths are local; the worker downloads from storage before it runs."""
-
-    index: int
-    policy_init: str
-    train_file: str
-    output_dir: str
-    work_dir: str
-    hyperparameters: dict = field(default_factory=dict)
-    eval_file: str | None = None
-    eval_reference: str | None = None
-    stop_file: str | None = None
-    lora: LoraSpec | None = None
-    device: str = "auto"
-    source_field: str = "source"
-    save_steps: int = 0  # >0: also save a trainer checkpoint every N optimizer steps (crash recovery)
-    # "chat": the chat template formats message lists (markup inside the text is refused before the
-    # step, see markup.py); "raw": strings already formatted, trained exactly as given (tokens.py).
-    text_format: str = "chat"
-    chat_template: str | None = None  # a Jinja chat template that replaces the tokenizer's own
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StepSpec:
-        if not isinstance(d, dict):
-            raise SpecError("the step spec must be a JSON object")
-        required = ("index", "policy_init", "train_file", "output_dir", "work_dir")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise SpecError(f"step spec misses {', '.join(missing)}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SpecError(f"unknown step spec keys: {', '.join(unknown)}")
-        d = dict(d)
-        if d.get("lora"):
-            d["lora"] = LoraSpec(**d["lora"])
-        spec = cls(**d)
-        if not isinstance(spec.index, int) or spec.index < 1:
-            raise SpecError("index must be an integer >= 1")
-        if not (Path(spec.policy_init) / "config.json").is_file():
-            raise SpecError(f"policy_init {spec.policy_init} is not a model directory (no config.json)")
-        if not Path(spec.train_file).is_file():
-            raise SpecError(f"train_file {spec.train_file} does not exist")
-        if spec.eval_file and not spec.eval_reference:
-            raise SpecError("eval_file needs eval_reference (the fixed reference model, normally the base model)")
-        if spec.device not in ("auto", "cpu", "cuda"):
-            raise SpecError("device must be auto, cpu or cuda")
-        if spec.text_format not in TEXT_FORMATS:
-            raise SpecError(f"text_format must be one of {', '.join(TEXT_FORMATS)}")
-        if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
-            raise SpecError("chat_template must be a non-empty Jinja template string")
-        return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +194,12 @@ def to_trl_rows(pairs: list[dict], tokenizer, text_format: str = "chat") -> list
             for p in pairs]
 
 
-def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int = 0, **overrides):
-    """TRL's DPOConfig for one step. Every value that differs from TRL's defaults says why."""
+def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int = 0,
+               pad_to: int | None = None, **overrides):
+    """TRL's DPOConfig for one step. Every value that differs from TRL's defaults says why.
+
+    `pad_to` is the spec's `pad_to_multiple_of` (None: the device's default, see `pad_to_multiple_of`).
+    """
     import torch
     from trl import DPOConfig
 
@@ -304,44 +242,31 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        pad_to_multiple_of=pad_to_multiple_of(on_gpu),
+        pad_to_multiple_of=pad_to_multiple_of(on_gpu, pad_to),
     )
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
 
 
-def pad_to_multiple_of(on_gpu: bool) -> int | None:
-    """Batch length rounded up to this (SDPO_PAD_TO_MULTIPLE_OF; 0 = no rounding).
+def pad_to_multiple_of(on_gpu: bool, setting: int | None = None) -> int | None:
+    """Batch length rounded up to this: `setting` (the spec's `pad_to_multiple_of`; 0 = no rounding), or
+    by default 64 on a GPU and none on CPU.
 
-    Default 64 on a GPU, none on CPU. Every batch has another longest pair, so unrounded every
-    batch is a new tensor shape, and the GPU's attention kernels (cuDNN's sdpa on Hopper) build
-    and cache a plan per shape; rounding keeps a step to a few shapes. The padding is masked, so
-    the loss and gradients are unchanged (tests/engine/test_perf_equivalence.py); on CPU it would
-    only add work.
+    Every batch has another longest pair, so unrounded every batch is a new tensor shape, and the
+    GPU's attention kernels (cuDNN's sdpa on Hopper) build and cache a plan per shape; rounding keeps
+    a step to a few shapes. The padding is masked, so the loss and gradients are unchanged
+    (tests/engine/test_perf_equivalence.py); on CPU it would only add work.
     """
-    raw = os.environ.get("SDPO_PAD_TO_MULTIPLE_OF", "").strip()
-    if raw:
-        # The operator's setting, not the user's input: a RuntimeError fails the step as step_failed
-        # with this message, where a SpecError would tell the user their job was invalid.
-        try:
-            value = int(raw)
-        except ValueError:
-            raise RuntimeError(f"SDPO_PAD_TO_MULTIPLE_OF must be a whole number, got {raw!r}") from None
-        if value < 0 or value > 4096:
-            raise RuntimeError(f"SDPO_PAD_TO_MULTIPLE_OF must be between 0 and 4096, got {value}")
-        return value or None
+    if setting is not None:
+        return setting or None
     return 64 if on_gpu else None
 
 
-def packing_default() -> bool:
-    """Shared-prompt packing is on unless SDPO_PACKING=off (it still falls back where not proven identical)."""
-    return os.environ.get("SDPO_PACKING", "auto").strip().lower() not in ("off", "0", "false", "no")
-
-
-def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool | None = None,
+def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool = True,
                   text_format: str = "chat"):
     """TRL's trainer for `rows` (`to_trl_rows`). Pairs without training signal are dropped while TRL
-    prepares the dataset, before the reference pass: `trainer.pairs_dropped` = {reason: [row indices]}."""
+    prepares the dataset, before the reference pass: `trainer.pairs_dropped` = {reason: [row indices]}.
+    `pack`: the spec's `packing` (shared-prompt packing where proven identical)."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
@@ -354,7 +279,7 @@ def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), pef
         processing_class=tokenizer,
         callbacks=list(callbacks),
         peft_config=peft_config,
-        pack=packing_default() if pack is None else pack,
+        pack=pack,
     )
     # Our Relay callback reports every log as a JSON line; the printer would repeat it on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -435,7 +360,7 @@ def _define_trainer_class():
                 return
             self._packing_checked = True
             if not self._pack_requested:
-                reason = "disabled (SDPO_PACKING=off)"
+                reason = "disabled (packing=false in the step spec; the worker's SDPO_PACKING=off)"
             elif type(self.data_collator) is not DataCollatorForPreference:
                 reason = "custom or vision collator"
             else:
@@ -532,19 +457,20 @@ def _define_trainer_class():
 
 def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 8,
                device: str = "cpu", text_format: str = "chat", kept: list[int] | None = None,
-               ) -> tuple[list[float], list[float]]:
+               pack: bool = True, pad_to: int | None = None) -> tuple[list[float], list[float]]:
     """Summed completion log-probs (chosen, rejected) of each pair under `model`.
 
     Computed by TRL's own reference pass (same tokenization, truncation and masking as training),
     so a gamma computed here equals the gamma_ref a step trained against. Pairs without training
     signal (tokens.no_signal_reason) are left out, as in training; pass a list as `kept` to receive
     the indices into `pairs` of the pairs that were scored, in the order of the returned lists.
+    `pack` and `pad_to` are the spec's `packing` and `pad_to_multiple_of` (the numbers do not depend on them).
     """
     with tempfile.TemporaryDirectory(prefix="sdpo-logps-") as tmp:
         cfg = StepConfig(max_length=max_length, batch_size=batch_size)
-        args = dpo_config(cfg, tmp, device, precompute_ref_batch_size=batch_size)
+        args = dpo_config(cfg, tmp, device, pad_to=pad_to, precompute_ref_batch_size=batch_size)
         trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, text_format), args,
-                                text_format=text_format)
+                                pack=pack, text_format=text_format)
         ds = trainer.train_dataset
         if kept is not None:
             dropped = {i for rows in trainer.pairs_dropped.values() for i in rows}
@@ -599,20 +525,19 @@ def free_memory_bytes(device: str) -> int:
     return 1 << 62  # unknown: assume plenty
 
 
-def plan_activation_checkpointing(trainer, device: str) -> dict:
+def plan_activation_checkpointing(trainer, device: str, setting: str = "auto") -> dict:
     """Turn activation checkpointing on only where memory needs it.
 
     Needed when the largest batch's activations exceed half of what stays free once the optimizer
     has its states and the gradients exist (Adam: 2 + 1 times the trainable parameters). Off
     otherwise: recomputing every layer's forward costs about a third more compute per step.
-    SDPO_ACTIVATION_CHECKPOINTING=on|off overrides.
+    `setting` (the spec's `activation_checkpointing`) "on" or "off" overrides.
     """
     trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
     free = free_memory_bytes(device) - 3 * trainable
     estimate = activation_bytes(trainer)
-    forced = os.environ.get("SDPO_ACTIVATION_CHECKPOINTING", "auto").strip().lower()
-    if forced in ("on", "off"):
-        needed = forced == "on"
+    if setting in ("on", "off"):
+        needed = setting == "on"
     else:
         needed = bool(trainer.args.gradient_checkpointing) or estimate > 0.5 * max(free, 0)
     if needed and not trainer.args.gradient_checkpointing:
@@ -882,7 +807,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         if spec.chat_template:
             ref_tok.chat_template = spec.chat_template
         eval_ref = pair_logps(ref_model, ref_tok, eval_pairs, max_length=cfg.max_length,
-                              batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format)
+                              batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format,
+                              pack=spec.packing, pad_to=spec.pad_to_multiple_of)
         del ref_model
         check_finite_logps(*eval_ref, "held-out reference log-prob", _held_out_labels(eval_ref, eval_pairs))
         emit({"event": "info", "phase": "eval_reference", "step": spec.index, "pairs": len(eval_pairs)})
@@ -899,12 +825,12 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps)
+    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of)
     t_ref = time.perf_counter()
     trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
                             callbacks=_callbacks(spec.index, emit, stop,
                                                  first_loss_expected=expected_first_loss(cfg.loss_type)),
-                            peft_config=peft_config,
+                            peft_config=peft_config, pack=spec.packing,
                             text_format=spec.text_format)
     pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
     if pairs_dropped:
@@ -930,7 +856,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         raise TrainingDataError("no_trainable_pairs", f"no pair of the {len(pairs)} has a training signal at "
                                 f"max_length={cfg.max_length}: {why}. Shorten the prompts, raise max_length, or "
                                 "fix answers that are the same")
-    emit({"event": "info", "phase": "memory", "step": spec.index, **plan_activation_checkpointing(trainer, device)})
+    memory = plan_activation_checkpointing(trainer, device, spec.activation_checkpointing)
+    emit({"event": "info", "phase": "memory", "step": spec.index, **memory})
 
     resume_from = _last_trainer_checkpoint(spec.work_dir)
     if resume_from:
@@ -963,7 +890,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     }
     if eval_pairs is not None:
         eval_policy = pair_logps(policy, tokenizer, eval_pairs, max_length=cfg.max_length,
-                                 batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format)
+                                 batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format,
+                                 pack=spec.packing, pad_to=spec.pad_to_multiple_of)
         check_finite_logps(*eval_policy, "held-out policy log-prob", _held_out_labels(eval_policy, eval_pairs))
         summary["eval"] = preference_metrics(eval_policy, eval_ref, cfg.beta)
         emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"]})
@@ -981,6 +909,11 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "metrics": summary,
         # What load_policy turned off for training (the saved config keeps its own values).
         "dropout_disabled": model.sdpo_dropout_disabled,
+        # The operator's settings that change how the step trains, as asked and as applied.
+        "training_settings": {**spec.training_settings(), "device": device},
+        "training_applied": {"packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
+                             "pad_to_multiple_of": args.pad_to_multiple_of,
+                             "activation_checkpointing": memory["activation_checkpointing"]},
         "torch": torch.__version__,
     }
 

@@ -209,25 +209,26 @@ def test_packed_training_equals_two_sequence_training_eager_and_lora(tiny_model,
                           _trainer(tiny_model, pairs_file, tmp_path, pack=False, lora=True))
 
 
-def test_rounded_batch_length_trains_the_same(tiny_model, pairs_file, tmp_path, monkeypatch):
+def test_rounded_batch_length_trains_the_same(tiny_model, pairs_file, tmp_path):
     """On a GPU the engine rounds every batch's length up to a multiple of 64 (fewer tensor shapes for
     the attention kernels to plan); the padding is masked, so training is unchanged."""
-    from sdpo_engine.step import pad_to_multiple_of
+    from sdpo_engine.step import SpecError, StepSpec, pad_to_multiple_of
 
     assert pad_to_multiple_of(True) == 64 and pad_to_multiple_of(False) is None
-    monkeypatch.setenv("SDPO_PAD_TO_MULTIPLE_OF", "0")
-    assert pad_to_multiple_of(True) is None
-    monkeypatch.setenv("SDPO_PAD_TO_MULTIPLE_OF", "sixty")
-    with pytest.raises(RuntimeError, match="SDPO_PAD_TO_MULTIPLE_OF"):
-        pad_to_multiple_of(True)
-    monkeypatch.delenv("SDPO_PAD_TO_MULTIPLE_OF")
+    assert pad_to_multiple_of(True, 0) is None and pad_to_multiple_of(False, 8) == 8
+    # The setting comes from the step spec (the worker's SDPO_PAD_TO_MULTIPLE_OF), checked there.
+    spec = {"index": 1, "policy_init": str(tiny_model), "train_file": str(pairs_file),
+            "output_dir": str(tmp_path / "out"), "work_dir": str(tmp_path / "work")}
+    for bad in ("sixty", -1, 4097, True):
+        with pytest.raises(SpecError, match="pad_to_multiple_of"):
+            StepSpec.from_dict({**spec, "pad_to_multiple_of": bad})
     rounded = _trainer(tiny_model, pairs_file, tmp_path / "rounded", pack=True, pad_to_multiple_of=64)
     batch = rounded.data_collator([rounded.train_dataset[i] for i in range(4)])
     assert batch["packed_input_ids"].shape[1] % 64 == 0 and batch["input_ids"].shape[1] % 64 == 0
     _assert_same_training(rounded, _trainer(tiny_model, pairs_file, tmp_path / "plain", pack=False))
 
 
-def test_not_proven_settings_fall_back_to_two_sequences(tiny_model, family_root, pairs_file, tmp_path, monkeypatch):
+def test_not_proven_settings_fall_back_to_two_sequences(tiny_model, family_root, pairs_file, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     keep_end = _trainer(tiny_model, pairs_file, tmp_path, pack=True, truncation_mode="keep_end")
@@ -242,10 +243,9 @@ def test_not_proven_settings_fall_back_to_two_sequences(tiny_model, family_root,
     assert not other.packed and "gpt2" in other.packing
     other.train()  # the two-sequence path still trains
 
-    monkeypatch.setenv("SDPO_PACKING", "off")
     tok, model = load_policy(tiny_model, "cpu")
     off = build_trainer(model, tok, to_trl_rows(load_pairs(pairs_file), tok),
-                        dpo_config(StepConfig(), str(tmp_path / "off"), "cpu"))
+                        dpo_config(StepConfig(), str(tmp_path / "off"), "cpu"), pack=False)
     assert not off.packed and "SDPO_PACKING" in off.packing
 
 

@@ -1,0 +1,91 @@
+"""sdpo_engine.protocol: the contract with the training process is standard library only, every spec field
+has help text, bad settings are refused naming the key, and the operator's training settings reach the
+checkpoint's manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+from sdpo_engine.manifest import read_manifest
+from sdpo_engine.protocol import (
+    ERROR_CODES,
+    PARTITION_STRATEGIES,
+    TRAINING_DATA_CODES,
+    ExitCode,
+    LoraSpec,
+    SpecError,
+    StepSpec,
+)
+from sdpo_engine.sample_data import make_pairs, write_jsonl
+
+
+def test_protocol_imports_nothing_outside_the_standard_library():
+    code = ("import sys; before = set(sys.modules); import sdpo_engine.protocol; "
+            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+            "print(sorted(m for m in new if m not in sys.stdlib_module_names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.replace("'", '"')) == ["sdpo_engine"]
+
+
+def test_every_spec_field_has_help_text():
+    for cls in (StepSpec, LoraSpec):
+        missing = [f.name for f in fields(cls) if not f.metadata.get("help")]
+        assert missing == [], f"{cls.__name__} fields without help: {missing}"
+
+
+def test_names_both_sides_agree_on():
+    from sdpo_engine import partition, step
+
+    assert partition.STRATEGIES == PARTITION_STRATEGIES
+    assert step.StepSpec is StepSpec and step.SpecError is SpecError  # moved, still importable from step
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 75]
+    assert step.EXIT_STOPPED == ExitCode.STOPPED == 75 and step.EXIT_NON_FINITE == 3
+    assert set(TRAINING_DATA_CODES) < set(ERROR_CODES)
+    assert {"invalid_input", "non_finite", "step_failed"} < set(ERROR_CODES)
+
+
+@pytest.fixture()
+def spec_dict(tmp_path, tiny_model):
+    data = write_jsonl(make_pairs(4, seed=7), tmp_path / "pairs.jsonl")
+    return {"index": 1, "policy_init": str(tiny_model), "train_file": str(data),
+            "output_dir": str(tmp_path / "out"), "work_dir": str(tmp_path / "work"),
+            "hyperparameters": {"batch_size": 4, "max_length": 48, "learning_rate": 1e-3}, "device": "cpu"}
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("packing", "off"), ("pad_to_multiple_of", -8), ("pad_to_multiple_of", 1.5),
+    ("activation_checkpointing", "always"), ("device", "tpu"), ("text_format", "markdown"), ("lora", [8]),
+])
+def test_bad_settings_are_refused_naming_the_key(spec_dict, key, value):
+    with pytest.raises(SpecError, match=key):
+        StepSpec.from_dict({**spec_dict, key: value})
+
+
+def test_unknown_key_is_refused(spec_dict):
+    with pytest.raises(SpecError, match="unknown step spec keys: packnig"):
+        StepSpec.from_dict({**spec_dict, "packnig": False})
+
+
+def test_training_settings_come_from_the_spec_and_reach_the_manifest(spec_dict, monkeypatch):
+    from sdpo_engine.step import run_step
+
+    # The engine reads no environment variable for these any more: a stray one changes nothing.
+    monkeypatch.setenv("SDPO_PACKING", "on")
+    monkeypatch.setenv("SDPO_ACTIVATION_CHECKPOINTING", "off")
+    events = []
+    run_step({**spec_dict, "packing": False, "pad_to_multiple_of": 16, "activation_checkpointing": "on"},
+             emit=events.append)
+    memory = next(e for e in events if e.get("phase") == "memory")
+    reference = next(e for e in events if e.get("phase") == "reference_logps")
+    assert memory["activation_checkpointing"] is True
+    assert reference["packing"].startswith("two_sequences: disabled")
+    manifest = read_manifest(spec_dict["output_dir"])
+    assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": 16,
+                                             "activation_checkpointing": "on"}
+    assert manifest["training_applied"] == {"packing": reference["packing"], "pad_to_multiple_of": 16,
+                                            "activation_checkpointing": True}
