@@ -103,8 +103,37 @@ class Settings(BaseSettings):
         True, description="Worker: keep one engine process started ahead of the next step, so a step does not "
         "wait for torch/transformers/TRL to import (about 8 s on 2 cores; ~0.5 GB of memory while it waits).")
 
+    # How a step trains on this machine: passed into every step's spec (sdpo_engine.protocol.StepSpec, which
+    # the engine reads; it reads no environment variable) and recorded in the checkpoint's manifest.
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Worker: the device a step trains on; auto: cuda if available, else cpu.")
+    packing: bool = Field(
+        True, description="Engine: shared-prompt packing where proven identical for the model (auto/on); "
+        "off: TRL's two sequences per pair (same loss, slower).")
+    pad_to_multiple_of: int | None = Field(
+        None, ge=0, le=4096, description="Engine: round each batch's length up to this (fewer tensor shapes for "
+        "the GPU's attention kernels); unset: 64 on a GPU, none on CPU; 0: no rounding.")
+    activation_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Engine: auto turns activation checkpointing on only where the largest batch's "
+        "activations would not fit in memory; on/off force it.")
+
     light_queue: str = "sdpo.light"
     train_queue: str = "sdpo.train"
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_auto(cls, value):
+        # "auto" was SDPO_PACKING's documented default: packing where proven identical, i.e. on.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return True
+        return value
+
+    @field_validator("pad_to_multiple_of", mode="before")
+    @classmethod
+    def _pad_unset(cls, value):
+        if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+            return None
+        return value
 
     @field_validator("model_roots", mode="before")
     @classmethod

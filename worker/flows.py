@@ -268,7 +268,7 @@ def _write_chunks(job_id: str, train_path: Path, plan: dict, base: Path | None, 
             extra += ["--chat-template-file", str(template_file)]
         done = subprocess.run(engine_command("score-sources", "--model", str(base), "--file", str(train_path),
                                              "--max-length", str(max_length), "--source-field", source_field,
-                                             *extra),
+                                             "--device", get_settings().device, *extra),
                               capture_output=True, text=True, env=child_environment())
         if done.returncode != 0:
             raise ValueError(f"scoring the sources failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -358,9 +358,11 @@ def _train_claimed_step(job_id: str, index: int, claim: _Claim, settings) -> Out
             "hyperparameters": claim.hyperparameters,
             "eval_file": str(claim.eval_file) if claim.eval_file else None,
             "eval_reference": str(base) if claim.eval_file else None,
-            "device": os.environ.get("SDPO_DEVICE", "auto"), "source_field": claim.source_field,
+            "device": settings.device, "source_field": claim.source_field,
             "save_steps": settings.step_save_steps, "text_format": claim.text_format,
-            "chat_template": claim.chat_template}
+            "chat_template": claim.chat_template, "packing": settings.packing,
+            "pad_to_multiple_of": settings.pad_to_multiple_of,
+            "activation_checkpointing": settings.activation_checkpointing}
     spec_path = attempt_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
 

@@ -50,15 +50,15 @@ GO, PAUSE, CANCEL = "go", "pause", "cancel"
 # What an engine process may see of the worker's environment: an allow-list, not a deny-list, so a
 # secret added to the worker's environment later (the admin key, the metrics token, database and
 # broker URLs with their passwords, webhook secrets, AWS_* or other cloud credentials) never reaches
-# the code that loads models and user data. The engine reads files named in its spec; it needs the
-# interpreter's, the libraries' and the accelerator's settings, and the few SDPO_* settings below.
+# the code that loads models and user data. The engine reads files named in its spec, and its training
+# settings (device, packing, padding, activation checkpointing) from the spec too (core.settings fills
+# them); it needs only the interpreter's, the libraries' and the accelerator's settings.
 CHILD_ENV_NAMES = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "TEMP", "TMP",
     "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR",
     "TQDM_DISABLE", "TOKENIZERS_PARALLELISM", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
     "ROCR_VISIBLE_DEVICES",
-    # The engine's own settings (sdpo_engine/step.py): add a new one here when the engine reads it.
-    "SDPO_PACKING", "SDPO_PAD_TO_MULTIPLE_OF", "SDPO_ACTIVATION_CHECKPOINTING", "SDPO_DEVICE", "SDPO_LOG_FORMAT",
+    "SDPO_LOG_FORMAT",
 })
 CHILD_ENV_PREFIXES = ("PYTHON", "LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA_",
                       "CUDNN_", "CUBLAS_", "NCCL_", "NVIDIA_", "TRITON_", "ACCELERATE_", "OMP_", "MKL_", "KMP_",
