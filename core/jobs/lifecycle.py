@@ -1,4 +1,6 @@
-"""Job and step queries and state changes shared by the API and the worker.
+"""Every state change of a job and its steps, as a function of (session, …), for the API and the
+worker alike: each does its `transition()`s (core.states holds the allowed edges) and its events,
+with their wording, in one place.
 
 Each function adds and flushes; the caller commits. Functions that change a job's status lock its
 row and its steps' rows first (SELECT … FOR UPDATE on Postgres; SQLite serialises writers with
@@ -9,60 +11,15 @@ overwrite each other.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from celery import Celery
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import ids
 from core.errors import Conflict
-from core.models import Event, Job, JobStep
+from core.jobs.repository import add_event, get_steps
+from core.models import Job, JobStep
 from core.queue import enqueue_after_commit, job_chain
 from core.states import STEP_TERMINAL, JobStatus, StepStatus, transition
-
-EVENT_LEVELS = ("info", "warn", "error")
-EVENT_TYPES = ("message", "metrics")
-
-
-def get_job(session: Session, job_id: str, *, owner: str | None = None, for_update: bool = False) -> Job | None:
-    """The job, or None; with `owner`, None also when it belongs to someone else."""
-    query = select(Job).where(Job.id == job_id)
-    if owner is not None:
-        query = query.where(Job.owner == owner)
-    if for_update:
-        query = query.with_for_update()
-    return session.scalars(query).first()
-
-
-def get_steps(session: Session, job_id: str, *, for_update: bool = False) -> list[JobStep]:
-    query = select(JobStep).where(JobStep.job_id == job_id).order_by(JobStep.index)
-    if for_update:
-        query = query.with_for_update()
-    return list(session.scalars(query))
-
-
-def add_event(
-    session: Session,
-    job_id: str,
-    message: str,
-    *,
-    level: str = "info",
-    type: str = "message",
-    data: dict[str, Any] | None = None,
-    step_index: int | None = None,
-    event_id: str | None = None,
-) -> Event:
-    """Append one event to a job's log (`type` "metrics" carries numbers in `data`).
-
-    `event_id` lets a writer that may retry a transaction (the worker, while the database
-    restarts) choose the id beforehand and skip events that an earlier try already committed."""
-    if level not in EVENT_LEVELS or type not in EVENT_TYPES:
-        raise ValueError(f"bad event level/type: {level!r}/{type!r}")
-    event = Event(id=event_id or ids.new_id(ids.EVENT), job_id=job_id, message=message, level=level, type=type,
-                  data=data, step_index=step_index)
-    session.add(event)
-    return event
 
 
 def remaining_step_indexes(steps: Iterable[JobStep]) -> list[int]:

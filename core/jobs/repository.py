@@ -1,0 +1,127 @@
+"""Every query on jobs, steps, events and checkpoints, for the API and the worker alike.
+
+Functions add and flush at most; the caller (the request, or the worker's transaction) commits.
+`for_update=True` locks the rows it returns (SELECT … FOR UPDATE on Postgres; SQLite serialises
+writers with BEGIN IMMEDIATE) so that a user's cancel and a worker's "step succeeded" cannot
+interleave and overwrite each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select, text, tuple_
+from sqlalchemy.orm import Session
+
+from core import ids
+from core.models import Checkpoint, Event, Job, JobStep, RegisteredModel
+from core.states import JOB_ACTIVE
+
+EVENT_LEVELS = ("info", "warn", "error")
+EVENT_TYPES = ("message", "metrics")
+
+
+def get_job(session: Session, job_id: str, *, owner: str | None = None, for_update: bool = False) -> Job | None:
+    """The job, or None; with `owner`, None also when it belongs to someone else."""
+    query = select(Job).where(Job.id == job_id)
+    if owner is not None:
+        query = query.where(Job.owner == owner)
+    if for_update:
+        query = query.with_for_update()
+    return session.scalars(query).first()
+
+
+def get_steps(session: Session, job_id: str, *, for_update: bool = False) -> list[JobStep]:
+    """The job's steps in order (index 1..n_steps); empty for an unknown job."""
+    query = select(JobStep).where(JobStep.job_id == job_id).order_by(JobStep.index)
+    if for_update:
+        query = query.with_for_update()
+    return list(session.scalars(query))
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+    step_index: int | None = None,
+    event_id: str | None = None,
+) -> Event:
+    """Append one event to a job's log (`type` "metrics" carries numbers in `data`).
+
+    `event_id` lets a writer that may retry a transaction (the worker, while the database
+    restarts) choose the id beforehand and skip events that an earlier try already committed.
+    Raises ValueError for a level or type outside EVENT_LEVELS / EVENT_TYPES."""
+    if level not in EVENT_LEVELS or type not in EVENT_TYPES:
+        raise ValueError(f"bad event level/type: {level!r}/{type!r}")
+    event = Event(id=event_id or ids.new_id(ids.EVENT), job_id=job_id, message=message, level=level, type=type,
+                  data=data, step_index=step_index)
+    session.add(event)
+    return event
+
+
+def lock_owner_jobs(db: Session, owner: str) -> None:
+    """Serialise job creation per owner until the transaction ends, so two concurrent creates
+    cannot both pass the active-jobs limit. Postgres: a transaction-scoped advisory lock on the
+    owner; SQLite already lets one writer in at a time."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"jobs:{owner}"})
+
+
+def count_active(db: Session, owner: str) -> int:
+    """The owner's unfinished jobs (validating, queued, running, pausing, paused)."""
+    return db.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == owner, Job.status.in_([s.value for s in JOB_ACTIVE]))) or 0
+
+
+def list_page(db: Session, owner: str, *, after: Job | None, limit: int,
+              metadata: dict[str, str]) -> tuple[list[Job], bool]:
+    """(up to `limit` jobs, whether more follow), newest first; (created_at, id) breaks ties so the
+    cursor is exact."""
+    query = select(Job).where(Job.owner == owner)
+    for key, value in metadata.items():
+        query = query.where(Job.metadata_[key].as_string() == value)
+    if after is not None:
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after.created_at, after.id))
+    rows = list(db.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def get_event(db: Session, job_id: str, event_id: str) -> Event | None:
+    return db.scalars(select(Event).where(Event.job_id == job_id, Event.id == event_id)).first()
+
+
+def events_page(db: Session, job_id: str, *, after: Event | None, limit: int) -> tuple[list[Event], bool]:
+    """(up to `limit` events, whether more follow), newest first like OpenAI; `after` continues
+    towards older events."""
+    query = select(Event).where(Event.job_id == job_id)
+    if after is not None:
+        query = query.where(Event.seq < after.seq)
+    rows = list(db.scalars(query.order_by(Event.seq.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def get_checkpoint(db: Session, job_id: str, checkpoint_id: str) -> Checkpoint | None:
+    return db.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.id == checkpoint_id)).first()
+
+
+def checkpoints_page(db: Session, job_id: str, *, after: Checkpoint | None,
+                     limit: int) -> tuple[list[Checkpoint], bool]:
+    """(up to `limit` checkpoints, whether more follow), latest step first like OpenAI's
+    newest-first checkpoint list."""
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id)
+    if after is not None:
+        query = query.where(Checkpoint.step_index < after.step_index)
+    rows = list(db.scalars(query.order_by(Checkpoint.step_index.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def owned_checkpoint(db: Session, owner: str, checkpoint_id: str) -> Checkpoint | None:
+    return db.scalars(select(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.owner == owner)).first()
+
+
+def get_model(db: Session, model_id: str) -> RegisteredModel | None:
+    return db.get(RegisteredModel, model_id)
