@@ -19,21 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tarfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
 import yaml
+
+from sdpo_cli import local
+from sdpo_cli.sdk import APIConnectionError, APIError, SDPOClient
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_CONFIG = Path("~/.config/sdpo/config.yaml")
-TERMINAL = ("succeeded", "failed", "cancelled")
 BAR_WIDTH = 24
 
 
@@ -71,52 +68,40 @@ def resolve_target(args: argparse.Namespace) -> Target:
     source = "flags/environment/config"
     if url is None or key is None:
         # The service `sdpo up` started on this machine (its admin key is in SDPO_HOME).
-        from core.settings import get_settings
-        from sdpo_cli import up
-
-        settings = get_settings()
-        info = up.running_service(settings)
+        home = local.home()
+        info = local.running_service(home)
         if info is not None:
             url = url or info["url"]
-            if key is None and (settings.admin_key or (settings.home / "admin_key").is_file()):
-                key = up.admin_key(settings)
-            source = f"the service started by `sdpo up` in {settings.home}"
+            key = key or local.admin_key(home)
+            source = f"the service started by `sdpo up` in {home}"
     return Target(url=(url or DEFAULT_URL).rstrip("/"), api_key=key, source=source)
 
 
 class Api:
-    """The JSON API with the error envelope turned into `ClientError`."""
+    """The SDK's client for one target, its errors turned into `ClientError` lines (`with api:`)."""
 
     def __init__(self, target: Target, *, timeout: float = 60.0):
-        headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
         self.target = target
-        self.http = httpx.Client(base_url=target.url, headers=headers, timeout=timeout)
+        self.sdk = SDPOClient(target.url, target.api_key, timeout=timeout)
 
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach {self.target.url} ({type(exc).__name__}); start it with `sdpo up` "
-                              "or set SDPO_URL") from None
-        if response.status_code >= 400:
-            raise ClientError(_error_text(response))
-        return response.json()
+    def __enter__(self) -> SDPOClient:
+        return self.sdk
 
-    def get(self, path: str, **kwargs) -> Any:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, **kwargs) -> Any:
-        return self.request("POST", path, **kwargs)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.sdk.close()
+        if isinstance(exc, APIError):
+            raise ClientError(error_text(exc)) from None
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        error = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:300]}"
-    text = f"{error.get('message')} ({response.status_code} {error.get('code')})"
-    unit = "row" if error.get("file_type") == "parquet" else "line"
-    for problem in (error.get("errors") or [])[:20]:
+def error_text(exc: APIError) -> str:
+    """One line for an API error (two or more for a refused file: its first 20 bad lines or rows)."""
+    if isinstance(exc, APIConnectionError):
+        return f"{exc.message}; start it with `sdpo up` or set SDPO_URL"
+    if exc.body is None:
+        return exc.message
+    text = f"{exc.message} ({exc.status_code} {exc.code})"
+    unit = "row" if exc.body.get("file_type") == "parquet" else "line"
+    for problem in (exc.body.get("errors") or [])[:20]:
         text += f"\n  {unit} {problem.get('line')}: {problem.get('field') or '-'}: {problem.get('reason')}"
     return text
 
@@ -129,15 +114,11 @@ def _print_json(data: Any, out: TextIO = sys.stdout) -> None:
 # files
 
 
-def upload_file(api: Api, path: Path) -> dict[str, Any]:
+def upload_file(client: SDPOClient, path: Path) -> dict[str, Any]:
     """Upload a JSONL or Parquet preference file (the server tells them apart by their bytes)."""
     if not path.is_file():
         raise ClientError(f"{path} is not a file")
-    with open(path, "rb") as fh:
-        media_type = "application/vnd.apache.parquet" if fh.read(4) == b"PAR1" else "application/jsonl"
-        fh.seek(0)
-        return api.post("/v1/files", files={"file": (path.name, fh, media_type)},
-                        data={"purpose": "fine-tune"}, timeout=None)
+    return client.files.create(path)
 
 
 def print_warnings(file: dict[str, Any], out: TextIO = sys.stderr) -> None:
@@ -150,8 +131,8 @@ def print_warnings(file: dict[str, Any], out: TextIO = sys.stderr) -> None:
 
 
 def _files_upload(args: argparse.Namespace) -> int:
-    api = Api(resolve_target(args))
-    file = upload_file(api, Path(args.path))
+    with Api(resolve_target(args)) as client:
+        file = upload_file(client, Path(args.path))
     if args.json:
         _print_json(file)
         return 0
@@ -166,7 +147,8 @@ def _files_upload(args: argparse.Namespace) -> int:
 
 
 def _files_list(args: argparse.Namespace) -> int:
-    files = Api(resolve_target(args)).get("/v1/files")["data"]
+    with Api(resolve_target(args)) as client:
+        files = client.files.list()["data"]
     if args.json:
         _print_json(files)
         return 0
@@ -179,20 +161,20 @@ def _files_list(args: argparse.Namespace) -> int:
 # jobs
 
 
-def _file_ref(api: Api, value: str | None) -> str | None:
+def _file_ref(client: SDPOClient, value: str | None) -> str | None:
     """A file id as is; a path on this machine is uploaded first."""
     if value is None or value.startswith("file-"):
         return value
     path = Path(value).expanduser()
     if not path.is_file():
         raise ClientError(f"{value} is neither a file id (file-…) nor a file on this machine")
-    file = upload_file(api, path)
+    file = upload_file(client, path)
     print(f"uploaded {path.name}: {file['id']} ({file['rows']} pairs)", file=sys.stderr)
     print_warnings(file)
     return file["id"]
 
 
-def build_job_body(args: argparse.Namespace, api: Api) -> dict[str, Any]:
+def build_job_body(args: argparse.Namespace, client: SDPOClient) -> dict[str, Any]:
     """The POST /v1/fine_tuning/jobs body: the spec file (YAML or JSON, the API's shape) with the
     flags on top. Training and validation files may be paths; they are uploaded."""
     body: dict[str, Any] = {}
@@ -225,27 +207,26 @@ def build_job_body(args: argparse.Namespace, api: Api) -> dict[str, Any]:
     body["method"] = method
     if not body.get("model"):
         raise ClientError("a job needs --model (or `model:` in --spec)")
-    body["training_file"] = _file_ref(api, body.get("training_file"))
-    body["validation_file"] = _file_ref(api, body.get("validation_file"))
+    body["training_file"] = _file_ref(client, body.get("training_file"))
+    body["validation_file"] = _file_ref(client, body.get("validation_file"))
     for step in (method.get("sdpo") or {}).get("steps") or []:
         if isinstance(step, dict):
-            step["training_file"] = _file_ref(api, step.get("training_file"))
+            step["training_file"] = _file_ref(client, step.get("training_file"))
     return {k: v for k, v in body.items() if v is not None}
 
 
 def _jobs_create(args: argparse.Namespace) -> int:
-    api = Api(resolve_target(args))
-    body = build_job_body(args, api)
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-    job = api.post("/v1/fine_tuning/jobs", json=body, headers=headers)
-    if args.json and not args.watch:
-        _print_json(job)
-        return 0
-    print(job["id"])
-    print(f"created {job['id']}: {job['method']['type']} with {job['n_steps']} step(s) on {job['model']} "
-          f"({job['status']})", file=sys.stderr)
-    if args.watch:
-        return watch_job(api, job["id"], out=sys.stderr)
+    with Api(resolve_target(args)) as client:
+        body = build_job_body(args, client)
+        job = client.jobs.create(model=body.pop("model"), idempotency_key=args.idempotency_key, extra_body=body)
+        if args.json and not args.watch:
+            _print_json(job)
+            return 0
+        print(job["id"])
+        print(f"created {job['id']}: {job['method']['type']} with {job['n_steps']} step(s) on {job['model']} "
+              f"({job['status']})", file=sys.stderr)
+        if args.watch:
+            return watch_job(client, job["id"], out=sys.stderr)
     return 0
 
 
@@ -259,7 +240,8 @@ def _job_line(job: dict[str, Any]) -> str:
 
 
 def _jobs_list(args: argparse.Namespace) -> int:
-    jobs = Api(resolve_target(args)).get("/v1/fine_tuning/jobs", params={"limit": args.limit})["data"]
+    with Api(resolve_target(args)) as client:
+        jobs = client.jobs.list(limit=args.limit)["data"]
     if args.json:
         _print_json(jobs)
         return 0
@@ -269,75 +251,30 @@ def _jobs_list(args: argparse.Namespace) -> int:
 
 
 def _jobs_get(args: argparse.Namespace) -> int:
-    api = Api(resolve_target(args))
-    job = api.get(f"/v1/fine_tuning/jobs/{args.job_id}")
-    if args.json:
-        _print_json(job)
-    else:
-        print(_job_line(job))
-        steps = api.get(f"/v1/fine_tuning/jobs/{args.job_id}/steps")["data"]
-        print_lineage(job, steps)
+    with Api(resolve_target(args)) as client:
+        job = client.jobs.retrieve(args.job_id)
+        if args.json:
+            _print_json(job)
+        else:
+            print(_job_line(job))
+            print_lineage(job, client.jobs.steps(args.job_id)["data"])
     return 0
 
 
 def _jobs_cancel(args: argparse.Namespace) -> int:
-    job = Api(resolve_target(args)).post(f"/v1/fine_tuning/jobs/{args.job_id}/cancel")
+    with Api(resolve_target(args)) as client:
+        job = client.jobs.cancel(args.job_id)
     print(f"{job['id']} {job['status']}")
     return 0
 
 
 def _jobs_watch(args: argparse.Namespace) -> int:
-    return watch_job(Api(resolve_target(args)), args.job_id, out=sys.stdout)
+    with Api(resolve_target(args)) as client:
+        return watch_job(client, args.job_id, out=sys.stdout)
 
 
 # ------------------------------------------------------------------------------------------------
 # watching: server-sent events, one progress bar per step
-
-
-def iter_events(api: Api, job_id: str, *, retry_seconds: float = 1.0) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(kind, data) for every event of the job, in order, then ("done", {...}); reconnects with
-    Last-Event-ID when the connection drops."""
-    last_id: str | None = None
-    failures = 0
-    while True:
-        headers = {"Accept": "text/event-stream"}
-        if last_id:
-            headers["Last-Event-ID"] = last_id
-        try:
-            with api.http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"},
-                                 headers=headers, timeout=httpx.Timeout(30.0, read=60.0)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ClientError(_error_text(response))
-                failures = 0
-                event, data, event_id = "message", [], None
-                for line in response.iter_lines():
-                    if line == "":
-                        if data:
-                            payload = json.loads("\n".join(data))
-                            if event_id:
-                                last_id = event_id
-                            if event == "done":
-                                yield "done", payload
-                                return
-                            yield "event", payload
-                        event, data, event_id = "message", [], None
-                    elif line.startswith(":"):
-                        continue
-                    else:
-                        field, _, value = line.partition(":")
-                        value = value[1:] if value.startswith(" ") else value
-                        if field == "data":
-                            data.append(value)
-                        elif field == "event":
-                            event = value
-                        elif field == "id":
-                            event_id = value
-        except httpx.HTTPError:
-            failures += 1
-            if failures > 30:
-                raise ClientError(f"lost the event stream of {job_id} ({api.target.url})") from None
-        time.sleep(retry_seconds)
 
 
 class ProgressView:
@@ -406,13 +343,11 @@ def print_lineage(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO 
               f"{f(m.get('reward_accuracy'), '.3f'):>7} {f(m.get('reward_margin'), '.3f'):>7}", file=out)
 
 
-def watch_job(api: Api, job_id: str, *, out: TextIO = sys.stdout) -> int:
-    """Follow a job to its end. Exit code 0 when it succeeded, 1 otherwise."""
-    job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
+def watch_job(client: SDPOClient, job_id: str, *, out: TextIO = sys.stdout) -> int:
+    """Follow a job to its end (server-sent events). Exit code 0 when it succeeded, 1 otherwise."""
+    job = client.jobs.retrieve(job_id)
     view = ProgressView(out)
-    for kind, data in iter_events(api, job_id):
-        if kind == "done":
-            break
+    for data in client.jobs.stream_events(job_id):
         if data.get("type") == "metrics":
             view.metrics(data.get("data") or {}, job["n_steps"])
         else:
@@ -420,8 +355,8 @@ def watch_job(api: Api, job_id: str, *, out: TextIO = sys.stdout) -> int:
             prefix = "!" if level in ("warn", "error") else "-"
             view.message(f"{prefix} {data.get('message')}")
     view.finish_bar()
-    job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
-    steps = api.get(f"/v1/fine_tuning/jobs/{job_id}/steps")["data"]
+    job = client.jobs.retrieve(job_id)
+    steps = client.jobs.steps(job_id)["data"]
     print("", file=out)
     print_lineage(job, steps, out=out)
     print(f"\njob {job['id']} {job['status']}" + (f": {job['fine_tuned_model']}" if job.get("fine_tuned_model") else "")
@@ -434,8 +369,8 @@ def watch_job(api: Api, job_id: str, *, out: TextIO = sys.stdout) -> int:
 
 
 def _checkpoints_list(args: argparse.Namespace) -> int:
-    data = Api(resolve_target(args)).get(f"/v1/fine_tuning/jobs/{args.job_id}/checkpoints",
-                                         params={"limit": 100})["data"]
+    with Api(resolve_target(args)) as client:
+        data = client.jobs.checkpoints(args.job_id, limit=100)["data"]
     if args.json:
         _print_json(data)
         return 0
@@ -446,37 +381,18 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
 
 
 def _checkpoints_download(args: argparse.Namespace) -> int:
-    api = Api(resolve_target(args), timeout=None)
-    checkpoint_id = args.checkpoint_id
-    if checkpoint_id is None:  # the final one: the latest step's
-        data = api.get(f"/v1/fine_tuning/jobs/{args.job_id}/checkpoints", params={"limit": 1})["data"]
-        if not data:
-            raise ClientError(f"job {args.job_id} has no checkpoint yet")
-        checkpoint_id = data[0]["id"]
-    target = Path(args.output or (checkpoint_id if args.extract else f"{checkpoint_id}.tar"))
-    if target.exists():
-        raise ClientError(f"{target} already exists")
-    url = f"/v1/fine_tuning/jobs/{args.job_id}/checkpoints/{checkpoint_id}/content"
-    size = 0
-    # Streamed to a partial file first: an interrupted download never looks complete.
-    partial = target.with_name(f".{target.name}.partial")
-    with api.http.stream("GET", url) as response:
-        if response.status_code >= 400:
-            response.read()
-            raise ClientError(_error_text(response))
-        with open(partial.with_suffix(".tar") if args.extract else partial, "wb") as fh:
-            for chunk in response.iter_bytes():
-                fh.write(chunk)
-                size += len(chunk)
-    if args.extract:
-        tar_path = partial.with_suffix(".tar")
-        shutil.rmtree(partial, ignore_errors=True)
+    with Api(resolve_target(args)) as client:
+        checkpoint_id = args.checkpoint_id
+        if checkpoint_id is None:  # the final one: the latest step's
+            data = client.jobs.checkpoints(args.job_id, limit=1)["data"]
+            if not data:
+                raise ClientError(f"job {args.job_id} has no checkpoint yet")
+            checkpoint_id = data[0]["id"]
+        target = Path(args.output or (checkpoint_id if args.extract else f"{checkpoint_id}.tar"))
         try:
-            with tarfile.open(tar_path) as tar:
-                tar.extractall(partial, filter="data")
-        finally:
-            tar_path.unlink(missing_ok=True)
-    partial.rename(target)
+            size = client.checkpoints.download(args.job_id, checkpoint_id, target, extract=args.extract)
+        except FileExistsError:
+            raise ClientError(f"{target} already exists") from None
     print(str(target))
     print(f"downloaded {checkpoint_id}: {size} bytes", file=sys.stderr)
     return 0

@@ -15,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from core.settings import get_settings
 from sdpo_cli import up as up_cmd
+from sdpo_cli.report import follow, print_table
+from sdpo_cli.sdk import SDPOClient
+from sdpo_cli.smollm2_demo import run_smollm2_demo
+
+__all__ = ["print_table", "register_demo", "run_demo"]
 
 
 def _free_port() -> int:
@@ -31,86 +34,34 @@ def asset(name: str) -> Path:
     return Path(str(importlib.resources.files("sdpo_engine") / "assets" / name))
 
 
-def _fmt(v, spec=".4f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def print_table(steps: list[dict], job: dict, out=sys.stdout) -> None:
-    print(f"\n{'step':>4}  {'reference':<31} {'output':<31} {'first_loss':>10} {'gamma_ref':>10} {'last_loss':>9} "
-          f"{'rew_acc':>7} {'margin':>7} {'heldout_acc':>11}", file=out)
-    for s in steps:
-        m = s.get("metrics") or {}
-        ref = s.get("reference_checkpoint") or job["model"]
-        held = (m.get("eval") or {}).get("reward_accuracy")
-        print(f"{s['index']:>4}  {ref:<31} {str(s.get('output_checkpoint')):<31} {_fmt(m.get('first_loss')):>10} "
-              f"{_fmt(m.get('mean_gamma_ref'), '.3f'):>10} {_fmt(m.get('last_loss')):>9} "
-              f"{_fmt(m.get('reward_accuracy'), '.3f'):>7} {_fmt(m.get('reward_margin'), '.3f'):>7} "
-              f"{_fmt(held, '.3f'):>11}", file=out)
-
-
-def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out=sys.stdout) -> dict:
-    """Upload, submit, follow, report. Returns the finished job object."""
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-    files = {}
-    for purpose_name, name in (("training", "sample_train.jsonl"), ("validation", "sample_heldout.jsonl")):
-        with open(asset(name), "rb") as fh:
-            r = client.post("/v1/files", files={"file": (name, fh, "application/jsonl")},
-                            data={"purpose": "fine-tune"})
-        r.raise_for_status()
-        files[purpose_name] = r.json()
-        print(f"uploaded {name}: {files[purpose_name]['id']} ({r.json().get('rows')} pairs)", file=out)
-    body = {
-        "model": up_cmd.BUILTIN_MODEL,
-        "training_file": files["training"]["id"],
-        "validation_file": files["validation"]["id"],
-        "suffix": "demo",
-        "seed": 0,
-        "method": {"type": "sdpo", "sdpo": {
-            "hyperparameters": {"n_epochs": n_epochs, "beta": 0.1},
-            "partition": {"strategy": "easy_to_hard", "n_steps": 2, "source_field": "source"},
-        }},
-    }
-    r = client.post("/v1/fine_tuning/jobs", json=body)
-    r.raise_for_status()
-    job = r.json()
-    print(f"submitted {job['id']}: 2-step sDPO on {job['model']}, partition easy_to_hard", file=out)
-
-    seen_events: set[str] = set()
-    deadline = time.time() + timeout
-    last_line = ""
-    while True:
-        job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
-        for e in reversed(events):
-            if e["id"] in seen_events:
-                continue
-            seen_events.add(e["id"])
-            if e.get("type") == "metrics":
-                d = e.get("data") or {}
-                line = (f"  step {d.get('step')} [{d.get('global_step')}/{d.get('max_steps')}] loss "
-                        f"{_fmt(d.get('loss'))} reward acc {_fmt(d.get('rewards/accuracies'), '.2f')}")
-                if line != last_line:
-                    last_line = line
-                    print(line, file=out)
-            else:
-                print(f"- {e['message']}", file=out)
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        if time.time() > deadline:
-            raise TimeoutError(f"job {job['id']} still {job['status']} after {timeout:.0f} s")
-        time.sleep(1.0)
-    steps = client.get(f"/v1/fine_tuning/jobs/{job['id']}/steps").json()["data"]
-    print_table(steps, job, out=out)
-    if job["status"] != "succeeded":
-        print(f"\njob {job['status']}: {job.get('error')}", file=out)
-        return job
-    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
-    final = max(ckpts, key=lambda c: c.get("step_index") or c.get("step_number") or 0)
+def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out=sys.stdout,
+             storage_dir: Path | None = None) -> dict:
+    """Upload, submit, follow, report over HTTP (sdpo_cli.sdk). Returns the finished job object.
+    `storage_dir`: the service's store, when it is on this machine (its checkpoint path is printed)."""
+    with SDPOClient(url, key) as client:
+        files = {}
+        for purpose_name, name in (("training", "sample_train.jsonl"), ("validation", "sample_heldout.jsonl")):
+            files[purpose_name] = client.files.create(asset(name))
+            print(f"uploaded {name}: {files[purpose_name]['id']} ({files[purpose_name].get('rows')} pairs)", file=out)
+        job = client.jobs.create(
+            model=up_cmd.BUILTIN_MODEL, training_file=files["training"]["id"],
+            validation_file=files["validation"]["id"], suffix="demo", seed=0,
+            method={"type": "sdpo", "sdpo": {
+                "hyperparameters": {"n_epochs": n_epochs, "beta": 0.1},
+                "partition": {"strategy": "easy_to_hard", "n_steps": 2, "source_field": "source"},
+            }})
+        print(f"submitted {job['id']}: 2-step sDPO on {job['model']}, partition easy_to_hard", file=out)
+        job = follow(client, job, timeout=timeout, out=out)
+        print_table(client.jobs.steps(job["id"])["data"], job, out=out)
+        if job["status"] != "succeeded":
+            print(f"\njob {job['status']}: {job.get('error')}", file=out)
+            return job
+        final = max(client.jobs.checkpoints(job["id"], limit=100)["data"], key=lambda c: c["step_index"])
     print(f"\nfine-tuned model: {job['fine_tuned_model']}", file=out)
     print(f"final checkpoint: {final['id']}  download: curl -H 'Authorization: Bearer $KEY' "
           f"{url}/v1/fine_tuning/jobs/{job['id']}/checkpoints/{final['id']}/content -o model.tar", file=out)
-    local = get_settings().storage_dir / "checkpoints" / job["id"] / final["id"]
-    if local.is_dir():
+    local = storage_dir / "checkpoints" / job["id"] / final["id"] if storage_dir else None
+    if local is not None and local.is_dir():
         print(f"on this machine: {local}", file=out)
     return job
 
@@ -129,11 +80,9 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     try:
         if args.model == "smollm2-135m":
-            from sdpo_cli.smollm2_demo import run_smollm2_demo
-
-            job = run_smollm2_demo(url, key)
+            job = run_smollm2_demo(url, key, storage_dir=settings.storage_dir)
         else:
-            job = run_demo(url, key, n_epochs=args.epochs)
+            job = run_demo(url, key, n_epochs=args.epochs, storage_dir=settings.storage_dir)
     finally:
         if started is not None and not args.keep_running:
             up_cmd.stop(started)

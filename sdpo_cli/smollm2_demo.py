@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tarfile
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 from typing import TextIO
 
-import httpx
-
-from core.settings import get_settings
+from sdpo_cli.report import follow, print_table
+from sdpo_cli.sdk import APIError, SDPOClient
+from sdpo_engine.sample_data import write_jsonl
 
 MODEL_ID = "smollm2-135m"
 # Full fine-tuning of a 135M model on 24 pairs: a learning rate far above a 7B model's, yet low
@@ -79,25 +78,22 @@ def _run_json(cmd: list[str], what: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def ensure_model(client: httpx.Client, out: TextIO) -> Path:
+def ensure_model(client: SDPOClient, storage_dir: Path, out: TextIO) -> Path:
     """Convert the GGUF once and register it as `smollm2-135m` (admin key); returns its directory."""
-    # Under SDPO_HOME but outside the store: POST /v1/models refuses paths inside the storage folder
-    # (users' checkpoints live there), so a registered base model never sits among them.
-    target = get_settings().home / "models" / MODEL_ID
+    target = storage_dir / "models" / MODEL_ID
     if not (target / "config.json").is_file():
         print(f"converting SmolLM2-135M-Instruct from its GGUF into {target} (about a minute)...", file=out)
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "sdpo_engine", "base-model", MODEL_ID, str(target)], check=True,
                        stdout=subprocess.DEVNULL)
         print(f"  converted in {time.time() - t0:.0f} s", file=out)
-    r = client.get(f"/v1/models/{MODEL_ID}")
-    if r.status_code == 404:
-        r = client.post("/v1/models", json={"id": MODEL_ID, "path": str(target), "format": "hf",
-                                            "default_hyperparameters": HYPERPARAMETERS})
-        r.raise_for_status()
+    try:
+        client.models.retrieve(MODEL_ID)
+    except APIError as exc:
+        if exc.status_code != 404:
+            raise
+        client.models.create(id=MODEL_ID, path=str(target), format="hf", default_hyperparameters=HYPERPARAMETERS)
         print(f"registered model {MODEL_ID} ({target})", file=out)
-    else:
-        r.raise_for_status()
     return target
 
 
@@ -108,71 +104,47 @@ def answers(model_dir: Path, prompts: tuple[str, ...] = EVAL_PROMPTS) -> list[st
     return [a["answer"] for a in _run_json(cmd, f"generating with {model_dir}")["answers"]]
 
 
-def _final_model_dir(client: httpx.Client, job: dict, work: Path) -> Path:
-    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
-    final = max(ckpts, key=lambda c: c["step_index"])
-    local = get_settings().storage_dir / "checkpoints" / job["id"] / final["id"]
+def _final_model_dir(client: SDPOClient, job: dict, storage_dir: Path, work: Path) -> Path:
+    final = max(client.jobs.checkpoints(job["id"], limit=100)["data"], key=lambda c: c["step_index"])
+    local = storage_dir / "checkpoints" / job["id"] / final["id"]
     if (local / "config.json").is_file():
         return local
-    tar_path = work / "final.tar"  # a server elsewhere: download it
-    with client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/checkpoints/{final['id']}/content") as resp:
-        resp.raise_for_status()
-        with open(tar_path, "wb") as fh:
-            for chunk in resp.iter_bytes():
-                fh.write(chunk)
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(work / "final", filter="data")
+    # A server elsewhere: download it.
+    client.checkpoints.download(job["id"], final["id"], work / "final", extract=True)
     return work / "final"
 
 
-def run_smollm2_demo(url: str, key: str, *, timeout: float = 1800, out: TextIO = sys.stdout) -> dict:
-    """Register, answer, train (2-step sDPO), answer again. Returns the finished job."""
-    from sdpo_cli.demo import print_table
-    from sdpo_engine.sample_data import write_jsonl
-
+def run_smollm2_demo(url: str, key: str, *, storage_dir: Path, timeout: float = 1800,
+                     out: TextIO = sys.stdout) -> dict:
+    """Register, answer, train (2-step sDPO), answer again, over HTTP (sdpo_cli.sdk). `storage_dir`:
+    the store of a service on this machine (the model is converted into it). Returns the finished job."""
     started = time.time()
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-    model_dir = ensure_model(client, out)
+    with SDPOClient(url, key, timeout=120) as client:
+        return _run(client, storage_dir, timeout, out, started)
+
+
+def _run(client: SDPOClient, storage_dir: Path, timeout: float, out: TextIO, started: float) -> dict:
+    model_dir = ensure_model(client, storage_dir, out)
     with tempfile.TemporaryDirectory(prefix="sdpo-smollm2-") as tmp:
         work = Path(tmp)
         data = write_jsonl(preference_pairs(), work / "pirate_prefs.jsonl")
-        with open(data, "rb") as fh:
-            r = client.post("/v1/files", files={"file": (data.name, fh, "application/jsonl")},
-                            data={"purpose": "fine-tune"})
-        r.raise_for_status()
-        file = r.json()
+        file = client.files.create(data)
         print(f"uploaded {data.name}: {file['id']} ({file['rows']} pairs: pirate-style answers chosen, "
               "plain answers rejected)", file=out)
         print("answering before training...", file=out)
         before = answers(model_dir)
-        body = {"model": MODEL_ID, "training_file": file["id"], "suffix": "pirate", "seed": 0,
-                "method": {"type": "sdpo", "sdpo": {"hyperparameters": dict(HYPERPARAMETERS),
-                                                    "partition": {"strategy": "random", "n_steps": 2}}}}
-        r = client.post("/v1/fine_tuning/jobs", json=body)
-        r.raise_for_status()
-        job = r.json()
+        job = client.jobs.create(model=MODEL_ID, training_file=file["id"], suffix="pirate", seed=0,
+                                 method={"type": "sdpo", "sdpo": {
+                                     "hyperparameters": dict(HYPERPARAMETERS),
+                                     "partition": {"strategy": "random", "n_steps": 2}}})
         print(f"submitted {job['id']}: 2-step sDPO on {MODEL_ID} ({HYPERPARAMETERS})", file=out)
-        seen: set[str] = set()
-        deadline = time.time() + timeout
-        while True:
-            job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
-            events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
-            for e in reversed(events):
-                if e["id"] not in seen:
-                    seen.add(e["id"])
-                    print(f"  {e['message']}", file=out)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            if time.time() > deadline:
-                raise TimeoutError(f"job {job['id']} still {job['status']} after {timeout:.0f} s")
-            time.sleep(2)
-        steps = client.get(f"/v1/fine_tuning/jobs/{job['id']}/steps").json()["data"]
-        print_table(steps, job, out=out)
+        job = follow(client, job, timeout=timeout, out=out)
+        print_table(client.jobs.steps(job["id"])["data"], job, out=out)
         if job["status"] != "succeeded":
             print(f"\njob {job['status']}: {job.get('error')}", file=out)
             return job
         print("\nanswering after training...", file=out)
-        after = answers(_final_model_dir(client, job, work))
+        after = answers(_final_model_dir(client, job, storage_dir, work))
     print(f"\nfine-tuned model: {job['fine_tuned_model']}", file=out)
     for prompt, b, a in zip(EVAL_PROMPTS, before, after, strict=True):
         print(f"\nQ: {prompt}", file=out)

@@ -27,6 +27,7 @@ from core.migrate import upgrade_head
 from core.models import RegisteredModel
 from core.permissions import make_private_dir, open_private_append, restrict_umask
 from core.settings import Settings, get_settings
+from sdpo_cli import local
 
 BUILTIN_MODEL = "sdpo-tiny"
 
@@ -68,16 +69,7 @@ def service_file(settings: Settings) -> Path:
 
 def running_service(settings: Settings) -> dict | None:
     """The service `sdpo up` started under this SDPO_HOME, if it answers."""
-    path = service_file(settings)
-    if not path.is_file():
-        return None
-    info = json.loads(path.read_text())
-    try:
-        if httpx.get(info["url"] + "/healthz", timeout=2).status_code == 200:
-            return info
-    except httpx.HTTPError:
-        pass
-    return None
+    return local.running_service(settings.home)
 
 
 def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
