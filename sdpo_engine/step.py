@@ -1,5 +1,5 @@
-"""One sDPO step on TRL's DPOTrainer. With `packing.py` (its helper), the only module of the engine
-that imports TRL.
+"""One sDPO step on TRL's DPOTrainer. With `packing.py` and `trl_patches.py` (its helpers), the only
+modules of the engine that import TRL.
 
 Step t of sDPO starts its policy from checkpoint M_{t-1} *and* uses that same checkpoint, frozen,
 as the reference. Because the reference is exactly the initial policy, its log-probs on the
@@ -308,21 +308,14 @@ def preload() -> None:
     _trainer_class()
 
 
-_NO_HASH = "sdpo-engine: reference log-probs kept in memory, no TRL cache"
-
-
-def _no_hash(module) -> str:
-    return _NO_HASH
-
-
 def _define_trainer_class():
     import torch
-    import trl.trainer.dpo_trainer as dpo_module
     from datasets import Dataset, concatenate_datasets
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from . import packing
+    from .trl_patches import NO_HASH, real_hash_module, reference_hash_skipped
 
     class SDPOTrainer(DPOTrainer):
         """TRL's DPOTrainer, same loss and metrics, with
@@ -340,19 +333,13 @@ def _define_trainer_class():
             self._packing_checked = False
             self.packing: str | None = "not checked"
             train_args = kwargs.get("args")
-            # TRL hashes every weight (a copy of each to CPU, then sha256) to name its on-disk cache of
-            # the reference log-probs. Our single-process reference pass below keeps them in memory and
-            # never reads that cache, so skip the hash there; any path that falls back to TRL's pass
-            # computes it first (`_precompute_ref_logps`).
+            # TRL hashes every weight to name its on-disk cache of the reference log-probs, which our
+            # single-process reference pass below never reads: skip it there (trl_patches.py); any path
+            # that falls back to TRL's pass computes it first (`_precompute_ref_logps`).
             single = (train_args is not None and train_args.world_size == 1 and not train_args.deepspeed
                       and not train_args.fsdp)
-            original_hash = dpo_module.hash_module
-            if single:
-                dpo_module.hash_module = _no_hash
-            try:
+            with reference_hash_skipped(single):
                 super().__init__(*args, **kwargs)
-            finally:
-                dpo_module.hash_module = original_hash
             self._install_packing()
 
         def _install_packing(self):
@@ -422,8 +409,8 @@ def _define_trainer_class():
             self._install_packing()
             if (not isinstance(dataset, Dataset) or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
                     or self.is_fsdp_enabled):
-                if self._precompute_model_hash is _NO_HASH:
-                    self._precompute_model_hash = dpo_module.hash_module(self.ref_model or self.model)
+                if self._precompute_model_hash is NO_HASH:
+                    self._precompute_model_hash = real_hash_module(self.ref_model or self.model)
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
             max_length = self.args.max_length
