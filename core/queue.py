@@ -13,12 +13,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import kombu.transport.sqlalchemy
 from celery import Celery, chain
 from celery.canvas import Signature
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from core import kombu_patches
 from core.celery_config import FINALIZE_JOB, PREPARE_JOB, RUN_STEP, celery_config
 from core.db import after_commit
 from core.permissions import create_private_file
@@ -26,14 +26,10 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# kombu's SQLAlchemy transport polls its table; the default (1 s) adds a second to every chain
-# hop. It must be set on the class: a `polling_interval` transport option would be passed to
-# create_engine() and break the connection (see FIELD-NOTES).
-kombu.transport.sqlalchemy.Transport.polling_interval = 0.1
-
 
 def make_celery(settings: Settings, *, name: str = "sdpo") -> Celery:
     """A Celery app configured from settings. The API uses it only to send."""
+    kombu_patches.install()  # the embedded broker's polling interval (core/kombu_patches.py)
     app = Celery(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     broker_url = str(settings.broker_url)
