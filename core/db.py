@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.permissions import create_private_file
+from core.webhooks import install_outbox
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,14 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """The session factory of a process (API, worker, CLI, tests), its sessions bound to `engine`.
+
+    Its sessions write the webhook outbox with every job or step status change (installed here,
+    explicitly, by `core.webhooks.install_outbox`): every process that changes a job gets its
+    factory from this function.
+    """
     # expire_on_commit=False: the API renders objects after the commit without reloading them.
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    return install_outbox(sessionmaker(bind=engine, expire_on_commit=False))
 
 
 def read_only_session(factory: sessionmaker[Session]) -> Session:

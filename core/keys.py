@@ -7,10 +7,9 @@ import hmac
 import re
 import secrets
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import ids
+from core import ids, keys_repository
 from core.clock import utcnow
 from core.errors import InvalidRequest
 from core.models import ApiKey
@@ -52,7 +51,7 @@ def create_api_key(session: Session, *, name: str, owner: str | None = None,
 def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
     """The unrevoked key whose hash matches, or None."""
     digest = hash_key(plaintext)
-    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+    row = keys_repository.get_by_hash(session, digest)
     # The lookup is by an index on the hash; compare_digest keeps the final check constant-time.
     if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
         return None
@@ -62,8 +61,8 @@ def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
 def is_key_active(session: Session, key_id: str) -> bool:
     """True while the key `key_id` exists and is not revoked (re-checked by long-lived requests,
     such as a live event stream, after their first key check)."""
-    revoked_at = session.execute(select(ApiKey.revoked_at).where(ApiKey.id == key_id)).first()
-    return revoked_at is not None and revoked_at[0] is None
+    exists, revoked_at = keys_repository.revoked_at(session, key_id)
+    return exists and revoked_at is None
 
 
 def ensure_settings_admin_key(session: Session, plaintext: str) -> ApiKey:
@@ -74,13 +73,13 @@ def ensure_settings_admin_key(session: Session, plaintext: str) -> ApiKey:
     """
     digest = hash_key(plaintext)
     current = None
-    for row in session.scalars(select(ApiKey).where(ApiKey.name == SETTINGS_ADMIN_NAME)):
+    for row in keys_repository.named(session, SETTINGS_ADMIN_NAME):
         if row.key_hash == digest:
             current = row
         elif row.revoked_at is None:
             row.revoked_at = utcnow()
     if current is None:
-        current = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+        current = keys_repository.get_by_hash(session, digest)
     if current is None:
         current = ApiKey(id=ids.new_id(ids.API_KEY), name=SETTINGS_ADMIN_NAME, owner=ADMIN_OWNER,
                          key_hash=digest, is_admin=True)
@@ -92,11 +91,11 @@ def ensure_settings_admin_key(session: Session, plaintext: str) -> ApiKey:
 
 
 def list_keys(session: Session) -> list[ApiKey]:
-    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+    return keys_repository.list_all(session)
 
 
 def revoke_key(session: Session, key_id: str) -> ApiKey | None:
-    row = session.get(ApiKey, key_id)
+    row = keys_repository.get(session, key_id)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()

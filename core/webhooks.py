@@ -1,10 +1,12 @@
 """Webhooks: the outbox of job and step notifications, and how they are signed.
 
-**Outbox.** A `before_flush` listener on every session looks at the jobs and steps whose `status`
-changed in the flush (whoever changed it: the API's cancel, the worker's flows, the reaper) and
-adds one `WebhookDelivery` row per subscribed webhook of the job's owner, in the same transaction.
-So a notification exists exactly when its status change was committed, and no caller of
-`transition()` has to remember to send anything. The worker's dispatcher (worker.webhooks) sends
+**Outbox.** A `before_flush` listener looks at the jobs and steps whose `status` changed in the
+flush (whoever changed it: the API's cancel, the worker's flows, the reaper) and adds one
+`WebhookDelivery` row per subscribed webhook of the job's owner, in the same transaction. So a
+notification exists exactly when its status change was committed, and no caller of `transition()`
+has to remember to send anything. The listener is installed on a session factory by
+`install_outbox`, which `core.db.make_session_factory` calls for every factory it makes (the API's,
+the worker's, the CLI's, the tests'); importing this module installs nothing. The worker's dispatcher (worker.webhooks) sends
 due deliveries and retries failures with exponential backoff.
 
 **Signing** follows the Standard Webhooks scheme (https://www.standardwebhooks.com), so a receiver
@@ -27,10 +29,10 @@ from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import event, inspect, select
-from sqlalchemy.orm import Session
+from sqlalchemy import event, inspect
+from sqlalchemy.orm import Session, sessionmaker
 
-from core import ids
+from core import ids, webhooks_repository
 from core.clock import to_unix, utcnow
 from core.models import Job, JobStep, Webhook, WebhookDelivery
 
@@ -182,12 +184,21 @@ def _new_status(obj) -> str | None:
 
 def _subscribers(session: Session, owner: str, event_type: str, cache: dict) -> list[Webhook]:
     if owner not in cache:
-        cache[owner] = list(session.scalars(select(Webhook).where(Webhook.owner == owner,
-                                                                  Webhook.deleted_at.is_(None))))
+        cache[owner] = webhooks_repository.subscribed_webhooks(session, owner)
     return [w for w in cache[owner] if event_type in (w.events or ())]
 
 
-@event.listens_for(Session, "before_flush")
+def install_outbox(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Make every session of `factory` write the outbox (idempotent); returns `factory`.
+
+    Listening on the factory, not on the `Session` class: a session made elsewhere (a bare
+    `sessionmaker`, a migration) writes no deliveries, and nothing depends on what was imported.
+    """
+    if not event.contains(factory, "before_flush", _record_status_changes):
+        event.listen(factory, "before_flush", _record_status_changes)
+    return factory
+
+
 def _record_status_changes(session: Session, _flush_context, _instances) -> None:
     changed = [o for o in session.dirty if isinstance(o, Job | JobStep)]
     if not changed:

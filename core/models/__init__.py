@@ -25,7 +25,3 @@ __all__ = [
     "Webhook",
     "WebhookDelivery",
 ]
-
-# The webhook outbox listens to every session's flushes (job and step status changes); importing it
-# here registers it in every process that uses the models. Last: it imports the names above.
-import core.webhooks  # noqa: E402,F401
