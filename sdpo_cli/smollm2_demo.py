@@ -80,7 +80,9 @@ def _run_json(cmd: list[str], what: str) -> dict:
 
 def ensure_model(client: SDPOClient, storage_dir: Path, out: TextIO) -> Path:
     """Convert the GGUF once and register it as `smollm2-135m` (admin key); returns its directory."""
-    target = storage_dir / "models" / MODEL_ID
+    # Beside the store, not inside it: POST /v1/models refuses paths inside the storage folder (users'
+    # checkpoints live there), so a registered base model never sits among them.
+    target = storage_dir.parent / "models" / MODEL_ID
     if not (target / "config.json").is_file():
         print(f"converting SmolLM2-135M-Instruct from its GGUF into {target} (about a minute)...", file=out)
         t0 = time.time()
