@@ -6,30 +6,40 @@ shapes of the JSON lines it prints, and the names both sides must agree on (part
 text formats). docs/CONTRACTS.md describes the same contract in prose.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: TypedDict reads Required[...] only from evaluated annotations.
 from dataclasses import dataclass, field, fields
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, Required, TypedDict
 
 __all__ = [
     "ACTIVATION_CHECKPOINTING",
     "CURRICULUM_STRATEGIES",
     "DEVICES",
     "ERROR_CODES",
-    "PARTITION_STRATEGIES",
-    "TEXT_FORMATS",
-    "TRAINING_DATA_CODES",
     "ErrorEvent",
+    "EvalInfo",
+    "EvalReferenceInfo",
+    "EventKind",
     "ExitCode",
     "InfoEvent",
+    "InfoPhase",
     "LoraSpec",
+    "MAX_PAD_TO_MULTIPLE_OF",
+    "MemoryInfo",
     "MetricsEvent",
+    "PARTITION_STRATEGIES",
+    "PairsDroppedInfo",
+    "ReferenceLogpsInfo",
     "ResultEvent",
+    "ResumeInfo",
     "SpecError",
+    "StartInfo",
     "StepSpec",
     "StoppedEvent",
+    "TEXT_FORMATS",
+    "TRAINING_DATA_CODES",
+    "TrainEndInfo",
     "WarningEvent",
 ]
 
@@ -65,53 +75,157 @@ TRAINING_DATA_CODES = ("special_tokens_in_text", "no_chat_template", "raw_needs_
 ERROR_CODES = ("invalid_input", *TRAINING_DATA_CODES, "non_finite", "step_failed")
 
 
+class EventKind(StrEnum):
+    """The `event` of a JSON line the step prints (a str: compares equal to the plain string)."""
+
+    METRICS = "metrics"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    RESULT = "result"
+    STOPPED = "stopped"
+
+
+class InfoPhase(StrEnum):
+    """The `phase` of an info line, in the order a step prints them (the last two: `run` only)."""
+
+    START = "start"
+    EVAL_REFERENCE = "eval_reference"
+    PAIRS_DROPPED = "pairs_dropped"
+    REFERENCE_LOGPS = "reference_logps"
+    MEMORY = "memory"
+    RESUME = "resume"
+    TRAIN_END = "train_end"
+    EVAL = "eval"
+    SOURCE_SCORES = "source_scores"
+    SKIP_FINISHED_STEP = "skip_finished_step"
+
+
 class MetricsEvent(TypedDict, total=False):
     """One per logged optimizer step: TRL's logged keys (``loss``, ``grad_norm``, ``rewards/*``,
     ``logps/*``, ``num_tokens``, …) plus these."""
 
-    event: Literal["metrics"]
-    step: int  # the sDPO step (1-based)
-    global_step: int  # the optimizer step within this sDPO step
-    max_steps: int
+    event: Required[Literal["metrics"]]
+    step: Required[int]  # the sDPO step (1-based)
+    global_step: Required[int]  # the optimizer step within this sDPO step
+    max_steps: Required[int]
+    loss: float | None  # None: not finite
     tokens_per_second: float | None
 
 
-class InfoEvent(TypedDict, total=False):
-    """A phase of the step: ``start``, ``eval_reference``, ``pairs_dropped``, ``reference_logps``,
-    ``memory``, ``resume``, ``train_end``, ``eval``; the other keys depend on the phase."""
-
+class StartInfo(TypedDict):
     event: Literal["info"]
-    phase: str
+    phase: Literal["start"]
     step: int
-    pairs_dropped: dict[str, Any]  # pairs_dropped: {reason: {"count", "lines"}}; reference_logps: {reason: count}
+    pairs: int  # pairs in the step's file
+    device: str  # as resolved: cpu or cuda
+    reference: dict[str, Any]  # manifest.checkpoint_identity of policy_init: {"path", "manifest_sha256" | "sha256"}
+    data_sha256: str
+    config: dict[str, Any]  # StepConfig.to_dict()
+
+
+class EvalReferenceInfo(TypedDict):
+    event: Literal["info"]
+    phase: Literal["eval_reference"]
+    step: int
+    pairs: int  # held-out pairs scored by the fixed reference
+
+
+class PairsDroppedInfo(TypedDict):
+    event: Literal["info"]
+    phase: Literal["pairs_dropped"]
+    step: int
+    pairs: int
+    max_length: int
+    pairs_dropped: dict[str, dict[str, Any]]  # {reason: {"count": int, "lines": [first file lines]}}
+
+
+class ReferenceLogpsInfo(TypedDict):
+    event: Literal["info"]
+    phase: Literal["reference_logps"]
+    step: int
+    mean_gamma_ref: float | None  # mean log p(chosen) - log p(rejected) under the reference, nats
+    pairs_used: int
+    pairs_dropped: dict[str, int]  # {reason: count}
+    packing: str  # "shared_prompt" or "two_sequences: <why>"
+    seconds: float
+    forward_seconds: float | None
+
+
+class MemoryInfo(TypedDict):
+    event: Literal["info"]
+    phase: Literal["memory"]
+    step: int
+    activation_checkpointing: bool
+    activation_estimate_mb: int
+    free_mb: int
+
+
+class ResumeInfo(TypedDict):
+    event: Literal["info"]
+    phase: Literal["resume"]
+    step: int
+    checkpoint: str  # the trainer checkpoint in work_dir training resumes from
+
+
+class TrainEndInfo(TypedDict, total=False):
+    """The trainer's closing summary: ``train_runtime``, ``train_loss``, … (its numeric keys) plus these."""
+
+    event: Required[Literal["info"]]
+    phase: Required[Literal["train_end"]]
+    step: Required[int]
+    global_step: Required[int]
+
+
+class EvalInfo(TypedDict, total=False):
+    """Held-out metrics against the fixed reference (step.preference_metrics); only `pairs` when none scored."""
+
+    event: Required[Literal["info"]]
+    phase: Required[Literal["eval"]]
+    step: Required[int]
+    pairs: Required[int]
+    reward_accuracy: float
+    reward_margin: float
+    preference_accuracy: float
+    mean_gamma: float
+
+
+InfoEvent = (StartInfo | EvalReferenceInfo | PairsDroppedInfo | ReferenceLogpsInfo | MemoryInfo | ResumeInfo
+             | TrainEndInfo | EvalInfo)
 
 
 class WarningEvent(TypedDict, total=False):
-    event: Literal["warning"]
-    code: str  # e.g. first_loss_not_ln2
-    message: str
+    event: Required[Literal["warning"]]
+    code: Required[str]  # e.g. first_loss_not_ln2
+    message: Required[str]
 
 
 class ErrorEvent(TypedDict, total=False):
-    event: Literal["error"]
-    code: str  # one of ERROR_CODES
-    message: str
+    """The last line of a step that exits 1, 2 or 3."""
+
+    event: Required[Literal["error"]]
+    code: Required[str]  # one of ERROR_CODES
+    message: Required[str]
     param: str  # a hyperparameter, for invalid_input from StepConfig
     errors: list[dict[str, Any]]  # [{"line", "field", "reason"}] for data errors
     value: str  # non_finite: which value
-    global_step: int  # non_finite: at which optimizer step
+    global_step: int | None  # non_finite: at which optimizer step (None: before training)
 
 
 class ResultEvent(TypedDict):
+    """The last line of a step that exits 0."""
+
     event: Literal["result"]
     step: int
     summary: dict[str, Any]
 
 
 class StoppedEvent(TypedDict):
+    """The last line of a step that exits 75."""
+
     event: Literal["stopped"]
     global_step: int
-    checkpoint: str | None
+    checkpoint: str | None  # the resumable trainer checkpoint in work_dir
 
 
 class SpecError(ValueError):
@@ -177,7 +291,7 @@ class StepSpec:
         "help": "auto: on only where the largest batch's activations would not fit in memory; on; off."})
 
     @classmethod
-    def from_dict(cls, d: dict) -> StepSpec:
+    def from_dict(cls, d: dict) -> "StepSpec":
         """The spec from its JSON object, checked: required keys, no unknown keys, paths that exist,
         values in range. Raises SpecError."""
         if not isinstance(d, dict):

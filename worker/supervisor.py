@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.permissions import make_private_dir, open_private_append
+from sdpo_engine.protocol import EventKind, InfoPhase
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +270,15 @@ def _supervise(proc: subprocess.Popen, log_path: Path, *, relay, control, heartb
             if not isinstance(event, dict):
                 event = {"event": "output", "text": line.rstrip()[:2000]}
             kind = event.get("event")
-            if kind == "result":
+            if kind == EventKind.RESULT:
                 outcome.result = event
-            elif kind == "error":
+            elif kind == EventKind.ERROR:
                 outcome.error = event
-            elif kind == "stopped":
+            elif kind == EventKind.STOPPED:
                 outcome.stopped = event
-            elif kind == "metrics":
+            elif kind == EventKind.METRICS:
                 outcome.last_metrics = event
-            elif kind == "info" and event.get("phase") == "train_end":
+            elif kind == EventKind.INFO and event.get("phase") == InfoPhase.TRAIN_END:
                 training_done()
             pending.append(event)
             if len(pending) > MAX_PENDING_EVENTS:  # the database has been away for very long

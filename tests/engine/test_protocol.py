@@ -11,12 +11,15 @@ from dataclasses import fields
 
 import pytest
 
+from sdpo_engine import protocol
 from sdpo_engine.manifest import read_manifest
 from sdpo_engine.protocol import (
     ERROR_CODES,
     PARTITION_STRATEGIES,
     TRAINING_DATA_CODES,
+    EventKind,
     ExitCode,
+    InfoPhase,
     LoraSpec,
     SpecError,
     StepSpec,
@@ -84,8 +87,38 @@ def test_training_settings_come_from_the_spec_and_reach_the_manifest(spec_dict, 
     reference = next(e for e in events if e.get("phase") == "reference_logps")
     assert memory["activation_checkpointing"] is True
     assert reference["packing"].startswith("two_sequences: disabled")
+    for event in events:
+        _assert_has_its_declared_shape(event)
     manifest = read_manifest(spec_dict["output_dir"])
     assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": 16,
                                              "activation_checkpointing": "on"}
     assert manifest["training_applied"] == {"packing": reference["packing"], "pad_to_multiple_of": 16,
                                             "activation_checkpointing": True}
+
+
+def _assert_has_its_declared_shape(event: dict) -> None:
+    """The event's keys fit the protocol's TypedDict for its kind (and phase): every required key, and no
+    undeclared one where the shape is closed (total)."""
+    kind = EventKind(event["event"])
+    if kind is EventKind.INFO:
+        name = "".join(part.title() for part in InfoPhase(event["phase"]).value.split("_")) + "Info"
+    else:
+        name = kind.value.title() + "Event"
+    shape = getattr(protocol, name)
+    assert shape.__required_keys__ <= set(event), (name, sorted(shape.__required_keys__ - set(event)))
+    if shape.__total__:
+        assert set(event) <= set(shape.__annotations__), (name, sorted(set(event) - set(shape.__annotations__)))
+    typed = {key: event[key] for key in ("step", "global_step") if key in shape.__annotations__ and key in event}
+    assert all(isinstance(value, int) for value in typed.values()), (name, typed)
+
+
+def test_a_step_prints_every_info_phase_with_its_declared_shape(spec_dict, tmp_path):
+    from sdpo_engine.step import run_step
+
+    events = []
+    run_step({**spec_dict, "eval_file": spec_dict["train_file"], "eval_reference": spec_dict["policy_init"]},
+             emit=events.append)
+    seen = {event.get("phase") or event["event"] for event in events}
+    assert {"start", "eval_reference", "reference_logps", "memory", "train_end", "eval", "metrics", "result"} <= seen
+    for event in events:
+        _assert_has_its_declared_shape(event)
