@@ -88,6 +88,7 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
                "AWS_SECRET_ACCESS_KEY": "aws-secret-for-the-test", "SDPO_DATABASE_URL": service.database_url,
                "SDPO_BROKER_URL": service.broker_url}
     service.env.update({k: v for k, v in secrets.items() if k not in service.env})
+    service.env["SDPO_PACKING"] = "off"  # a training setting: it must reach the step through its spec
     service.start_api()
     worker = service.start_worker("w1")
     assert _environ(worker.pid)["SDPO_ADMIN_KEY"] == service.admin_key  # the worker has it: the filter matters
@@ -102,6 +103,13 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
         # The worker's SDPO_DEVICE=cpu reaches the engine in the step spec (core.settings), not the environment.
         assert not any(name in env for name in ("SDPO_DEVICE", "SDPO_PACKING", "SDPO_PAD_TO_MULTIPLE_OF",
                                                 "SDPO_ACTIVATION_CHECKPOINTING"))
+    manifests = [json.loads(path.read_text()) for path in (service.home / "storage").rglob("sdpo_manifest.json")]
+    trained_here = [m for m in manifests if "training_settings" in m]  # the base model's has none
+    assert trained_here, f"no step checkpoint under {service.home / 'storage'}"
+    for manifest in trained_here:
+        assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": None,
+                                                 "activation_checkpointing": "auto"}
+        assert manifest["training_applied"]["packing"].startswith("two_sequences: disabled")
 
 
 def test_sdpo_up_under_a_fresh_home_makes_only_owner_only_files(tmp_path):
