@@ -41,6 +41,7 @@ __all__ = [
     "TRAINING_DATA_CODES",
     "TrainEndInfo",
     "WarningEvent",
+    "check_training_settings",
 ]
 
 
@@ -232,6 +233,21 @@ class SpecError(ValueError):
     """The step spec itself is wrong (missing key, bad path, bad value). No retry helps (exit 2)."""
 
 
+def check_training_settings(*, device: str = "auto", packing: bool = True, pad_to_multiple_of: int | None = None,
+                            activation_checkpointing: str = "auto") -> None:
+    """Raise SpecError naming the first of the operator's training settings (StepSpec's fields of the same
+    names) that is out of range. `sdpo_engine run` checks them before any work."""
+    if device not in DEVICES:
+        raise SpecError(f"device must be one of {', '.join(DEVICES)}")
+    if not isinstance(packing, bool):
+        raise SpecError("packing must be true or false")
+    pad = pad_to_multiple_of
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad <= MAX_PAD_TO_MULTIPLE_OF):
+        raise SpecError(f"pad_to_multiple_of must be null or a whole number from 0 to {MAX_PAD_TO_MULTIPLE_OF}")
+    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise SpecError(f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+
+
 @dataclass
 class LoraSpec:
     """A LoRA adapter trained instead of the full weights, merged into the model after the step."""
@@ -321,20 +337,12 @@ class StepSpec:
             raise SpecError(f"train_file {spec.train_file} does not exist")
         if spec.eval_file and not spec.eval_reference:
             raise SpecError("eval_file needs eval_reference (the fixed reference model, normally the base model)")
-        if spec.device not in DEVICES:
-            raise SpecError(f"device must be one of {', '.join(DEVICES)}")
         if spec.text_format not in TEXT_FORMATS:
             raise SpecError(f"text_format must be one of {', '.join(TEXT_FORMATS)}")
         if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
             raise SpecError("chat_template must be a non-empty Jinja template string")
-        if not isinstance(spec.packing, bool):
-            raise SpecError("packing must be true or false")
-        pad = spec.pad_to_multiple_of
-        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
-                                or not 0 <= pad <= MAX_PAD_TO_MULTIPLE_OF):
-            raise SpecError(f"pad_to_multiple_of must be null or a whole number from 0 to {MAX_PAD_TO_MULTIPLE_OF}")
-        if spec.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-            raise SpecError(f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+        check_training_settings(device=spec.device, packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
+                                activation_checkpointing=spec.activation_checkpointing)
         return spec
 
     def training_settings(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .config import StepConfig
 from .data import load_pairs, write_pairs
 from .manifest import read_manifest
 from .partition import partition, source_order
-from .protocol import PARTITION_STRATEGIES
+from .protocol import PARTITION_STRATEGIES, check_training_settings
 
 STRATEGIES = PARTITION_STRATEGIES
 
@@ -115,6 +115,8 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     hyperparameters = {**(hyperparameters or {})}
     hyperparameters.setdefault("seed", seed)
     cfg = StepConfig.from_dict(hyperparameters)  # fail before any work on a bad value
+    check_training_settings(device=device, packing=packing, pad_to_multiple_of=pad_to_multiple_of,
+                            activation_checkpointing=activation_checkpointing)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     user_emit = emit or (lambda e: None)

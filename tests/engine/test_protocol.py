@@ -122,3 +122,18 @@ def test_a_step_prints_every_info_phase_with_its_declared_shape(spec_dict, tmp_p
     assert {"start", "eval_reference", "reference_logps", "memory", "train_end", "eval", "metrics", "result"} <= seen
     for event in events:
         _assert_has_its_declared_shape(event)
+
+
+def test_run_checks_the_training_settings_before_any_work(tmp_path, tiny_model, capsys):
+    from sdpo_engine.cli import main
+
+    data = write_jsonl(make_pairs(8, seed=2), tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_model), "--train-file", str(data), "--partition", "random", "--steps", "1",
+            "--out", str(out), "--device", "cpu", "--batch-size", "4", "--max-length", "48", "--quiet"]
+    assert main([*argv, "--pad-to-multiple-of", "-1"]) == 2
+    assert "pad_to_multiple_of must be null or a whole number from 0 to 4096" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv, "--no-packing", "--pad-to-multiple-of", "8", "--activation-checkpointing", "off"]) == 0
+    assert read_manifest(out / "step-1")["training_settings"] == {
+        "device": "cpu", "packing": False, "pad_to_multiple_of": 8, "activation_checkpointing": "off"}
