@@ -1,0 +1,65 @@
+"""The worker's training settings (core.settings): read from SDPO_* once, checked at start-up, and passed to
+every step in its spec (sdpo_engine.protocol.StepSpec) instead of through the environment."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+from pydantic import ValidationError
+
+from core.settings import Settings
+from sdpo_engine.protocol import (
+    ACTIVATION_CHECKPOINTING,
+    DEVICES,
+    MAX_PAD_TO_MULTIPLE_OF,
+    SpecError,
+    StepSpec,
+    check_training_settings,
+)
+
+TRAINING_SETTINGS = ("device", "packing", "pad_to_multiple_of", "activation_checkpointing")
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, {"device": "auto", "packing": True, "pad_to_multiple_of": None, "activation_checkpointing": "auto"}),
+    # "auto" was SDPO_PACKING's documented default; off/0/false/no turned packing off.
+    ({"SDPO_PACKING": "auto"}, {"packing": True}),
+    ({"SDPO_PACKING": "off"}, {"packing": False}),
+    ({"SDPO_PACKING": "0"}, {"packing": False}),
+    ({"SDPO_PACKING": "no"}, {"packing": False}),
+    ({"SDPO_PAD_TO_MULTIPLE_OF": "0"}, {"pad_to_multiple_of": 0}),
+    ({"SDPO_PAD_TO_MULTIPLE_OF": ""}, {"pad_to_multiple_of": None}),
+    ({"SDPO_PAD_TO_MULTIPLE_OF": "128"}, {"pad_to_multiple_of": 128}),
+    ({"SDPO_ACTIVATION_CHECKPOINTING": "on", "SDPO_DEVICE": "cpu"}, {"activation_checkpointing": "on", "device": "cpu"}),
+])
+def test_settings_read_the_training_variables(monkeypatch, tmp_path, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(home=tmp_path)
+    assert {key: getattr(settings, key) for key in expected} == expected
+    check_training_settings(**{key: getattr(settings, key) for key in TRAINING_SETTINGS})  # the spec accepts them
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("SDPO_PAD_TO_MULTIPLE_OF", "sixty"), ("SDPO_PAD_TO_MULTIPLE_OF", "-1"), ("SDPO_PAD_TO_MULTIPLE_OF", "4097"),
+    ("SDPO_PACKING", "sometimes"), ("SDPO_ACTIVATION_CHECKPOINTING", "always"), ("SDPO_DEVICE", "tpu"),
+])
+def test_a_bad_training_variable_stops_the_process_at_start_up(monkeypatch, tmp_path, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("SDPO_").lower()):
+        Settings(home=tmp_path)
+
+
+def test_settings_and_the_step_spec_agree_on_names_and_choices():
+    spec_fields = {f.name for f in fields(StepSpec)}
+    assert set(TRAINING_SETTINGS) <= spec_fields and set(TRAINING_SETTINGS) <= set(Settings.model_fields)
+    assert Settings.model_fields["device"].annotation.__args__ == DEVICES
+    assert Settings.model_fields["activation_checkpointing"].annotation.__args__ == ACTIVATION_CHECKPOINTING
+    # The same bound on both sides: what the settings accept, the spec accepts.
+    Settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF)
+    check_training_settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF)
+    with pytest.raises(ValidationError):
+        Settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF + 1)
+    with pytest.raises(SpecError, match="pad_to_multiple_of"):
+        check_training_settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF + 1)
