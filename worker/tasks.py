@@ -1,5 +1,6 @@
-"""Celery tasks: thin wrappers that call the flows by id. Names are the contract with the API
-(`core.celery_config`); the API never imports this module."""
+"""Celery tasks: thin wrappers that call the flows by id, with the worker's one Settings and Celery
+app (`worker.app`). Names are the contract with the API (`core.celery_config`); the API never
+imports this module."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from celery.exceptions import Ignore
 
 from core.celery_config import FINALIZE_JOB, PREPARE_JOB, REAP, RUN_STEP
 from worker import flows
-from worker.app import app
+from worker.app import app, settings
 from worker.webhooks import deliver_webhooks  # noqa: F401  (registers sdpo.deliver_webhooks; JSON logs)
 
 
@@ -20,19 +21,19 @@ def _chain_on(outcome: flows.Outcome) -> None:
 
 @app.task(name=PREPARE_JOB, ignore_result=True)
 def prepare_job(job_id: str) -> None:
-    _chain_on(flows.prepare_job(job_id))
+    _chain_on(flows.prepare_job(job_id, settings=settings))
 
 
 @app.task(name=RUN_STEP, ignore_result=True)
 def run_step(job_id: str, index: int) -> None:
-    _chain_on(flows.run_step(job_id, index))
+    _chain_on(flows.run_step(job_id, index, settings=settings, app=app))
 
 
 @app.task(name=FINALIZE_JOB, ignore_result=True)
 def finalize_job(job_id: str) -> None:
-    _chain_on(flows.finalize_job(job_id))
+    _chain_on(flows.finalize_job(job_id, settings=settings))
 
 
 @app.task(name=REAP, ignore_result=True)
 def reap(startup: bool = False) -> int:
-    return flows.reap(startup=startup)
+    return flows.reap(settings=settings, app=app, startup=startup)

@@ -11,15 +11,27 @@ overwrite each other.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from core.clock import utcnow
 from core.errors import Conflict
-from core.jobs.repository import add_event, get_steps
-from core.models import Job, JobStep
+from core.jobs.repository import (
+    add_event,
+    claim_step_row,
+    file_uri,
+    get_job,
+    get_steps,
+    latest_metrics_global_step,
+    starting_model,
+)
+from core.models import Checkpoint, Job, JobStep, RegisteredModel
 from core.queue import enqueue_after_commit, job_chain
-from core.states import STEP_TERMINAL, JobStatus, StepStatus, transition
+from core.states import JOB_TERMINAL, STEP_TERMINAL, JobStatus, StepStatus, transition
 
 
 def remaining_step_indexes(steps: Iterable[JobStep]) -> list[int]:
@@ -83,3 +95,337 @@ def resume_job(session: Session, job: Job, app: Celery) -> Job:
     session.flush()
     enqueue_after_commit(session, job_chain(app, job.id, remaining))
     return job
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker's state changes. Each runs in the caller's transaction (worker.db.retrying around a
+# session) and must be safe to run twice: a COMMIT whose answer was lost may have been applied, so
+# each checks the state it expects before changing it.
+
+
+def text_options(job: Job) -> tuple[str, str | None]:
+    """(text_format, chat_template) of a job: ``method.<type>.text_format`` ("chat" unless "raw") and
+    ``method.<type>.chat_template`` (None: the model's own)."""
+    method = job.method or {}
+    options = method.get(method.get("type") or "") or {}
+    return options.get("text_format") or "chat", options.get("chat_template")
+
+
+def format_metric(x: Any) -> str:
+    """A number as event messages show it (4 decimals), "-" when there is none."""
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What preparing a job reads: its files and starting model as storage URIs, its partition plan."""
+
+    needs_chunks: bool  # a partitioned job whose chunks are not written yet
+    plan: dict[str, Any]  # jobs.partition: strategy, n_steps, sizes, source_field, …
+    train_uri: str
+    files: list[tuple[str, str]]  # (file id, storage URI): training, per-step and validation files
+    base_model: tuple[str, str, str]  # (source, id, uri): repository.starting_model
+    text: tuple[str, str | None]  # text_options
+    started: bool  # already running: a chain re-sent by the reaper, the file checks were done
+    max_length: int
+    seed: int
+
+
+def job_inputs(session: Session, job_id: str) -> JobInputs | None:
+    """What prepare_job needs, or None when the job is gone or no longer queued/running (cancelled,
+    paused or finished before it started). Locks the job row."""
+    job = get_job(session, job_id, for_update=True)
+    if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return None
+    steps = get_steps(session, job_id)
+    files = [job.training_file_id] + [st.training_file_id for st in steps if st.training_file_id]
+    if job.validation_file_id:
+        files.append(job.validation_file_id)
+    return JobInputs(
+        needs_chunks=bool(job.partition) and any(st.chunk_uri is None for st in steps),
+        plan=dict(job.partition or {}), train_uri=file_uri(session, job.training_file_id),
+        files=[(f, file_uri(session, f)) for f in dict.fromkeys(files)],
+        base_model=starting_model(session, job), text=text_options(job), started=job.status == JobStatus.RUNNING,
+        max_length=job.hyperparameters.get("max_length", 512), seed=job.seed)
+
+
+def start_job(session: Session, job_id: str, chunks: list[tuple[str, dict]], plan: dict[str, Any]) -> bool:
+    """The job's chunks are written (or it has none): record them, queue its first unfinished step and
+    move it to running ("Job started: …"). False when the job is gone or no longer queued/running:
+    the caller deletes the `chunks` ([(uri, stats)]) it wrote, and the chain stops."""
+    job = get_job(session, job_id, for_update=True)
+    if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return False
+    steps = get_steps(session, job_id, for_update=True)
+    if chunks and all(st.chunk_uri is None for st in steps):
+        for st, (uri, stats) in zip(steps, chunks, strict=True):
+            st.chunk_uri, st.chunk_stats = uri, stats
+        job.partition = plan
+    first = next((st for st in steps if st.status not in STEP_TERMINAL), None)
+    if first is not None and first.status == StepStatus.PENDING:
+        transition(first, StepStatus.QUEUED)
+    job.updated_at = utcnow()
+    if job.status == JobStatus.QUEUED:
+        # Only on the way to running: a chain re-sent by the reaper or the lost-message sweep
+        # passes through here again and must not log a second start.
+        transition(job, JobStatus.RUNNING)
+        desc = f", partition {plan['strategy']}" if plan.get("strategy") else ""
+        order = f" (order: {' -> '.join(plan['source_order'])})" if plan.get("source_order") else ""
+        add_event(session, job_id, f"Job started: {job.n_steps} step(s){desc}{order}.",
+                  data={"partition": plan} if plan else None)
+    return True
+
+
+@dataclass(frozen=True)
+class StepClaim:
+    """A claimed attempt of a step and what it trains on (storage URIs), read in the claim's transaction."""
+
+    step_id: str
+    attempt: int
+    n_steps: int
+    reference_id: str | None  # the previous step's output checkpoint (the job's initial one for step 1)
+    job_model: str
+    owner: str
+    base_model: tuple[str, str, str]  # (source, id, uri): repository.starting_model
+    policy_init_uri: str | None  # the reference checkpoint's URI; None: the base model
+    train_uri: str
+    eval_uri: str | None
+    hyperparameters: dict[str, Any]
+    source_field: str
+    recorded_global_step: int  # metrics of earlier attempts of this step go up to here
+    text_format: str = "chat"
+    chat_template: str | None = None
+
+
+def claim_step(session: Session, job_id: str, index: int, worker: str) -> StepClaim | bool:
+    """Claim step `index` for `worker`: it becomes running with attempt + 1 ("Step i/n started …").
+
+    Returns the claim, or True when the step already succeeded (a redelivered task: the chain goes
+    on), or False when this delivery must not train (the job is not running; the previous step has
+    not succeeded; another delivery claimed it). A job pausing between steps becomes paused here."""
+    now = utcnow()
+    job = get_job(session, job_id, for_update=True)
+    if job is None:
+        return False
+    if job.status == JobStatus.PAUSING:  # the previous step finished as the pause came in
+        transition(job, JobStatus.PAUSED)
+        add_event(session, job_id, "Job paused between steps.")
+        return False
+    if job.status != JobStatus.RUNNING:
+        return False
+    steps = {st.index: st for st in get_steps(session, job_id)}
+    step = steps[index]
+    if step.status == StepStatus.SUCCEEDED:
+        return True
+    previous = steps.get(index - 1)
+    if previous is not None and previous.status != StepStatus.SUCCEEDED:
+        return False  # never train on a reference that does not exist yet
+    reference_id = previous.output_checkpoint_id if previous else job.initial_checkpoint_id
+    if not claim_step_row(session, step, worker=worker, reference_id=reference_id, now=now):
+        return False
+    job.current_step = index
+    job.updated_at = now
+    text_format, chat_template = text_options(job)
+    claim = StepClaim(
+        step_id=step.id, attempt=step.attempt, n_steps=job.n_steps, reference_id=reference_id,
+        job_model=job.model, owner=job.owner, base_model=starting_model(session, job),
+        policy_init_uri=session.get(Checkpoint, reference_id).uri if previous is not None else None,
+        train_uri=step.chunk_uri or file_uri(session, step.training_file_id),
+        eval_uri=file_uri(session, job.validation_file_id) if job.validation_file_id else None,
+        hyperparameters=dict(step.hyperparameters),
+        source_field=(job.partition or {}).get("source_field") or "source",
+        recorded_global_step=latest_metrics_global_step(session, job_id, index),
+        text_format=text_format, chat_template=chat_template)
+    add_event(session, job_id, f"Step {index}/{job.n_steps} started (attempt {claim.attempt}) on {worker}; "
+              f"reference and initial policy: {reference_id or job.model}.", step_index=index,
+              data={"reference_checkpoint": reference_id, "attempt": claim.attempt, "worker": worker})
+    return claim
+
+
+def step_succeeded(session: Session, job_id: str, index: int, attempt: int, *, checkpoint_id: str, uri: str,
+                   sha256: str, size: int, metrics: dict[str, Any], event_id: str) -> bool | None:
+    """Attempt `attempt` of step `index` wrote its checkpoint (files already in the store at `uri`,
+    `size` bytes, `sha256` from its manifest): the checkpoint row is added, the step succeeds with
+    `metrics`, the next step is queued ("Step i succeeded: …"). True also when an earlier try
+    committed this; None when the step was cancelled or handed to another attempt meanwhile (the
+    caller deletes the stored files; the chain stops)."""
+    job = get_job(session, job_id, for_update=True)
+    steps = {st.index: st for st in get_steps(session, job_id, for_update=True)}
+    step = steps[index]
+    if step.output_checkpoint_id == checkpoint_id:
+        return True  # an earlier try committed, its answer was lost
+    if step.status != StepStatus.RUNNING or step.attempt != attempt:
+        return None
+    session.add(Checkpoint(id=checkpoint_id, owner=job.owner, job_id=job_id, step_index=index, uri=uri,
+                           sha256=sha256, bytes=size, metrics=metrics))
+    session.flush()
+    step.output_checkpoint_id = checkpoint_id
+    step.metrics = metrics
+    step.error = None
+    transition(step, StepStatus.SUCCEEDED)
+    following = steps.get(index + 1)
+    if following is not None and following.status == StepStatus.PENDING and job.status == JobStatus.RUNNING:
+        transition(following, StepStatus.QUEUED)
+    job.updated_at = utcnow()
+    add_event(session, job_id, f"Step {index} succeeded: checkpoint {checkpoint_id}, first loss "
+              f"{format_metric(metrics['first_loss'])}, last loss {format_metric(metrics['last_loss'])}, mean "
+              f"gamma_ref {format_metric(metrics['mean_gamma_ref'])}.", step_index=index,
+              data={"checkpoint": checkpoint_id, **metrics}, event_id=event_id)
+    return True
+
+
+def step_paused(session: Session, app: Celery, job_id: str, step_id: str, attempt: int,
+                stopped: dict[str, Any] | None, *, event_id: str) -> None:
+    """The training process saved its trainer state and exited (`stopped`: {"global_step": …}): the
+    step goes back to queued. A pausing job becomes paused ("Step i paused at …"); a running one (a
+    SIGTERM from outside) gets a chain from this step sent after the commit. Nothing when the step no
+    longer runs this attempt (recorded by an earlier try, cancelled, or another attempt's)."""
+    job = get_job(session, job_id, for_update=True)
+    step = session.get(JobStep, step_id, with_for_update=True)
+    if step.status != StepStatus.RUNNING or step.attempt != attempt:
+        return
+    at = (stopped or {}).get("global_step")
+    transition(step, StepStatus.QUEUED)
+    if job.status == JobStatus.PAUSING:
+        transition(job, JobStatus.PAUSED)
+        add_event(session, job_id, f"Step {step.index} paused at global step {at}; it resumes from its trainer "
+                  "checkpoint.", step_index=step.index, data=stopped, event_id=event_id)
+    elif job.status == JobStatus.RUNNING:
+        # Stopped without a pause (a SIGTERM from outside): run it again from its checkpoint.
+        add_event(session, job_id, f"Step {step.index} stopped at global step {at} without a pause request; "
+                  "requeued to resume from its trainer checkpoint.", level="warn", step_index=step.index,
+                  data=stopped, event_id=event_id)
+        job.updated_at = utcnow()
+        enqueue_after_commit(session, job_chain(app, job_id, remaining_step_indexes(get_steps(session, job_id))))
+
+
+def requeue_or_fail_step(session: Session, app: Celery, job: Job, steps: list[JobStep], step: JobStep,
+                         reason: str, *, max_attempts: int) -> bool:
+    """After a failed or lost attempt (`reason`, for the event): count it in `step.failed_attempts` and
+    requeue the step (a chain from it is sent after the commit; a pausing job becomes paused instead),
+    or, at `max_attempts` failed attempts, fail it, cancel the later steps and fail the job with
+    `retries_exhausted`. `job` and `steps` are locked by the caller. True if requeued."""
+    step.failed_attempts = failures = step.failed_attempts + 1
+    if failures >= max_attempts:
+        message = (f"Step {step.index} failed after {failures} attempt{'s' if failures != 1 else ''} "
+                   f"(max_step_attempts={max_attempts}); the last one: {reason}.")
+        step.error = {"code": "retries_exhausted", "message": message}
+        transition(step, StepStatus.FAILED)
+        for later in steps:
+            if later.status not in STEP_TERMINAL:
+                transition(later, StepStatus.CANCELLED)
+        if job.status not in JOB_TERMINAL:
+            job.error = {"code": "retries_exhausted", "message": message, "param": None}
+            transition(job, JobStatus.FAILED)
+        add_event(session, job.id, message, level="error", step_index=step.index, data={"code": "retries_exhausted"})
+        return False
+    transition(step, StepStatus.QUEUED)
+    job.updated_at = utcnow()
+    data = {"failed_attempt": step.attempt, "reason": reason}
+    if job.status == JobStatus.PAUSING:
+        transition(job, JobStatus.PAUSED)
+        add_event(session, job.id, f"Step {step.index}: attempt {step.attempt} ended ({reason}); the job is paused "
+                  "and resumes from the step's last trainer checkpoint.", level="warn", step_index=step.index,
+                  data=data)
+        return True
+    add_event(session, job.id, f"Step {step.index}: attempt {step.attempt} ended ({reason}); requeued for attempt "
+              f"{step.attempt + 1} of {max_attempts}, resuming from its last trainer checkpoint.",
+              level="warn", step_index=step.index, data=data)
+    enqueue_after_commit(session, job_chain(app, job.id, remaining_step_indexes(steps)))
+    return True
+
+
+def attempt_failed(session: Session, app: Celery, job_id: str, index: int, attempt: int, reason: str,
+                   *, max_attempts: int) -> None:
+    """Attempt `attempt` of step `index` failed in a way a retry may fix (`requeue_or_fail_step`);
+    nothing when the step no longer runs this attempt."""
+    job = get_job(session, job_id, for_update=True)
+    steps = get_steps(session, job_id, for_update=True)
+    step = next(st for st in steps if st.index == index)
+    if job is None or step.status != StepStatus.RUNNING or step.attempt != attempt:
+        return
+    requeue_or_fail_step(session, app, job, steps, step, reason, max_attempts=max_attempts)
+
+
+def requeue_stale_step(session: Session, app: Celery, job_id: str, cutoff: datetime, *, max_attempts: int) -> int:
+    """The first running step of the job whose heartbeat is older than `cutoff` lost its worker:
+    requeue or fail it (`requeue_or_fail_step`). Returns 1 if one was requeued, else 0."""
+    job = get_job(session, job_id, for_update=True)
+    steps = get_steps(session, job_id, for_update=True)
+    for st in steps:
+        if st.status != StepStatus.RUNNING or st.heartbeat_at is None or st.heartbeat_at >= cutoff:
+            continue
+        silent = int((utcnow() - st.heartbeat_at).total_seconds())
+        reason = f"its worker {st.worker} stopped answering for {silent} s"
+        return int(requeue_or_fail_step(session, app, job, steps, st, reason, max_attempts=max_attempts))
+    return 0
+
+
+def resend_lost_chain(session: Session, app: Celery, job_id: str, cutoff: datetime) -> int:
+    """The broker lost the job's message: send a chain of its remaining steps again after the commit
+    (a warn event says so), if it still waits (queued or running, no running step, unchanged since
+    `cutoff`). Returns 1 if sent, else 0."""
+    job = get_job(session, job_id, for_update=True)
+    if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING) or job.updated_at >= cutoff:
+        return 0
+    steps = get_steps(session, job_id, for_update=True)
+    if any(st.status == StepStatus.RUNNING for st in steps):
+        return 0
+    remaining = remaining_step_indexes(steps)
+    job.updated_at = utcnow()
+    add_event(session, job_id, "The broker had lost this job's message; sent again from step "
+              f"{remaining[0] if remaining else job.n_steps}.", level="warn", data={"remaining_steps": remaining})
+    enqueue_after_commit(session, job_chain(app, job_id, remaining))
+    return 1
+
+
+def fail_job(session: Session, job_id: str, index: int | None, code: str, message: str) -> None:
+    """The job fails with a readable error (`code`, `message`, also its error event); step `index`, if
+    running, fails with it and the other unfinished steps are cancelled. Nothing for a finished job."""
+    job = get_job(session, job_id, for_update=True)
+    if job is None or job.status in JOB_TERMINAL:
+        return
+    for st in get_steps(session, job_id, for_update=True):
+        if st.status in STEP_TERMINAL:
+            continue
+        if st.index == index and st.status == StepStatus.RUNNING:
+            st.error = {"code": code, "message": message}
+            transition(st, StepStatus.FAILED)
+        else:
+            transition(st, StepStatus.CANCELLED)
+    job.error = {"code": code, "message": message, "param": None}
+    transition(job, JobStatus.FAILED)
+    add_event(session, job_id, message, level="error", step_index=index, data={"code": code})
+
+
+def step_stopped_by_cancel(session: Session, job_id: str, index: int) -> None:
+    """The running step of a cancelled job stopped its training process (the cancel itself, from the
+    user, changed the statuses already)."""
+    add_event(session, job_id, f"Step {index} stopped: the job was cancelled.", step_index=index)
+
+
+def finalize_job(session: Session, job_id: str) -> str | None:
+    """Every step succeeded: register the last step's checkpoint as the model `fine_tuned_model_name`
+    (later jobs can start from it) and the job succeeds ("Job succeeded: …"). Returns that name, or
+    None when the job is not ready (a step not succeeded, the job not running) or already succeeded."""
+    job = get_job(session, job_id, for_update=True)
+    if job is None or job.status == JobStatus.SUCCEEDED:
+        return None
+    steps = get_steps(session, job_id, for_update=True)
+    if job.status not in (JobStatus.RUNNING, JobStatus.PAUSING) or any(
+            st.status != StepStatus.SUCCEEDED for st in steps):
+        return None
+    final = session.get(Checkpoint, steps[-1].output_checkpoint_id)
+    base = session.get(RegisteredModel, job.model_id)
+    name = fine_tuned_model_name(job)
+    if session.get(RegisteredModel, name) is None:
+        session.add(RegisteredModel(id=name, owner=job.owner, source="checkpoint", uri=final.uri,
+                                    default_hyperparameters=dict(base.default_hyperparameters or {}),
+                                    job_id=job.id, checkpoint_id=final.id))
+    job.fine_tuned_model = name
+    job.trained_tokens = sum(int((st.metrics or {}).get("num_tokens") or 0) for st in steps) or None
+    job.current_step = job.n_steps
+    transition(job, JobStatus.SUCCEEDED)
+    add_event(session, job_id, f"Job succeeded: {name} (checkpoint {final.id}).",
+              data={"fine_tuned_model": name, "checkpoint": final.id})
+    return name

@@ -8,14 +8,16 @@ interleave and overwrite each other.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_
+from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from core import ids
-from core.models import Checkpoint, Event, Job, JobStep, RegisteredModel
-from core.states import JOB_ACTIVE
+from core.clock import utcnow
+from core.models import Checkpoint, Event, File, Job, JobStep, RegisteredModel
+from core.states import JOB_ACTIVE, JobStatus, StepStatus, sources
 
 EVENT_LEVELS = ("info", "warn", "error")
 EVENT_TYPES = ("message", "metrics")
@@ -125,3 +127,90 @@ def owned_checkpoint(db: Session, owner: str, checkpoint_id: str) -> Checkpoint 
 
 def get_model(db: Session, model_id: str) -> RegisteredModel | None:
     return db.get(RegisteredModel, model_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker's queries: claims, heartbeats, the reaper's sweeps, and event bookkeeping.
+
+
+def claim_step_row(session: Session, step: JobStep, *, worker: str, reference_id: str | None,
+                   now: datetime) -> bool:
+    """The claim: one conditional UPDATE moving `step` to running (attempt + 1, this worker) if it
+    is still in a status that may go to running. A duplicate or redelivered task finds the step no
+    longer queued, updates nothing and gets False. The row is refreshed on success."""
+    claimed = session.execute(
+        update(JobStep)
+        .where(JobStep.id == step.id, JobStep.status.in_([st.value for st in sources(StepStatus.RUNNING)]))
+        .values(status=StepStatus.RUNNING.value, attempt=JobStep.attempt + 1, worker=worker, heartbeat_at=now,
+                started_at=step.started_at or now, updated_at=now, reference_checkpoint_id=reference_id,
+                policy_init_checkpoint_id=reference_id)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if claimed == 1:
+        session.refresh(step)
+    return claimed == 1
+
+
+def touch_heartbeat(session: Session, step_id: str, attempt: int) -> None:
+    """Stamp the step's heartbeat, only while it is still running this `attempt` (an attempt the
+    reaper wrote off must not look alive)."""
+    session.execute(update(JobStep).where(JobStep.id == step_id, JobStep.status == StepStatus.RUNNING.value,
+                                          JobStep.attempt == attempt).values(heartbeat_at=utcnow()))
+
+
+def step_control_state(session: Session, job_id: str, step_id: str) -> tuple[str | None, str, int]:
+    """(job status, step status, step attempt), read without locks: what a training step polls."""
+    job_status = session.scalar(select(Job.status).where(Job.id == job_id))
+    row = session.execute(select(JobStep.status, JobStep.attempt).where(JobStep.id == step_id)).one()
+    return job_status, row.status, row.attempt
+
+
+def metrics_global_steps(session: Session, job_id: str, index: int) -> set[int]:
+    """The optimizer steps (`data.global_step`) of step `index` that have a metrics event."""
+    return {g for g in session.scalars(select(Event.data["global_step"].as_integer()).where(
+        Event.job_id == job_id, Event.step_index == index, Event.type == "metrics")) if g is not None}
+
+
+def latest_metrics_global_step(session: Session, job_id: str, index: int) -> int:
+    """The highest optimizer step of step `index` with a metrics event (0 if none): how far earlier
+    attempts recorded their metrics."""
+    return int(session.scalar(select(func.max(Event.data["global_step"].as_integer())).where(
+        Event.job_id == job_id, Event.step_index == index, Event.type == "metrics")) or 0)
+
+
+def existing_event_ids(session: Session, event_ids: list[str]) -> set[str]:
+    """Which of `event_ids` are already in the events table (asked 500 at a time)."""
+    found: set[str] = set()
+    for start in range(0, len(event_ids), 500):
+        found |= set(session.scalars(select(Event.id).where(Event.id.in_(event_ids[start:start + 500]))))
+    return found
+
+
+def jobs_with_stale_steps(session: Session, cutoff: datetime) -> list[str]:
+    """Ids of jobs with a running step whose heartbeat is older than `cutoff`, sorted."""
+    return sorted(set(session.scalars(select(JobStep.job_id).where(
+        JobStep.status == StepStatus.RUNNING.value, JobStep.heartbeat_at < cutoff))))
+
+
+def jobs_waiting_on_message(session: Session, cutoff: datetime) -> list[str]:
+    """Ids of queued or running jobs, oldest first, with no running step and no change since
+    `cutoff`: they wait on a broker message (which may be lost)."""
+    busy = select(JobStep.job_id).where(JobStep.status == StepStatus.RUNNING.value)
+    return list(session.scalars(select(Job.id).where(
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]), Job.updated_at < cutoff,
+        Job.id.not_in(busy)).order_by(Job.created_at)))
+
+
+def starting_model(session: Session, job: Job) -> tuple[str, str, str]:
+    """(source, id, uri) of the model a job starts from: its initial checkpoint ("checkpoint"), or its
+    registered model (source "local", "hub", "gguf", …; the uri is `file://`, `local://` or a hub id)."""
+    if job.initial_checkpoint_id:
+        checkpoint = session.get(Checkpoint, job.initial_checkpoint_id)
+        return "checkpoint", checkpoint.id, checkpoint.uri
+    model = session.get(RegisteredModel, job.model_id)
+    return model.source, model.id, model.uri
+
+
+def file_uri(session: Session, file_id: str) -> str:
+    """The storage URI of an uploaded file."""
+    return session.get(File, file_id).storage_uri

@@ -1,5 +1,5 @@
 """The retry budget of a step is a column (JobStep.failed_attempts, #14), not a count of warn events:
-the lifecycle of `_requeue_or_fail_step` on real Postgres, and the migration that backfills it."""
+`lifecycle.requeue_or_fail_step` on real Postgres, and the migration that backfills it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import sqlalchemy as sa
 from alembic import command
 
 from core.db import make_engine
-from core.jobs import add_event, get_steps
+from core.jobs import add_event, get_steps, lifecycle
 from core.migrate import alembic_config, upgrade_head
 from core.models import Job
 from core.queue import make_celery
 from tests.api.factories import file_row, job_row
 from tests.conftest import create_postgres_database, drop_postgres_database
-from worker import flows
 
 
 @pytest.fixture
@@ -34,7 +33,8 @@ def test_failed_attempts_are_counted_on_the_step_until_the_budget_is_spent(db, s
         step.status, step.attempt = "running", attempt
         if attempt == 2:  # a pause's warn event is no failed attempt, and neither is any other event
             add_event(db, running_job.id, "paused", level="warn", step_index=1, data={"paused": True})
-        outcomes.append(flows._requeue_or_fail_step(db, app, running_job, steps, step, "the worker was lost"))
+        outcomes.append(lifecycle.requeue_or_fail_step(db, app, running_job, steps, step, "the worker was lost",
+                                                       max_attempts=settings.max_step_attempts))
         db.commit()
         assert step.failed_attempts == attempt
     assert outcomes == [True, True, False]

@@ -1,0 +1,261 @@
+"""The worker's state changes (core.jobs.lifecycle) against real Postgres and Redis, one transition
+each: what the statuses, rows, events and broker messages are after each, and that running one
+twice (a COMMIT whose answer was lost, then the retry) changes nothing more."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from core import ids
+from core.clock import utcnow
+from core.jobs import get_steps, lifecycle
+from core.models import Checkpoint, Event, Job, RegisteredModel
+from core.queue import make_celery
+from tests.api.factories import checkpoint_row, file_row, job_row
+from tests.conftest import queued_messages
+
+METRICS = {"first_loss": 0.6931, "last_loss": 0.5, "mean_gamma_ref": -0.2, "num_tokens": 40}
+
+
+@pytest.fixture
+def app(settings):
+    return make_celery(settings)
+
+
+@pytest.fixture
+def make_job(db, clean_state, base_model):
+    def make(status: str = "running", n_steps: int = 2, steps: tuple[str, ...] = ()) -> Job:
+        job = job_row(db, "alice", file_row(db, "alice").id, status=status, n_steps=n_steps)
+        for step in get_steps(db, job.id):  # each step trains on the whole file, as in a job of given files
+            step.training_file_id = job.training_file_id
+        for step, step_status in zip(get_steps(db, job.id), steps, strict=False):
+            step.status = step_status
+        db.commit()
+        return db.get(Job, job.id)
+    return make
+
+
+def _messages(db, job_id: str) -> list[str]:
+    db.expire_all()
+    return [e.message for e in db.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.seq))]
+
+
+def _statuses(db, job_id: str) -> tuple[str, list[str]]:
+    db.expire_all()
+    return db.get(Job, job_id).status, [st.status for st in get_steps(db, job_id)]
+
+
+def _chains(redis_client, settings) -> list[list]:
+    """The chains waiting in the broker, each as [(task, args), …] in execution order."""
+    out = []
+    for message in queued_messages(redis_client, settings.light_queue):
+        args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
+        rest = [(sig["task"], sig["args"]) for sig in reversed(embed["chain"] or [])]
+        out.append([(message["headers"]["task"], args), *rest])
+    return out
+
+
+def test_start_job_records_the_chunks_queues_step_1_and_logs_the_start_once(db, make_job):
+    job = make_job(status="queued", n_steps=2)
+    chunks = [(f"local://chunks/{job.id}/step-{k}.jsonl", {"rows": k}) for k in (1, 2)]
+    plan = {"strategy": "random", "n_steps": 2}
+    assert lifecycle.start_job(db, job.id, chunks, plan) is True
+    db.commit()
+    assert lifecycle.start_job(db, job.id, [], plan) is True  # a chain re-sent by the reaper
+    db.commit()
+    assert _statuses(db, job.id) == ("running", ["queued", "pending"])
+    assert [st.chunk_uri for st in get_steps(db, job.id)] == [uri for uri, _ in chunks]
+    assert _messages(db, job.id) == ["Job started: 2 step(s), partition random."]
+
+
+def test_start_job_of_a_cancelled_job_refuses(db, make_job):
+    job = make_job(status="cancelled")
+    assert lifecycle.start_job(db, job.id, [("local://chunks/x", {})], {}) is False
+    db.commit()
+    assert _messages(db, job.id) == []
+
+
+def test_claim_step_claims_once_and_a_duplicate_delivery_gets_nothing(db, make_job):
+    job = make_job(steps=("queued", "pending"))
+    claim = lifecycle.claim_step(db, job.id, 1, "host:1")
+    db.commit()
+    assert isinstance(claim, lifecycle.StepClaim)
+    assert (claim.attempt, claim.reference_id, claim.policy_init_uri, claim.recorded_global_step) == (1, None, None, 0)
+    assert claim.base_model[:2] == ("local", "tiny-base")
+    assert lifecycle.claim_step(db, job.id, 1, "host:2") is False  # the duplicate
+    db.commit()
+    assert _statuses(db, job.id) == ("running", ["running", "pending"])
+    step = get_steps(db, job.id)[0]
+    assert (step.attempt, step.worker, db.get(Job, job.id).current_step) == (1, "host:1", 1)
+    assert _messages(db, job.id) == [
+        "Step 1/2 started (attempt 1) on host:1; reference and initial policy: tiny-base."]
+
+
+def test_claim_step_2_trains_on_step_1s_checkpoint_and_never_before_it_exists(db, make_job):
+    job = make_job(steps=("running", "queued"))
+    assert lifecycle.claim_step(db, job.id, 2, "host:1") is False  # step 1 has not succeeded
+    ckpt = checkpoint_row(db, job, 1)
+    step1 = get_steps(db, job.id)[0]
+    step1.status, step1.output_checkpoint_id = "succeeded", ckpt.id
+    db.commit()
+    claim = lifecycle.claim_step(db, job.id, 2, "host:1")
+    db.commit()
+    assert (claim.reference_id, claim.policy_init_uri) == (ckpt.id, ckpt.uri)
+    assert lifecycle.claim_step(db, job.id, 1, "host:1") is True  # a redelivered finished step: go on
+
+
+def test_claim_step_of_a_pausing_job_pauses_it_between_steps(db, make_job):
+    job = make_job(status="pausing", steps=("succeeded", "queued"))
+    assert lifecycle.claim_step(db, job.id, 2, "host:1") is False
+    db.commit()
+    assert _statuses(db, job.id) == ("paused", ["succeeded", "queued"])
+    assert _messages(db, job.id) == ["Job paused between steps."]
+
+
+def _claimed(db, job: Job, index: int = 1) -> lifecycle.StepClaim:
+    claim = lifecycle.claim_step(db, job.id, index, "host:1")
+    db.commit()
+    assert isinstance(claim, lifecycle.StepClaim)
+    return claim
+
+
+def test_step_succeeded_adds_the_checkpoint_queues_the_next_step_and_is_safe_to_repeat(db, make_job):
+    job = make_job(steps=("queued", "pending"))
+    claim = _claimed(db, job)
+    checkpoint_id = ids.new_id(ids.CHECKPOINT)
+    kwargs = dict(checkpoint_id=checkpoint_id, uri=f"local://checkpoints/{job.id}/{checkpoint_id}", sha256="2" * 64,
+                  size=10, metrics=METRICS, event_id=ids.new_id(ids.EVENT))
+    assert lifecycle.step_succeeded(db, job.id, 1, claim.attempt, **kwargs) is True
+    db.commit()
+    assert lifecycle.step_succeeded(db, job.id, 1, claim.attempt, **kwargs) is True  # the retry
+    db.commit()
+    assert _statuses(db, job.id) == ("running", ["succeeded", "queued"])
+    row = db.get(Checkpoint, checkpoint_id)
+    assert (row.owner, row.step_index, row.bytes, row.metrics) == ("alice", 1, 10, METRICS)
+    assert get_steps(db, job.id)[0].output_checkpoint_id == checkpoint_id
+    assert _messages(db, job.id)[-1] == (f"Step 1 succeeded: checkpoint {checkpoint_id}, first loss 0.6931, "
+                                         "last loss 0.5000, mean gamma_ref -0.2000.")
+
+
+def test_step_succeeded_of_a_superseded_attempt_writes_nothing(db, make_job):
+    job = make_job(steps=("queued", "pending"))
+    claim = _claimed(db, job)
+    checkpoint_id = ids.new_id(ids.CHECKPOINT)
+    assert lifecycle.step_succeeded(db, job.id, 1, claim.attempt + 1, checkpoint_id=checkpoint_id, uri="local://x",
+                                    sha256="2" * 64, size=1, metrics=METRICS, event_id=ids.new_id(ids.EVENT)) is None
+    db.commit()
+    assert db.get(Checkpoint, checkpoint_id) is None
+    assert _statuses(db, job.id) == ("running", ["running", "pending"])
+
+
+def test_step_paused_pauses_a_pausing_job_and_requeues_the_step(db, make_job, app, redis_client, settings):
+    job = make_job(steps=("queued", "pending"))
+    claim = _claimed(db, job)
+    db.get(Job, job.id).status = "pausing"
+    db.commit()
+    lifecycle.step_paused(db, app, job.id, claim.step_id, claim.attempt, {"global_step": 3},
+                          event_id=ids.new_id(ids.EVENT))
+    db.commit()
+    assert _statuses(db, job.id) == ("paused", ["queued", "pending"])
+    assert _messages(db, job.id)[-1] == "Step 1 paused at global step 3; it resumes from its trainer checkpoint."
+    assert _chains(redis_client, settings) == []  # resume sends the chain, not the pause
+
+
+def test_step_stopped_without_a_pause_is_sent_again(db, make_job, app, redis_client, settings):
+    job = make_job(steps=("queued", "pending"))
+    claim = _claimed(db, job)
+    for _ in range(2):  # the second call is the retry of a commit whose answer was lost: no second chain
+        lifecycle.step_paused(db, app, job.id, claim.step_id, claim.attempt, {"global_step": 3},
+                              event_id=ids.new_id(ids.EVENT))
+        db.commit()
+    assert _statuses(db, job.id) == ("running", ["queued", "pending"])
+    assert _messages(db, job.id)[-1] == ("Step 1 stopped at global step 3 without a pause request; requeued to "
+                                         "resume from its trainer checkpoint.")
+    assert _chains(redis_client, settings) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 1]),
+                                                ("sdpo.run_step", [job.id, 2]), ("sdpo.finalize_job", [job.id])]]
+
+
+def test_attempt_failed_requeues_and_ignores_an_attempt_that_is_no_longer_current(
+        db, make_job, app, redis_client, settings):
+    job = make_job(steps=("queued", "pending"))
+    claim = _claimed(db, job)
+    for _ in range(2):
+        lifecycle.attempt_failed(db, app, job.id, 1, claim.attempt, "the training process failed (boom)",
+                                 max_attempts=3)
+        db.commit()
+    step = get_steps(db, job.id)[0]
+    assert (step.status, step.failed_attempts) == ("queued", 1)
+    assert _messages(db, job.id)[-1] == ("Step 1: attempt 1 ended (the training process failed (boom)); requeued "
+                                         "for attempt 2 of 3, resuming from its last trainer checkpoint.")
+    assert len(_chains(redis_client, settings)) == 1
+
+
+def test_requeue_stale_step_requeues_only_a_silent_step(db, make_job, app):
+    job = make_job(steps=("queued", "pending"))
+    _claimed(db, job)
+    cutoff = utcnow() - timedelta(seconds=60)
+    assert lifecycle.requeue_stale_step(db, app, job.id, cutoff, max_attempts=3) == 0  # it beat just now
+    db.commit()
+    get_steps(db, job.id)[0].heartbeat_at = utcnow() - timedelta(seconds=120)
+    db.commit()
+    assert lifecycle.requeue_stale_step(db, app, job.id, cutoff, max_attempts=3) == 1
+    db.commit()
+    assert _statuses(db, job.id) == ("running", ["queued", "pending"])
+    assert "its worker host:1 stopped answering for 12" in _messages(db, job.id)[-1]
+
+
+def test_resend_lost_chain_sends_the_remaining_steps_of_a_waiting_job(db, make_job, app, redis_client, settings):
+    job = make_job(steps=("succeeded", "queued"))
+    db.get(Job, job.id).updated_at = utcnow() - timedelta(seconds=120)
+    db.commit()
+    cutoff = utcnow() - timedelta(seconds=60)
+    assert lifecycle.resend_lost_chain(db, app, job.id, cutoff) == 1
+    db.commit()
+    assert lifecycle.resend_lost_chain(db, app, job.id, cutoff) == 0  # it just changed: no longer waiting
+    db.commit()
+    assert _messages(db, job.id) == ["The broker had lost this job's message; sent again from step 2."]
+    assert _chains(redis_client, settings) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 2]),
+                                                ("sdpo.finalize_job", [job.id])]]
+
+
+def test_fail_job_fails_the_running_step_and_cancels_the_rest(db, make_job):
+    job = make_job(steps=("queued", "pending"))
+    _claimed(db, job)
+    lifecycle.fail_job(db, job.id, 1, "non_finite", "Step 1 failed: the loss is NaN")
+    db.commit()
+    lifecycle.fail_job(db, job.id, 1, "non_finite", "Step 1 failed: again")  # a finished job stays as it is
+    db.commit()
+    assert _statuses(db, job.id) == ("failed", ["failed", "cancelled"])
+    job = db.get(Job, job.id)
+    assert job.error == {"code": "non_finite", "message": "Step 1 failed: the loss is NaN", "param": None}
+    assert get_steps(db, job.id)[0].error == {"code": "non_finite", "message": "Step 1 failed: the loss is NaN"}
+    assert _messages(db, job.id)[-1] == "Step 1 failed: the loss is NaN"
+
+
+def test_finalize_job_registers_the_last_checkpoint_as_a_model_once(db, make_job):
+    job = make_job(steps=("succeeded", "succeeded"))
+    for st in get_steps(db, job.id):
+        st.output_checkpoint_id = checkpoint_row(db, job, st.index).id
+        st.metrics = {"num_tokens": 10 * st.index}
+    db.commit()
+    name = lifecycle.finalize_job(db, job.id)
+    db.commit()
+    assert name == f"ft:tiny-base:alice::{job.id}"
+    assert lifecycle.finalize_job(db, job.id) is None
+    job = db.get(Job, job.id)
+    assert (job.status, job.fine_tuned_model, job.trained_tokens, job.current_step) == ("succeeded", name, 30, 2)
+    model = db.get(RegisteredModel, name)
+    assert (model.source, model.checkpoint_id) == ("checkpoint", get_steps(db, job.id)[1].output_checkpoint_id)
+    assert _messages(db, job.id)[-1].startswith(f"Job succeeded: {name} (checkpoint ftckpt-")
+
+
+def test_finalize_job_waits_for_every_step(db, make_job):
+    job = make_job(steps=("succeeded", "running"))
+    assert lifecycle.finalize_job(db, job.id) is None
+    db.commit()
+    assert _statuses(db, job.id) == ("running", ["succeeded", "running"])
