@@ -11,8 +11,13 @@ connection) while it waits on its client:
 - GET and HEAD requests get a read-only session (`core.db.read_only_session`: no write lock on
   SQLite).
 
-The route (through `api.idempotency.respond`) commits. Anything not committed is rolled back, and
-its registered after-rollback callbacks (e.g. deleting an upload that was stored) run.
+The request's session is its unit of work, and the one place a request commits: a POST or DELETE
+whose endpoint returned without raising is committed by `get_db` (after the endpoint built its
+response, before a byte of it is sent; a failing commit is answered like any error); an endpoint
+that raised is rolled back. Routers and services never commit: they add and flush. Tasks are
+sent, and stored objects deleted, by after-commit callbacks (`core.db.after_commit`,
+`core.queue.enqueue_after_commit`); anything not committed runs its after-rollback callbacks
+(e.g. deleting an upload that was stored).
 """
 
 from __future__ import annotations
@@ -63,21 +68,24 @@ _READ_METHODS = ("GET", "HEAD")
 
 
 def _request_session(request: Request, services: AppServices = Depends(get_services)) -> Iterator[Session]:
-    if request.method in _READ_METHODS:
-        session = read_only_session(services.session_factory)
-    else:
-        session = services.session_factory()
+    read_only = request.method in _READ_METHODS
+    session = read_only_session(services.session_factory) if read_only else services.session_factory()
     request.state.db_session = session  # for api.slowloris' check that it is idle while the body arrives
     try:
         yield session
+        # Reached only when the endpoint returned: an exception it raised is thrown in at the
+        # `yield` and leaves by `finally`, which rolls back.
+        if not read_only:
+            session.commit()
     finally:
         close_session(session)
 
 
 def get_db(session: Session = Depends(_request_session, scope="function")) -> Session:
-    """The request's session, closed once the endpoint has returned (its response built, not yet
-    sent). A plain function around the generator, so that every `Depends(get_db)` gets that early
-    close without saying `scope="function"` itself."""
+    """The request's session, committed (a write request whose endpoint returned) or rolled back
+    (an endpoint that raised, or any GET/HEAD) and closed once the endpoint has returned (its
+    response built, not yet sent). A plain function around the generator, so that every
+    `Depends(get_db)` gets that early close without saying `scope="function"` itself."""
     return session
 
 

@@ -1,13 +1,14 @@
-"""`Idempotency-Key` for every POST, and the one place where a request commits.
+"""`Idempotency-Key` for every POST.
 
 With a key, the first successful response is stored with a hash of the request (method, path
 and body). The same key with the same request returns that stored response again (same object,
 same status) without doing the work twice; the same key with a different request is a 409
 `idempotency_key_reused`. Errors are not stored: nothing was written, so a retry may run again.
 
-Two concurrent requests with the same key both do the work, but only one commit can insert the
-key's row (primary key owner+key): the loser rolls back (its task is never sent, its upload is
-deleted) and returns the winner's stored response.
+Two concurrent requests with the same key both do the work, but only one can insert the key's
+row (primary key owner+key): the loser's insert waits for the winner's commit, then fails; the
+loser rolls back (its task is never sent, its upload is deleted) and returns the winner's stored
+response. The request's commit itself is `api.deps.get_db`'s, after the route returned.
 """
 
 from __future__ import annotations
@@ -69,26 +70,30 @@ def respond(
     status_code: int = 200,
     stored_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> JSONResponse:
-    """Run `action` (which adds rows and returns the response body), commit, and respond,
-    honouring an `Idempotency-Key` header. `payload` is what identifies the request.
+    """Run `action` (which adds rows and returns the response body) and respond, honouring an
+    `Idempotency-Key` header; the request's session commits when the route has returned
+    (`api.deps.get_db`). `payload` is what identifies the request.
 
     `stored_body(body)` is what a replay gets instead of `body`, for a response that shows
     something once (a webhook's signing secret): the first response has it, the stored one not."""
     key = idempotency_key(request)
     if key is None:
-        body = action()
-        db.commit()
-        return JSONResponse(body, status_code=status_code)
+        return JSONResponse(action(), status_code=status_code)
 
     digest = request_hash(request, payload)
     replay = _replay(db, principal.owner, key, digest)
     if replay is not None:
+        # A replay writes nothing: what the request did before (an upload it stored) is undone now,
+        # so that the commit that follows the route (api.deps.get_db) has nothing to keep.
+        db.rollback()
         return replay
     body = action()
     db.add(IdempotencyKey(owner=principal.owner, key=key, request_hash=digest, response_status=status_code,
                           response_body=stored_body(body) if stored_body else body))
     try:
-        db.commit()
+        # The key's row is inserted now, not at the commit: a concurrent request that inserted it
+        # first makes this flush fail (on Postgres it waits for that request's commit).
+        db.flush()
     except IntegrityError:
         db.rollback()  # drops our queued tasks and undoes our stored objects
         replay = _replay(db, principal.owner, key, digest)

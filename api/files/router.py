@@ -124,6 +124,4 @@ def delete_file(
     db: Session = Depends(get_db),
     services: AppServices = Depends(get_services),
 ):
-    body = service.delete_file(db, services, principal, file_id)
-    db.commit()
-    return body
+    return service.delete_file(db, services, principal, file_id)

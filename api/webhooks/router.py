@@ -57,9 +57,7 @@ def retrieve_webhook(webhook_id: str, principal: Principal = Depends(get_princip
 
 @router.delete("/{webhook_id}", response_model=WebhookDeleted)
 def delete_webhook(webhook_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    body = service.delete_webhook(db, principal, webhook_id)
-    db.commit()
-    return body
+    return service.delete_webhook(db, principal, webhook_id)
 
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveryList,
