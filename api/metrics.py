@@ -38,16 +38,17 @@ from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppServices, get_services
+from api.files import repository as files_repository
+from api.webhooks import repository as webhooks_repository
 from core.db import read_only_session
 from core.errors import AuthenticationError
+from core.jobs import repository as jobs_repository
 from core.logging import log_context
-from core.models import Event, File, Job, JobStep, WebhookDelivery
 from core.states import JobStatus, StepStatus
 
 router = APIRouter(tags=["health"])
@@ -163,49 +164,40 @@ def _status_label(status: int) -> str:
 
 def _collect(db: Session, stats: _HttpStats) -> str:
     out = _Exposition()
-    jobs = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+    jobs = jobs_repository.count_jobs_by_status(db)
     out.family("sdpo_jobs", "gauge", "Fine-tuning jobs by status.",
                [("", {"status": s.value}, jobs.get(s.value, 0)) for s in JobStatus])
-    steps = dict(db.execute(select(JobStep.status, func.count()).group_by(JobStep.status)).all())
+    steps = jobs_repository.count_steps_by_status(db)
     out.family("sdpo_job_steps", "gauge", "sDPO steps by status.",
                [("", {"status": s.value}, steps.get(s.value, 0)) for s in StepStatus])
-    waiting_steps = db.scalar(select(func.count()).select_from(JobStep).join(Job, Job.id == JobStep.job_id).where(
-        JobStep.status == StepStatus.QUEUED.value, Job.status == JobStatus.RUNNING.value)) or 0
+    waiting_steps = jobs_repository.count_waiting_steps(db)
     out.family("sdpo_queue_depth", "gauge", "Work waiting for a worker: jobs not started, steps not claimed.",
                [("", {"queue": "jobs"}, jobs.get(JobStatus.QUEUED.value, 0)),
                 ("", {"queue": "steps"}, waiting_steps)])
 
-    durations = [(f - s).total_seconds() for s, f in db.execute(
-        select(JobStep.started_at, JobStep.finished_at).where(
-            JobStep.status == StepStatus.SUCCEEDED.value, JobStep.started_at.is_not(None),
-            JobStep.finished_at.is_not(None))).all()]
+    durations = jobs_repository.succeeded_step_durations(db)
     samples = [("_bucket", {"le": str(b)}, sum(1 for d in durations if d <= b)) for b in STEP_BUCKETS]
     samples += [("_bucket", {"le": "+Inf"}, len(durations)), ("_sum", {}, round(sum(durations), 3)),
                 ("_count", {}, len(durations))]
     out.family("sdpo_step_duration_seconds", "histogram", "Wall time of succeeded sDPO steps.", samples)
 
-    running = list(db.execute(select(JobStep.job_id, JobStep.index).where(
-        JobStep.status == StepStatus.RUNNING.value)).all())
+    running = jobs_repository.running_steps(db)
+    current = set(running)
     tokens = 0.0
-    if running:
-        newest = (select(func.max(Event.seq)).where(Event.job_id.in_([r.job_id for r in running]),
-                                                    Event.type == "metrics").group_by(Event.job_id))
-        current = {(r.job_id, r.index) for r in running}
-        for event in db.scalars(select(Event).where(Event.seq.in_(newest))):
-            data = event.data or {}
-            if (event.job_id, data.get("step")) in current and data.get("tokens_per_second"):
-                tokens += float(data["tokens_per_second"])
+    for event in jobs_repository.latest_metrics_events(db, sorted({job_id for job_id, _ in current})).values():
+        data = event.data or {}
+        if (event.job_id, data.get("step")) in current and data.get("tokens_per_second"):
+            tokens += float(data["tokens_per_second"])
     out.family("sdpo_running_steps", "gauge", "sDPO steps training now.", [("", {}, len(running))])
     out.family("sdpo_tokens_per_second", "gauge", "Training throughput: latest tokens/s summed over running steps.",
                [("", {}, round(tokens, 3))])
 
-    count, size = db.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0)).select_from(File)).one()
+    count, size = files_repository.upload_totals(db)
     out.family("sdpo_uploads_total", "counter", "Preference files uploaded (deleted ones included).",
                [("", {}, count)])
     out.family("sdpo_upload_bytes_total", "counter", "Bytes of preference files uploaded.", [("", {}, size)])
 
-    deliveries = dict(db.execute(select(WebhookDelivery.status, func.count())
-                                 .group_by(WebhookDelivery.status)).all())
+    deliveries = webhooks_repository.count_deliveries_by_status(db)
     out.family("sdpo_webhook_deliveries", "gauge", "Webhook deliveries by status.",
                [("", {"status": s}, deliveries.get(s, 0)) for s in ("pending", "delivered", "failed")])
 

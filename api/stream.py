@@ -33,7 +33,6 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
@@ -41,8 +40,8 @@ from starlette.responses import StreamingResponse
 from api.jobs.schemas import event_object
 from core.db import read_only_session
 from core.errors import TooManyRequests
+from core.jobs import repository
 from core.keys import is_key_active
-from core.models import Event, Job
 from core.states import JOB_TERMINAL
 
 POLL_SECONDS = 0.5
@@ -79,11 +78,10 @@ def _poll(factory: sessionmaker[Session], job_id: str, after_seq: int, *, key_id
     with read_only_session(factory) as session:
         if not is_key_active(session, key_id):
             raise _Revoked
-        status = session.scalar(select(Job.status).where(Job.id == job_id, Job.owner == owner))
+        status = repository.owned_job_status(session, job_id, owner)
         if status is None:
             return [], None
-        rows = session.scalars(select(Event).where(Event.job_id == job_id, Event.seq > after_seq)
-                               .order_by(Event.seq).limit(BATCH)).all()
+        rows = repository.events_after(session, job_id, after_seq, limit=BATCH)
         return [(e.seq, event_object(e)) for e in rows], status
 
 

@@ -32,12 +32,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from api.files import repository
 from core.clock import utcnow
 from core.errors import InvalidRequest, PayloadTooLarge, TooManyRequests
-from core.models import File, FileStatus, IdempotencyKey
+from core.models import IdempotencyKey
 from core.settings import Settings
 
 RATE_WINDOW = timedelta(seconds=60)
@@ -56,31 +56,13 @@ class UploadAllowance:
         return None if self.quota_bytes is None else self.quota_bytes - self.stored_bytes
 
 
-def lock_owner_files(db: Session, owner: str) -> None:
-    """Serialise file creation per owner until the transaction ends (see the module docstring)."""
-    if db.get_bind().dialect.name == "postgresql":
-        db.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"files:{owner}"})
-
-
-def _usage(db: Session, owner: str) -> tuple[int, int]:
-    """(stored files, their bytes) of `owner`, deleted files left out."""
-    count, total = db.execute(
-        select(func.count(), func.coalesce(func.sum(File.bytes), 0))
-        .where(File.owner == owner, File.status != FileStatus.DELETED)
-    ).one()
-    return int(count), int(total)
-
-
 def _recent_uploads(db: Session, owner: str) -> tuple[int, float]:
     """(files `owner` created in the last minute, seconds until the oldest of them leaves it)."""
     now = utcnow()
-    count, oldest = db.execute(
-        select(func.count(), func.min(File.created_at))
-        .where(File.owner == owner, File.created_at > now - RATE_WINDOW)
-    ).one()
+    count, oldest = repository.created_since(db, owner, now - RATE_WINDOW)
     if not count or oldest is None:
         return 0, 0.0
-    return int(count), max(0.0, (oldest + RATE_WINDOW - now).total_seconds())
+    return count, max(0.0, (oldest + RATE_WINDOW - now).total_seconds())
 
 
 def _quota_error(owner_bytes: int, quota: int, incoming: int | None) -> PayloadTooLarge:
@@ -107,7 +89,7 @@ def _check(db: Session, settings: Settings, owner: str, incoming: int | None) ->
                        "retry_after_seconds": retry_after})
     allowance = UploadAllowance()
     if settings.max_files_per_owner or settings.max_storage_bytes_per_owner:
-        files, stored = _usage(db, owner)
+        files, stored = repository.owner_usage(db, owner)
         if settings.max_files_per_owner and files >= settings.max_files_per_owner:
             raise TooManyRequests(
                 f"This owner already has {files} files, the most allowed (SDPO_MAX_FILES_PER_OWNER="
@@ -148,7 +130,7 @@ def check_before_insert(db: Session, settings: Settings, owner: str, new_bytes: 
     and check every quota again, this file included."""
     if not (settings.max_uploads_per_minute or settings.max_files_per_owner or settings.max_storage_bytes_per_owner):
         return
-    lock_owner_files(db, owner)
+    repository.lock_owner_files(db, owner)
     _check(db, settings, owner, new_bytes)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select, tuple_
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from core.models import File, FileStatus, Job, JobStep
@@ -44,3 +46,30 @@ def active_jobs_using(db: Session, file_id: str) -> list[str]:
         or_(Job.training_file_id == file_id, Job.validation_file_id == file_id, Job.id.in_(step_jobs)),
     )
     return list(db.scalars(query))
+
+
+def lock_owner_files(db: Session, owner: str) -> None:
+    """Serialise file creation per owner until the transaction ends (api/files/quotas.py says
+    why). Postgres: a transaction-scoped advisory lock; SQLite already lets one writer in at a time."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"files:{owner}"})
+
+
+def owner_usage(db: Session, owner: str) -> tuple[int, int]:
+    """(stored files, their bytes) of `owner`, deleted files left out."""
+    count, total = db.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0))
+                              .where(File.owner == owner, File.status != FileStatus.DELETED)).one()
+    return int(count), int(total)
+
+
+def created_since(db: Session, owner: str, since: datetime) -> tuple[int, datetime | None]:
+    """(files `owner` created after `since`, deleted ones included; the oldest one's created_at)."""
+    count, oldest = db.execute(select(func.count(), func.min(File.created_at))
+                               .where(File.owner == owner, File.created_at > since)).one()
+    return int(count), oldest
+
+
+def upload_totals(db: Session) -> tuple[int, int]:
+    """(files ever uploaded, their bytes), every owner's, deleted files included."""
+    count, total = db.execute(select(func.count(), func.coalesce(func.sum(File.bytes), 0)).select_from(File)).one()
+    return int(count), int(total)

@@ -18,39 +18,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from core.clock import utcnow
-from core.models import Event, Job, JobStep
+from core.jobs import repository
+from core.models import Job, JobStep
 from core.states import JobStatus, StepStatus
-
-
-def _latest_metrics(db: Session, job_ids: list[str]) -> dict[str, Event]:
-    newest = (select(func.max(Event.seq)).where(Event.job_id.in_(job_ids), Event.type == "metrics")
-              .group_by(Event.job_id))
-    return {e.job_id: e for e in db.scalars(select(Event).where(Event.seq.in_(newest)))}
-
-
-def _first_metrics_of_step(db: Session, job_id: str, index: int) -> Event | None:
-    query = select(Event).where(Event.job_id == job_id, Event.type == "metrics", Event.step_index == index)
-    return db.scalars(query.order_by(Event.seq).limit(1)).first()
 
 
 def _queue_position(db: Session, job: Job, steps: list[JobStep]) -> int | None:
     if job.status == JobStatus.QUEUED:
-        ahead = db.scalar(select(func.count()).select_from(Job).where(
-            Job.status == JobStatus.QUEUED.value,
-            tuple_(Job.created_at, Job.id) < tuple_(job.created_at, job.id)))
-        return int(ahead or 0) + 1
+        return repository.queued_jobs_before(db, job) + 1
     if job.status == JobStatus.RUNNING and not any(s.status == StepStatus.RUNNING for s in steps):
         waiting = next((s for s in steps if s.status == StepStatus.QUEUED), None)
         if waiting is None:
             return None
-        ahead = db.scalar(select(func.count()).select_from(JobStep).join(Job, Job.id == JobStep.job_id).where(
-            JobStep.status == StepStatus.QUEUED.value, Job.status == JobStatus.RUNNING.value,
-            tuple_(JobStep.updated_at, JobStep.id) < tuple_(waiting.updated_at, waiting.id)))
-        return int(ahead or 0) + 1
+        return repository.waiting_steps_before(db, waiting) + 1
     return None
 
 
@@ -63,10 +46,8 @@ def job_progress(db: Session, jobs: list[Job]) -> dict[str, dict[str, Any]]:
     if not jobs:
         return {}
     ids = [j.id for j in jobs]
-    steps_of: dict[str, list[JobStep]] = {i: [] for i in ids}
-    for step in db.scalars(select(JobStep).where(JobStep.job_id.in_(ids)).order_by(JobStep.job_id, JobStep.index)):
-        steps_of[step.job_id].append(step)
-    latest = _latest_metrics(db, ids)
+    steps_of = repository.steps_of_jobs(db, ids)
+    latest = repository.latest_metrics_events(db, ids)
     now = utcnow()
     out = {}
     for job in jobs:
@@ -94,7 +75,7 @@ def job_progress(db: Session, jobs: list[Job]) -> dict[str, dict[str, Any]]:
                         if s.status == StepStatus.SUCCEEDED and s.started_at and s.finished_at]
             remaining_current = None
             if ours and max_steps and global_step:
-                first = _first_metrics_of_step(db, job.id, k)
+                first = repository.first_metrics_event(db, job.id, k)
                 gs0 = (first.data or {}).get("global_step", 0) if first is not None else 0
                 if first is not None and global_step > gs0 and event.created_at > first.created_at:
                     per_step = _seconds(event.created_at, first.created_at) / (global_step - gs0)

@@ -5,12 +5,14 @@ from core.jobs.repository import (
     count_active,
     events_page,
     get_checkpoint,
+    get_checkpoint_by_id,
     get_event,
+    get_job,
     get_model,
     list_page,
     lock_owner_jobs,
     owned_checkpoint,
 )
 
-__all__ = ["checkpoints_page", "count_active", "events_page", "get_checkpoint", "get_event", "get_model",
-           "list_page", "lock_owner_jobs", "owned_checkpoint"]
+__all__ = ["checkpoints_page", "count_active", "events_page", "get_checkpoint", "get_checkpoint_by_id", "get_event",
+           "get_job", "get_model", "list_page", "lock_owner_jobs", "owned_checkpoint"]

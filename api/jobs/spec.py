@@ -33,7 +33,7 @@ from api.jobs import repository
 from api.jobs.schemas import JobCreate, MethodSpec, PartitionSpec
 from api.models import repository as models_repository
 from core.errors import InvalidRequest
-from core.models import Checkpoint, File, FileStatus, Job, ModelSource, RegisteredModel
+from core.models import Checkpoint, File, FileStatus, ModelSource, RegisteredModel
 from core.settings import Settings
 from core.storage import LOCAL_SCHEME, make_storage
 from sdpo_engine.config import ConfigError, StepConfig, learning_rate_from_multiplier
@@ -290,7 +290,7 @@ def _resolve_model(db: Session, owner: str, name: str) -> tuple[RegisteredModel,
         checkpoint = repository.owned_checkpoint(db, owner, name)
         if checkpoint is None:
             raise not_found
-        job = db.get(Job, checkpoint.job_id)
+        job = repository.get_job(db, checkpoint.job_id)
         model = repository.get_model(db, job.model_id) if job else None
         if model is None:
             raise not_found
@@ -300,7 +300,7 @@ def _resolve_model(db: Session, owner: str, name: str) -> tuple[RegisteredModel,
         raise not_found
     checkpoint = None
     if model.source == ModelSource.CHECKPOINT:
-        checkpoint = db.get(Checkpoint, model.checkpoint_id) if model.checkpoint_id else None
+        checkpoint = repository.get_checkpoint_by_id(db, model.checkpoint_id) if model.checkpoint_id else None
         if checkpoint is None:
             raise not_found
     return model, checkpoint

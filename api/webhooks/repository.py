@@ -29,3 +29,9 @@ def deliveries_page(db: Session, webhook_id: str, *, limit: int) -> tuple[list[W
              .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit + 1))
     rows = list(db.scalars(query))
     return rows[:limit], len(rows) > limit
+
+
+def count_deliveries_by_status(db: Session) -> dict[str, int]:
+    """{status: deliveries}, every owner's; statuses without a delivery are left out."""
+    query = select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)
+    return {status: count for status, count in db.execute(query)}

@@ -214,3 +214,97 @@ def starting_model(session: Session, job: Job) -> tuple[str, str, str]:
 def file_uri(session: Session, file_id: str) -> str:
     """The storage URI of an uploaded file."""
     return session.get(File, file_id).storage_uri
+
+
+# ------------------------------------------------------------------------------------------------
+# The API's read side: progress, the live event stream, the /metrics scrape, a job's model.
+
+
+def get_checkpoint_by_id(session: Session, checkpoint_id: str) -> Checkpoint | None:
+    """The checkpoint `checkpoint_id` (any job's, any owner's: the caller checks ownership)."""
+    return session.get(Checkpoint, checkpoint_id)
+
+
+def steps_of_jobs(session: Session, job_ids: list[str]) -> dict[str, list[JobStep]]:
+    """The steps of each job in `job_ids`, in index order, by job id (an empty list for a job
+    without steps): one query for a whole page of jobs."""
+    steps: dict[str, list[JobStep]] = {job_id: [] for job_id in job_ids}
+    query = select(JobStep).where(JobStep.job_id.in_(job_ids)).order_by(JobStep.job_id, JobStep.index)
+    for step in session.scalars(query):
+        steps[step.job_id].append(step)
+    return steps
+
+
+def latest_metrics_events(session: Session, job_ids: list[str]) -> dict[str, Event]:
+    """The newest `metrics` event of each job in `job_ids` that has one, by job id."""
+    if not job_ids:
+        return {}
+    newest = (select(func.max(Event.seq)).where(Event.job_id.in_(job_ids), Event.type == "metrics")
+              .group_by(Event.job_id))
+    return {e.job_id: e for e in session.scalars(select(Event).where(Event.seq.in_(newest)))}
+
+
+def first_metrics_event(session: Session, job_id: str, step_index: int) -> Event | None:
+    """The oldest `metrics` event of step `step_index` of the job, or None."""
+    query = select(Event).where(Event.job_id == job_id, Event.type == "metrics", Event.step_index == step_index)
+    return session.scalars(query.order_by(Event.seq).limit(1)).first()
+
+
+def _waiting_steps():
+    # Queued steps of running jobs: work a worker could claim now.
+    return select(func.count()).select_from(JobStep).join(Job, Job.id == JobStep.job_id).where(
+        JobStep.status == StepStatus.QUEUED.value, Job.status == JobStatus.RUNNING.value)
+
+
+def queued_jobs_before(session: Session, job: Job) -> int:
+    """Queued jobs (every owner's) created before `job`; (created_at, id) breaks ties."""
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == JobStatus.QUEUED.value,
+        tuple_(Job.created_at, Job.id) < tuple_(job.created_at, job.id))) or 0
+
+
+def waiting_steps_before(session: Session, step: JobStep) -> int:
+    """Queued steps of running jobs (every owner's) queued before `step` (by updated_at, then id)."""
+    return session.scalar(_waiting_steps().where(
+        tuple_(JobStep.updated_at, JobStep.id) < tuple_(step.updated_at, step.id))) or 0
+
+
+def count_waiting_steps(session: Session) -> int:
+    """Queued steps of running jobs, every owner's."""
+    return session.scalar(_waiting_steps()) or 0
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    """{status: jobs}, every owner's; statuses without a job are left out."""
+    return {status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+
+
+def count_steps_by_status(session: Session) -> dict[str, int]:
+    """{status: steps}, every owner's; statuses without a step are left out."""
+    query = select(JobStep.status, func.count()).group_by(JobStep.status)
+    return {status: count for status, count in session.execute(query)}
+
+
+def succeeded_step_durations(session: Session) -> list[float]:
+    """Wall time in seconds (finished_at - started_at) of every succeeded step that has both."""
+    rows = session.execute(select(JobStep.started_at, JobStep.finished_at).where(
+        JobStep.status == StepStatus.SUCCEEDED.value, JobStep.started_at.is_not(None),
+        JobStep.finished_at.is_not(None)))
+    return [(finished - started).total_seconds() for started, finished in rows]
+
+
+def running_steps(session: Session) -> list[tuple[str, int]]:
+    """(job id, step index) of every running step."""
+    query = select(JobStep.job_id, JobStep.index).where(JobStep.status == StepStatus.RUNNING.value)
+    return [(job_id, index) for job_id, index in session.execute(query)]
+
+
+def owned_job_status(session: Session, job_id: str, owner: str) -> str | None:
+    """The status of `owner`'s job `job_id`; None for an unknown job or another owner's."""
+    return session.scalar(select(Job.status).where(Job.id == job_id, Job.owner == owner))
+
+
+def events_after(session: Session, job_id: str, after_seq: int, *, limit: int) -> list[Event]:
+    """Up to `limit` of the job's events numbered after `after_seq`, oldest first."""
+    return list(session.scalars(select(Event).where(Event.job_id == job_id, Event.seq > after_seq)
+                                .order_by(Event.seq).limit(limit)))
