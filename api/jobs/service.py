@@ -16,10 +16,10 @@ from api.jobs.schemas import JobCreate, checkpoint_object, event_object, job_obj
 from api.pagination import check_limit, page
 from core import ids
 from core.errors import InvalidRequest, NotFound, TooManyRequests
-from core.jobs import add_event, cancel_job, get_job, get_steps, pause_job, resume_job
+from core.jobs import cancel_job, get_job, get_steps, pause_job, resume_job
+from core.jobs.lifecycle import create_job as create_job_row
 from core.models import Job, JobStep
-from core.queue import enqueue_after_commit, job_chain
-from core.states import JobStatus, StepStatus, transition
+from core.states import JobStatus, StepStatus
 
 _METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 
@@ -45,29 +45,17 @@ def create_job(db: Session, services: AppServices, principal: Principal, body: J
         suffix=plan.suffix,
         metadata_=plan.metadata,
     )
-    db.add(job)
-    for step in plan.steps:
-        # sDPO: step 1's policy and reference are the starting model (a checkpoint when branching;
-        # otherwise the registered model, recorded as None); later steps are filled by the worker
-        # with the previous step's output when it claims them.
-        start = initial.id if (initial and step.index == 1) else None
-        db.add(JobStep(
-            id=ids.new_id(ids.STEP),
-            job_id=job.id,
-            index=step.index,
-            status=StepStatus.PENDING,
-            training_file_id=step.training_file.id if step.training_file else None,
-            hyperparameters=step.config.to_dict(),
-            reference_checkpoint_id=start,
-            policy_init_checkpoint_id=start,
-        ))
-    # Files were validated at upload, so the job is queued in the same transaction.
-    transition(job, JobStatus.QUEUED)
-    db.flush()
-    enqueue_after_commit(db, job_chain(services.celery, job.id, [s.index for s in plan.steps]))
+    # sDPO: step 1's policy and reference are the starting model (a checkpoint when branching;
+    # otherwise the registered model, recorded as None); later steps are filled by the worker
+    # with the previous step's output when it claims them.
+    start = initial.id if initial else None
+    steps = [JobStep(id=ids.new_id(ids.STEP), job_id=job.id, index=step.index, status=StepStatus.PENDING,
+                     training_file_id=step.training_file.id if step.training_file else None,
+                     hyperparameters=step.config.to_dict(),
+                     reference_checkpoint_id=start if step.index == 1 else None,
+                     policy_init_checkpoint_id=start if step.index == 1 else None) for step in plan.steps]
     origin = f"checkpoint {initial.id}" if initial else f"model {plan.model.id}"
-    add_event(db, job.id, f"Created fine-tuning job {job.id}: {plan.method_type} with {job.n_steps} step(s) "
-                          f"from {origin}.", data={"n_steps": job.n_steps, "method": plan.method_type})
+    create_job_row(db, services.celery, job, steps, origin=origin, method_type=plan.method_type)
     return job_with_progress(db, job)
 
 

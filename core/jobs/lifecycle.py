@@ -44,6 +44,22 @@ def fine_tuned_model_name(job: Job) -> str:
     return f"ft:{job.model_id}:{job.owner}:{job.suffix or ''}:{job.id}"
 
 
+def create_job(session: Session, app: Celery, job: Job, steps: list[JobStep], *, origin: str,
+               method_type: str) -> Job:
+    """Add a new job (status validating_files, built by the API from a checked spec) and its steps
+    (pending); the job is queued in the same transaction (its files were validated at upload) and
+    the chain prepare_job | run_step(1..T) | finalize_job is sent after the commit. The event says
+    "Created fine-tuning job <id>: <method_type> with T step(s) from <origin>."."""
+    session.add(job)
+    session.add_all(steps)
+    transition(job, JobStatus.QUEUED)
+    session.flush()
+    enqueue_after_commit(session, job_chain(app, job.id, [step.index for step in steps]))
+    add_event(session, job.id, f"Created fine-tuning job {job.id}: {method_type} with {job.n_steps} step(s) "
+                               f"from {origin}.", data={"n_steps": job.n_steps, "method": method_type})
+    return job
+
+
 def cancel_job(session: Session, job: Job) -> Job:
     """Cancel now: the job and every unfinished step become `cancelled` in this transaction.
 

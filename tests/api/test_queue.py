@@ -8,7 +8,7 @@ import json
 
 from sqlalchemy import select
 
-import api.jobs.service
+import core.jobs.lifecycle
 from core.db import session_scope
 from core.models import Event, Job, JobStep
 from core.queue import enqueue_after_commit, job_chain, make_celery
@@ -60,8 +60,8 @@ def test_failed_transaction_sends_nothing(client, upload, user_key, base_model, 
     before = count_rows()
 
     enqueued = []
-    real_enqueue = api.jobs.service.enqueue_after_commit
-    real_add_event = api.jobs.service.add_event
+    real_enqueue = core.jobs.lifecycle.enqueue_after_commit
+    real_add_event = core.jobs.lifecycle.add_event
 
     def spy_enqueue(session, signature):
         enqueued.append(signature)
@@ -72,8 +72,8 @@ def test_failed_transaction_sends_nothing(client, upload, user_key, base_model, 
         event.id = taken  # violates uq_events_id when the request commits
         return event
 
-    monkeypatch.setattr(api.jobs.service, "enqueue_after_commit", spy_enqueue)
-    monkeypatch.setattr(api.jobs.service, "add_event", clashing_event)
+    monkeypatch.setattr(core.jobs.lifecycle, "enqueue_after_commit", spy_enqueue)
+    monkeypatch.setattr(core.jobs.lifecycle, "add_event", clashing_event)
     response = client.post(JOBS, headers=bearer(user_key), json=_sdpo_body(file_id, 2))
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"

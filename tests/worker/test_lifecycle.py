@@ -50,13 +50,14 @@ def _statuses(db, job_id: str) -> tuple[str, list[str]]:
     return db.get(Job, job_id).status, [st.status for st in get_steps(db, job_id)]
 
 
-def _chains(redis_client, settings) -> list[list]:
-    """The chains waiting in the broker, each as [(task, args), …] in execution order."""
+def _chains(redis_client, settings, job_id: str) -> list[list]:
+    """The chains of `job_id` waiting in the broker, each as [(task, args), …] in execution order."""
     out = []
     for message in queued_messages(redis_client, settings.light_queue):
         args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
         rest = [(sig["task"], sig["args"]) for sig in reversed(embed["chain"] or [])]
-        out.append([(message["headers"]["task"], args), *rest])
+        if args[:1] == [job_id]:
+            out.append([(message["headers"]["task"], args), *rest])
     return out
 
 
@@ -163,7 +164,7 @@ def test_step_paused_pauses_a_pausing_job_and_requeues_the_step(db, make_job, ap
     db.commit()
     assert _statuses(db, job.id) == ("paused", ["queued", "pending"])
     assert _messages(db, job.id)[-1] == "Step 1 paused at global step 3; it resumes from its trainer checkpoint."
-    assert _chains(redis_client, settings) == []  # resume sends the chain, not the pause
+    assert _chains(redis_client, settings, job.id) == []  # resume sends the chain, not the pause
 
 
 def test_step_stopped_without_a_pause_is_sent_again(db, make_job, app, redis_client, settings):
@@ -176,7 +177,7 @@ def test_step_stopped_without_a_pause_is_sent_again(db, make_job, app, redis_cli
     assert _statuses(db, job.id) == ("running", ["queued", "pending"])
     assert _messages(db, job.id)[-1] == ("Step 1 stopped at global step 3 without a pause request; requeued to "
                                          "resume from its trainer checkpoint.")
-    assert _chains(redis_client, settings) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 1]),
+    assert _chains(redis_client, settings, job.id) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 1]),
                                                 ("sdpo.run_step", [job.id, 2]), ("sdpo.finalize_job", [job.id])]]
 
 
@@ -192,7 +193,7 @@ def test_attempt_failed_requeues_and_ignores_an_attempt_that_is_no_longer_curren
     assert (step.status, step.failed_attempts) == ("queued", 1)
     assert _messages(db, job.id)[-1] == ("Step 1: attempt 1 ended (the training process failed (boom)); requeued "
                                          "for attempt 2 of 3, resuming from its last trainer checkpoint.")
-    assert len(_chains(redis_client, settings)) == 1
+    assert len(_chains(redis_client, settings, job.id)) == 1
 
 
 def test_requeue_stale_step_requeues_only_a_silent_step(db, make_job, app):
@@ -219,7 +220,7 @@ def test_resend_lost_chain_sends_the_remaining_steps_of_a_waiting_job(db, make_j
     assert lifecycle.resend_lost_chain(db, app, job.id, cutoff) == 0  # it just changed: no longer waiting
     db.commit()
     assert _messages(db, job.id) == ["The broker had lost this job's message; sent again from step 2."]
-    assert _chains(redis_client, settings) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 2]),
+    assert _chains(redis_client, settings, job.id) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 2]),
                                                 ("sdpo.finalize_job", [job.id])]]
 
 
