@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from .protocol import ACTIVATION_CHECKPOINTING
+from .protocol import ACTIVATION_CHECKPOINTING, DEVICES, PARTITION_STRATEGIES, TEXT_FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--step-file", action="append", dest="step_files",
                    help="one preference file per step, in order (repeat)")
     r.add_argument("--train-file", help="one file to partition into --steps chunks")
-    r.add_argument("--partition", choices=["random", "stratified", "easy_to_hard", "hard_to_easy"])
+    r.add_argument("--partition", choices=list(PARTITION_STRATEGIES))
     r.add_argument("--steps", type=int, help="number of steps T for --partition")
     r.add_argument("--sizes", help="comma-separated chunk sizes for --partition random")
     r.add_argument("--eval-file", help="held-out pairs; metrics against the base model after every step")
@@ -55,11 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--source-field", default="source")
     r.add_argument("--lora-r", type=int, help="train a LoRA adapter of this rank (merged after every step)")
-    r.add_argument("--text-format", choices=["chat", "raw"], default="chat",
+    r.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat",
                    help="chat (default): message lists through the chat template, markup in text refused; "
                         "raw: strings already formatted, trained exactly as given (BOS/EOS added at most once)")
     r.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--device", default="auto", choices=list(DEVICES))
     # The settings a server's worker takes from SDPO_PACKING, SDPO_PAD_TO_MULTIPLE_OF and
     # SDPO_ACTIVATION_CHECKPOINTING (core.settings); here flags, recorded in every step's manifest.
     r.add_argument("--no-packing", dest="packing", action="store_false",
@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--file", required=True)
     sc.add_argument("--max-length", type=int, default=512)
     sc.add_argument("--source-field", default="source")
-    sc.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sc.add_argument("--text-format", choices=["chat", "raw"], default="chat")
+    sc.add_argument("--device", default="auto", choices=list(DEVICES))
+    sc.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat")
     sc.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
 
     v = sub.add_parser("validate", help="validate a preference file; prints the report as JSON")
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                                       "(chat markup and special tokens, message lists without a chat template)")
     v.add_argument("--max-length", type=int, help="with --tokenizer: count the pairs a step would drop (no "
                                                  "training signal after truncation to this many tokens)")
-    v.add_argument("--text-format", choices=["chat", "raw"], default="chat",
+    v.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat",
                    help="chat (default): message lists through the chat template, markup in text refused; "
                         "raw: strings already formatted, trained exactly as given")
     v.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the tokenizer's")
