@@ -1,5 +1,11 @@
 """The orchestration of a job, one function per task: prepare, run one step, finalise, reap.
 
+Orchestration only: each transaction is `db.retrying` around a session and one call of
+`core.jobs.lifecycle` (every state change, its events and their wording) or `core.jobs.repository`
+(every query); file-system work is in `worker.workdir`, the text checks in `worker.checks`, the
+engine's events into the log in `worker.relay`. The Celery task passes in the worker's `settings`
+and `app` (`worker.tasks`).
+
 Every function takes ids, opens its own short transactions, and never holds a transaction open
 while training runs (hours). Each returns `Outcome.CONTINUE` when the chain should go on to the
 next task, or `Outcome.STOP` when it must not (the job failed, was cancelled or paused, or this

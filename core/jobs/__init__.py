@@ -1,5 +1,6 @@
 """The job lifecycle's one home: `repository` holds every query on jobs, steps, checkpoints and
-events; `lifecycle` every state change. The names callers use are re-exported here."""
+events; `lifecycle` every state change (API and worker alike); `events` the wording of what a
+training step reports. The names callers use are re-exported here."""
 
 from core.jobs.lifecycle import (
     cancel_job,
