@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,20 +66,20 @@ def respond(
     db: Session,
     principal: Principal,
     payload: Any,
-    action: Callable[[], dict[str, Any]],
+    action: Callable[[], BaseModel],
     *,
     status_code: int = 200,
     stored_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> JSONResponse:
-    """Run `action` (which adds rows and returns the response body) and respond, honouring an
-    `Idempotency-Key` header; the request's session commits when the route has returned
-    (`api.deps.get_db`). `payload` is what identifies the request.
+    """Run `action` (which adds rows and returns the response model) and respond with the model's
+    JSON, honouring an `Idempotency-Key` header; the request's session commits when the route has
+    returned (`api.deps.get_db`). `payload` is what identifies the request.
 
     `stored_body(body)` is what a replay gets instead of `body`, for a response that shows
     something once (a webhook's signing secret): the first response has it, the stored one not."""
     key = idempotency_key(request)
     if key is None:
-        return JSONResponse(action(), status_code=status_code)
+        return JSONResponse(action().model_dump(mode="json"), status_code=status_code)
 
     digest = request_hash(request, payload)
     replay = _replay(db, principal.owner, key, digest)
@@ -87,7 +88,7 @@ def respond(
         # so that the commit that follows the route (api.deps.get_db) has nothing to keep.
         db.rollback()
         return replay
-    body = action()
+    body = action().model_dump(mode="json")
     db.add(IdempotencyKey(owner=principal.owner, key=key, request_hash=digest, response_status=status_code,
                           response_body=stored_body(body) if stored_body else body))
     try:

@@ -3,8 +3,6 @@ page size, and the page says `has_more`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from core.errors import InvalidRequest
 
 
@@ -15,13 +13,3 @@ def check_limit(limit: int | None, *, default: int, maximum: int) -> int:
         raise InvalidRequest(f"limit must be between 1 and {maximum}, got {limit}.", param="limit",
                              code="invalid_value")
     return limit
-
-
-def page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }

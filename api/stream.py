@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
-from api.jobs.schemas import event_object
+from api.jobs.schemas import EventObject
 from core.db import read_only_session
 from core.errors import TooManyRequests
 from core.jobs import repository
@@ -82,7 +82,7 @@ def _poll(factory: sessionmaker[Session], job_id: str, after_seq: int, *, key_id
         if status is None:
             return [], None
         rows = repository.events_after(session, job_id, after_seq, limit=BATCH)
-        return [(e.seq, event_object(e)) for e in rows], status
+        return [(e.seq, EventObject.from_row(e).model_dump(mode="json")) for e in rows], status
 
 
 async def job_event_stream(factory: sessionmaker[Session], job_id: str, after_seq: int, *, key_id: str,

@@ -30,6 +30,7 @@ __all__ = [
     "MetricsEvent",
     "PARTITION_STRATEGIES",
     "PairsDroppedInfo",
+    "PartitionPlan",
     "ReferenceLogpsInfo",
     "ResultEvent",
     "ResumeInfo",
@@ -59,6 +60,16 @@ class ExitCode(IntEnum):
 # model's difficulty scores (the paper's easy-to-hard curriculum).
 PARTITION_STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
 CURRICULUM_STRATEGIES = ("easy_to_hard", "hard_to_easy")
+
+
+class PartitionPlan(TypedDict):
+    """How a partitioned job's training file is split into its steps' chunks: written by the API
+    (`jobs.partition`, echoed in the job's `method.sdpo.partition`), read by the worker."""
+
+    strategy: str  # one of PARTITION_STRATEGIES
+    n_steps: int  # T, the number of chunks
+    source_field: str  # the field naming each pair's source
+    sizes: list[int] | None  # rows per chunk (random/stratified), summing to the file's rows; None: even
 
 # "chat": message lists through the chat template, markup inside text refused (sdpo_engine.markup);
 # "raw": strings already formatted, trained exactly as given (sdpo_engine.tokens).

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.files import quotas, service
-from api.files.schemas import FileDeleted, FileList, FileObject, file_object
+from api.files.schemas import FileDeleted, FileList, FileObject
 from api.idempotency import idempotency_key, respond
 from api.slowloris import rate_limited_body
 from core.db import read_only_session
@@ -76,8 +76,8 @@ async def create_file(
                                             idempotency_key=idempotency_key(request))
         received = service.receive_upload(db, services, request.headers.get("content-type"),
                                           _blocking_chunks(request), allowance=allowance)
-        return respond(request, db, principal, received.identity(),
-                       lambda: service.create_file(db, principal, received, settings=services.settings))
+        return respond(request, db, principal, received.identity(), lambda: FileObject.from_row(
+            service.create_file(db, principal, received, settings=services.settings)))
 
     # Storage writes, hashing, validation and the database are blocking: run them off the loop.
     return await run_in_threadpool(upload)
@@ -92,12 +92,13 @@ def list_files(
     principal: Principal = Depends(get_principal),
     db: Session = Depends(get_db),
 ):
-    return service.list_files(db, principal, after=after, limit=limit, order=order, purpose=purpose)
+    rows, has_more = service.list_files(db, principal, after=after, limit=limit, order=order, purpose=purpose)
+    return FileList.page(rows, has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)
 def retrieve_file(file_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return file_object(service.get_file(db, principal, file_id))
+    return FileObject.from_row(service.get_file(db, principal, file_id))
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,
@@ -124,4 +125,4 @@ def delete_file(
     db: Session = Depends(get_db),
     services: AppServices = Depends(get_services),
 ):
-    return service.delete_file(db, services, principal, file_id)
+    return FileDeleted(id=service.delete_file(db, services, principal, file_id).id, deleted=True)

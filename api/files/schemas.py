@@ -38,6 +38,17 @@ class FileObject(BaseModel):
     stats: dict[str, Any] | None
     warnings: list[FileWarning] | None = None
 
+    @classmethod
+    def from_row(cls, row: File) -> FileObject:
+        report = row.report or {}
+        return cls(id=row.id, bytes=row.bytes, created_at=to_unix(row.created_at), filename=row.filename,
+                   purpose=row.purpose, status=row.status, status_details=row.status_details, expires_at=None,
+                   sha256=row.sha256,
+                   # Files validated before Parquet support were all JSONL, and their reports had no
+                   # warnings (None: not computed, unlike [] for none found).
+                   file_type=report.get("file_type") or "jsonl", format=row.format, rows=row.rows,
+                   stats=report.get("stats"), warnings=report.get("warnings"))
+
 
 class FileList(BaseModel):
     object: Literal["list"] = "list"
@@ -46,30 +57,13 @@ class FileList(BaseModel):
     first_id: str | None
     last_id: str | None
 
+    @classmethod
+    def page(cls, rows: list[File], *, has_more: bool) -> FileList:
+        return cls(data=[FileObject.from_row(r) for r in rows], has_more=has_more,
+                   first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None)
+
 
 class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool
-
-
-def file_object(row: File) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "object": "file",
-        "bytes": row.bytes,
-        "created_at": to_unix(row.created_at),
-        "filename": row.filename,
-        "purpose": row.purpose,
-        "status": row.status,
-        "status_details": row.status_details,
-        "expires_at": None,
-        "sha256": row.sha256,
-        # Files validated before Parquet support were all JSONL, and their reports had no warnings
-        # (None: not computed, unlike [] for none found).
-        "file_type": (row.report or {}).get("file_type") or "jsonl",
-        "format": row.format,
-        "rows": row.rows,
-        "stats": (row.report or {}).get("stats"),
-        "warnings": (row.report or {}).get("warnings"),
-    }

@@ -12,8 +12,7 @@ from api.deps import AppServices, Principal
 from api.files import repository
 from api.files.multipart import MultipartUpload
 from api.files.quotas import UploadAllowance, capped_upload, check_before_insert, too_many_rows
-from api.files.schemas import file_object
-from api.pagination import check_limit, page
+from api.pagination import check_limit
 from core import ids
 from core.clock import utcnow
 from core.db import after_commit, after_rollback
@@ -106,8 +105,8 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
 
 
 def create_file(db: Session, principal: Principal, upload: ReceivedUpload, *,
-                settings: Settings | None = None) -> dict[str, Any]:
-    """Insert the file's row. With `settings`, the owner's quotas are checked again first, under
+                settings: Settings | None = None) -> File:
+    """Insert the file's row and return it. With `settings`, the owner's quotas are checked again first, under
     the owner's lock, this file included (429/413; the caller's rollback deletes the object)."""
     if settings is not None:
         check_before_insert(db, settings, principal.owner, upload.stored.bytes)
@@ -126,7 +125,7 @@ def create_file(db: Session, principal: Principal, upload: ReceivedUpload, *,
     )
     db.add(row)
     db.flush()
-    return file_object(row)
+    return row
 
 
 def get_file(db: Session, principal: Principal, file_id: str) -> File:
@@ -137,7 +136,8 @@ def get_file(db: Session, principal: Principal, file_id: str) -> File:
 
 
 def list_files(db: Session, principal: Principal, *, after: str | None, limit: int | None, order: str,
-               purpose: str | None) -> dict[str, Any]:
+               purpose: str | None) -> tuple[list[File], bool]:
+    """(the page of the owner's files, whether more follow)."""
     limit = check_limit(limit, default=10_000, maximum=10_000)
     if order not in ("asc", "desc"):
         raise InvalidRequest("order must be 'asc' or 'desc'.", param="order", code="invalid_value")
@@ -146,9 +146,8 @@ def list_files(db: Session, principal: Principal, *, after: str | None, limit: i
         cursor = repository.get_visible(db, principal.owner, after)
         if cursor is None:
             raise InvalidRequest(f"Invalid cursor: no file {after!r}.", param="after", code="invalid_cursor")
-    rows, has_more = repository.list_page(db, principal.owner, after=cursor, limit=limit,
-                                          descending=order == "desc", purpose=purpose)
-    return page([file_object(r) for r in rows], has_more=has_more)
+    return repository.list_page(db, principal.owner, after=cursor, limit=limit, descending=order == "desc",
+                                purpose=purpose)
 
 
 def file_content(services: AppServices, row: File) -> Iterator[bytes]:
@@ -164,7 +163,7 @@ def file_content(services: AppServices, row: File) -> Iterator[bytes]:
     return chunks()
 
 
-def delete_file(db: Session, services: AppServices, principal: Principal, file_id: str) -> dict[str, Any]:
+def delete_file(db: Session, services: AppServices, principal: Principal, file_id: str) -> File:
     """Soft-delete: the row stays (finished jobs still name it) but answers 404 from now on; the
     stored bytes are removed once the deletion has committed."""
     row = repository.get_visible(db, principal.owner, file_id, for_update=True)
@@ -179,4 +178,4 @@ def delete_file(db: Session, services: AppServices, principal: Principal, file_i
     db.flush()
     uri = row.storage_uri
     after_commit(db, lambda: services.storage.delete(uri))
-    return {"id": row.id, "object": "file", "deleted": True}
+    return row

@@ -33,7 +33,8 @@ def create_job(
         body = JobCreate.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_errors(exc.errors()) from None
-    return respond(request, db, principal, payload, lambda: service.create_job(db, services, principal, body))
+    return respond(request, db, principal, payload,
+                   lambda: service.job_with_progress(db, service.create_job(db, services, principal, body)))
 
 
 @router.get("", response_model=JobList)
@@ -45,7 +46,8 @@ def list_jobs(
     db: Session = Depends(get_db),
 ):
     metadata = service.metadata_filter(request.query_params.multi_items())
-    return service.list_jobs(db, principal, after=after, limit=limit, metadata=metadata)
+    rows, progress, has_more = service.list_jobs(db, principal, after=after, limit=limit, metadata=metadata)
+    return JobList.from_rows(rows, progress, has_more=has_more)
 
 
 @router.get("/{job_id}", response_model=JobObject)
@@ -61,8 +63,8 @@ def _state_route(action: str, summary: str):
         db: Session = Depends(get_db),
         services: AppServices = Depends(get_services),
     ):
-        return respond(request, db, principal, {"action": action},
-                       lambda: service.change_state(db, services, principal, job_id, action))
+        return respond(request, db, principal, {"action": action}, lambda: service.job_with_progress(
+            db, service.change_state(db, services, principal, job_id, action)))
 
     change.__name__ = f"{action}_job"
     router.add_api_route(f"/{{job_id}}/{action}", change, methods=["POST"], response_model=JobObject,
@@ -95,7 +97,8 @@ def list_events(
         release = open_streams(request.app).acquire(principal.key_id, services.settings.max_streams_per_key)
         return EventStreamResponse(job_event_stream(services.session_factory, job_id, after_seq,
                                                     key_id=principal.key_id, owner=principal.owner), release)
-    return service.list_events(db, principal, job_id, after=after, limit=limit)
+    rows, has_more = service.list_events(db, principal, job_id, after=after, limit=limit)
+    return EventList.from_rows(rows, has_more=has_more)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
@@ -106,7 +109,8 @@ def list_checkpoints(
     principal: Principal = Depends(get_principal),
     db: Session = Depends(get_db),
 ):
-    return service.list_checkpoints(db, principal, job_id, after=after, limit=limit)
+    job, rows, has_more = service.list_checkpoints(db, principal, job_id, after=after, limit=limit)
+    return CheckpointList.page(rows, job, has_more=has_more)
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/content", response_class=StreamingResponse,
@@ -126,4 +130,4 @@ def checkpoint_content(
 
 @router.get("/{job_id}/steps", response_model=StepList, summary="Per-step lineage, status and metrics (sDPO)")
 def list_steps(job_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return service.list_steps(db, principal, job_id)
+    return StepList.from_rows(service.list_steps(db, principal, job_id))

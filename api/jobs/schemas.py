@@ -86,7 +86,11 @@ class JobCreate(_Strict):
 
 
 # ------------------------------------------------------------------------------------------------
-# Responses
+# Responses: each model builds itself from its row (`from_row`); services and routes hand the model
+# to FastAPI (response_model) or to api.idempotency.respond, which serialise it.
+
+
+OPENAI_HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs", "beta")
 
 
 class JobError(BaseModel):
@@ -137,11 +141,35 @@ class JobObject(BaseModel):
     updated_at: int | None
     progress: JobProgress | None = None
 
+    @classmethod
+    def from_row(cls, job: Job, progress: dict[str, Any] | JobProgress | None = None) -> JobObject:
+        """The job as OpenAI's `fine_tuning.job`; `progress` from api.jobs.progress.job_progress.
+        `estimated_finish` is the stored one, else now + the progress's `eta_seconds`."""
+        progress = JobProgress.model_validate(progress) if progress is not None else None
+        estimated_finish = to_unix(job.estimated_finish)
+        if estimated_finish is None and progress is not None and progress.eta_seconds is not None:
+            estimated_finish = int(time.time()) + progress.eta_seconds
+        hp = job.hyperparameters or {}
+        return cls(
+            id=job.id, created_at=to_unix(job.created_at), finished_at=to_unix(job.finished_at), model=job.model,
+            fine_tuned_model=job.fine_tuned_model, organization_id=job.owner, status=job.status,
+            hyperparameters={k: hp.get(k) for k in OPENAI_HYPERPARAMETERS}, training_file=job.training_file_id,
+            validation_file=job.validation_file_id, result_files=[], trained_tokens=job.trained_tokens,
+            error=job.error, seed=job.seed, estimated_finish=estimated_finish, integrations=[],
+            metadata=job.metadata_, method=job.method, user_provided_suffix=job.suffix, n_steps=job.n_steps,
+            current_step=job.current_step, started_at=to_unix(job.started_at), updated_at=to_unix(job.updated_at),
+            progress=progress)
+
 
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobObject]
     has_more: bool
+
+    @classmethod
+    def from_rows(cls, jobs: list[Job], progress: dict[str, dict[str, Any]], *, has_more: bool) -> JobList:
+        """`progress` by job id, as api.jobs.progress.job_progress gives it."""
+        return cls(data=[JobObject.from_row(j, progress[j.id]) for j in jobs], has_more=has_more)
 
 
 class EventObject(BaseModel):
@@ -154,11 +182,20 @@ class EventObject(BaseModel):
     type: str
     step: int | None
 
+    @classmethod
+    def from_row(cls, event: Event) -> EventObject:
+        return cls(id=event.id, created_at=to_unix(event.created_at), level=event.level, message=event.message,
+                   data=event.data, type=event.type, step=event.step_index)
+
 
 class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventObject]
     has_more: bool
+
+    @classmethod
+    def from_rows(cls, events: list[Event], *, has_more: bool) -> EventList:
+        return cls(data=[EventObject.from_row(e) for e in events], has_more=has_more)
 
 
 class CheckpointObject(BaseModel):
@@ -173,6 +210,21 @@ class CheckpointObject(BaseModel):
     sha256: str | None
     bytes: int | None
 
+    @classmethod
+    def from_row(cls, checkpoint: Checkpoint, job: Job) -> CheckpointObject:
+        metrics = dict(checkpoint.metrics or {})
+        # OpenAI's checkpoint metrics keys, filled from the step summary where one exists.
+        metrics.setdefault("step", checkpoint.step_index)
+        if "train_loss" not in metrics and metrics.get("last_loss") is not None:
+            metrics["train_loss"] = metrics["last_loss"]
+        return cls(
+            id=checkpoint.id, created_at=to_unix(checkpoint.created_at),
+            fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:ckpt-step-{checkpoint.step_index}",
+            fine_tuning_job_id=checkpoint.job_id, metrics=metrics,
+            # OpenAI counts optimizer steps here; an sDPO checkpoint is the end of an sDPO step.
+            step_number=checkpoint.step_index, step_index=checkpoint.step_index, sha256=checkpoint.sha256,
+            bytes=checkpoint.bytes)
+
 
 class CheckpointList(BaseModel):
     object: Literal["list"] = "list"
@@ -181,23 +233,72 @@ class CheckpointList(BaseModel):
     first_id: str | None = None
     last_id: str | None = None
 
+    @classmethod
+    def page(cls, checkpoints: list[Checkpoint], job: Job, *, has_more: bool) -> CheckpointList:
+        """A page of `job`'s checkpoints, with OpenAI's first_id/last_id."""
+        return cls(data=[CheckpointObject.from_row(c, job) for c in checkpoints], has_more=has_more,
+                   first_id=checkpoints[0].id if checkpoints else None,
+                   last_id=checkpoints[-1].id if checkpoints else None)
+
+
+class StepMetrics(BaseModel):
+    """A succeeded step's summary (the training process's `result`; null before then). These keys
+    always appear, first; the rest of the summary (pairs, pairs_used, pairs_dropped,
+    train_seconds, global_steps, output, reference, …) follows as recorded."""
+
+    model_config = ConfigDict(extra="allow")
+
+    first_loss: float | None = Field(None, description="The DPO loss of the first optimizer step (ln 2 = "
+                                                       "0.6931 when policy and reference start equal).")
+    mean_gamma_ref: float | None = Field(None, description="Mean reference log-ratio "
+                                                           "log π_ref(chosen|x) − log π_ref(rejected|x) over the "
+                                                           "step's pairs (nats).")
+    last_loss: float | None = Field(None, description="The DPO loss of the last optimizer step.")
+    reward_accuracy: float | None = Field(None, description="Share of pairs whose implicit reward prefers "
+                                                            "chosen, mean over the last epoch (0..1).")
+    reward_margin: float | None = Field(None, description="Mean implicit reward margin, chosen − rejected, "
+                                                          "over the last epoch.")
+    eval: dict[str, Any] | None = Field(None, description="Held-out metrics on the validation file "
+                                                          "(pairs, reward_accuracy, reward_margin, "
+                                                          "preference_accuracy, mean_gamma), when one was given.")
+
+
+class ChunkSummary(BaseModel):
+    """A partitioned job's chunk for one step (its storage location stays internal)."""
+
+    stats: dict[str, Any] | None = Field(description="Rows, sources and lengths of the chunk.")
+    rows: int | None
+
 
 class StepObject(BaseModel):
     object: Literal["fine_tuning.job.step"] = "fine_tuning.job.step"
     index: int
     status: str
     training_file: str | None
-    chunk: dict[str, Any] | None
+    chunk: ChunkSummary | None
     reference_checkpoint: str | None
     policy_init_checkpoint: str | None
     output_checkpoint: str | None
     hyperparameters: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: StepMetrics
     attempt: int
     error: dict[str, Any] | None
     created_at: int
     started_at: int | None
     finished_at: int | None
+
+    @classmethod
+    def from_row(cls, step: JobStep) -> StepObject:
+        chunk = None
+        if step.chunk_stats is not None or step.chunk_uri is not None:
+            chunk = ChunkSummary(stats=step.chunk_stats, rows=(step.chunk_stats or {}).get("rows"))
+        return cls(
+            index=step.index, status=step.status, training_file=step.training_file_id, chunk=chunk,
+            reference_checkpoint=step.reference_checkpoint_id, policy_init_checkpoint=step.policy_init_checkpoint_id,
+            output_checkpoint=step.output_checkpoint_id, hyperparameters=dict(step.hyperparameters or {}),
+            metrics=StepMetrics.model_validate(step.metrics or {}), attempt=step.attempt, error=step.error,
+            created_at=to_unix(step.created_at), started_at=to_unix(step.started_at),
+            finished_at=to_unix(step.finished_at))
 
 
 class StepList(BaseModel):
@@ -205,102 +306,7 @@ class StepList(BaseModel):
     data: list[StepObject]
     has_more: bool
 
-
-OPENAI_HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs", "beta")
-STEP_METRICS = ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "eval")
-
-
-def job_object(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]:
-    hp = job.hyperparameters or {}
-    estimated_finish = to_unix(job.estimated_finish)
-    if estimated_finish is None and progress and progress.get("eta_seconds") is not None:
-        estimated_finish = int(time.time()) + progress["eta_seconds"]
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "created_at": to_unix(job.created_at),
-        "finished_at": to_unix(job.finished_at),
-        "model": job.model,
-        "fine_tuned_model": job.fine_tuned_model,
-        "organization_id": job.owner,
-        "status": job.status,
-        "hyperparameters": {k: hp.get(k) for k in OPENAI_HYPERPARAMETERS},
-        "training_file": job.training_file_id,
-        "validation_file": job.validation_file_id,
-        "result_files": [],
-        "trained_tokens": job.trained_tokens,
-        "error": job.error,
-        "seed": job.seed,
-        "estimated_finish": estimated_finish,
-        "integrations": [],
-        "metadata": job.metadata_,
-        "method": job.method,
-        "user_provided_suffix": job.suffix,
-        "n_steps": job.n_steps,
-        "current_step": job.current_step,
-        "started_at": to_unix(job.started_at),
-        "updated_at": to_unix(job.updated_at),
-        "progress": progress,
-    }
-
-
-def event_object(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "object": "fine_tuning.job.event",
-        "created_at": to_unix(event.created_at),
-        "level": event.level,
-        "message": event.message,
-        "data": event.data,
-        "type": event.type,
-        "step": event.step_index,
-    }
-
-
-def checkpoint_object(checkpoint: Checkpoint, job: Job) -> dict[str, Any]:
-    metrics = dict(checkpoint.metrics or {})
-    # OpenAI's checkpoint metrics keys, filled from the step summary where one exists.
-    metrics.setdefault("step", checkpoint.step_index)
-    if "train_loss" not in metrics and metrics.get("last_loss") is not None:
-        metrics["train_loss"] = metrics["last_loss"]
-    return {
-        "id": checkpoint.id,
-        "object": "fine_tuning.job.checkpoint",
-        "created_at": to_unix(checkpoint.created_at),
-        "fine_tuned_model_checkpoint": f"{fine_tuned_model_name(job)}:ckpt-step-{checkpoint.step_index}",
-        "fine_tuning_job_id": checkpoint.job_id,
-        "metrics": metrics,
-        # OpenAI counts optimizer steps here; an sDPO checkpoint is the end of an sDPO step.
-        "step_number": checkpoint.step_index,
-        "step_index": checkpoint.step_index,
-        "sha256": checkpoint.sha256,
-        "bytes": checkpoint.bytes,
-    }
-
-
-def step_object(step: JobStep) -> dict[str, Any]:
-    recorded = step.metrics or {}
-    metrics = {key: recorded.get(key) for key in STEP_METRICS}
-    metrics.update({k: v for k, v in recorded.items() if k not in metrics})
-    chunk = None
-    if step.chunk_stats is not None or step.chunk_uri is not None:
-        # The chunk's storage location stays internal; its statistics are what users need.
-        chunk = {"stats": step.chunk_stats, "rows": (step.chunk_stats or {}).get("rows")}
-    hp = dict(step.hyperparameters or {})
-    return {
-        "object": "fine_tuning.job.step",
-        "index": step.index,
-        "status": step.status,
-        "training_file": step.training_file_id,
-        "chunk": chunk,
-        "reference_checkpoint": step.reference_checkpoint_id,
-        "policy_init_checkpoint": step.policy_init_checkpoint_id,
-        "output_checkpoint": step.output_checkpoint_id,
-        "hyperparameters": hp,
-        "metrics": metrics,
-        "attempt": step.attempt,
-        "error": step.error,
-        "created_at": to_unix(step.created_at),
-        "started_at": to_unix(step.started_at),
-        "finished_at": to_unix(step.finished_at),
-    }
+    @classmethod
+    def from_rows(cls, steps: list[JobStep]) -> StepList:
+        """Every step of a job, in order (one page: a job has at most SDPO_MAX_STEPS)."""
+        return cls(data=[StepObject.from_row(s) for s in steps], has_more=False)

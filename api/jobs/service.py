@@ -12,19 +12,21 @@ from sqlalchemy.orm import Session
 from api.deps import AppServices, Principal
 from api.jobs import repository, spec
 from api.jobs.progress import job_progress
-from api.jobs.schemas import JobCreate, checkpoint_object, event_object, job_object, step_object
-from api.pagination import check_limit, page
+from api.jobs.schemas import JobCreate, JobObject
+from api.pagination import check_limit
 from core import ids
 from core.errors import InvalidRequest, NotFound, TooManyRequests
 from core.jobs import cancel_job, get_job, get_steps, pause_job, resume_job
 from core.jobs.lifecycle import create_job as create_job_row
-from core.models import Job, JobStep
+from core.models import Checkpoint, Event, Job, JobStep
 from core.states import JobStatus, StepStatus
 
 _METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 
 
-def create_job(db: Session, services: AppServices, principal: Principal, body: JobCreate) -> dict[str, Any]:
+def create_job(db: Session, services: AppServices, principal: Principal, body: JobCreate) -> Job:
+    """Check the spec, add the job and its steps (queued; the chain is sent after the commit); return
+    the job. 400 for a bad spec, 429 past SDPO_MAX_ACTIVE_JOBS_PER_OWNER."""
     plan = spec.build_plan(db, principal.owner, body, services.settings)
     _check_active_limit(db, principal.owner, services.settings.max_active_jobs_per_owner)
     initial = plan.initial_checkpoint
@@ -56,7 +58,7 @@ def create_job(db: Session, services: AppServices, principal: Principal, body: J
                      policy_init_checkpoint_id=start if step.index == 1 else None) for step in plan.steps]
     origin = f"checkpoint {initial.id}" if initial else f"model {plan.model.id}"
     create_job_row(db, services.celery, job, steps, origin=origin, method_type=plan.method_type)
-    return job_with_progress(db, job)
+    return job
 
 
 def _check_active_limit(db: Session, owner: str, limit: int) -> None:
@@ -81,10 +83,10 @@ def find_job(db: Session, principal: Principal, job_id: str, *, for_update: bool
     return job
 
 
-def job_with_progress(db: Session, job: Job) -> dict[str, Any]:
+def job_with_progress(db: Session, job: Job) -> JobObject:
     """The job object with its `progress` (step k of T, percent, tokens/s, ETA, queue position)."""
     db.flush()
-    return job_object(job, job_progress(db, [job])[job.id])
+    return JobObject.from_row(job, job_progress(db, [job])[job.id])
 
 
 def metadata_filter(query_items: list[tuple[str, str]]) -> dict[str, str]:
@@ -98,7 +100,8 @@ def metadata_filter(query_items: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def list_jobs(db: Session, principal: Principal, *, after: str | None, limit: int | None,
-              metadata: dict[str, str]) -> dict[str, Any]:
+              metadata: dict[str, str]) -> tuple[list[Job], dict[str, dict[str, Any]], bool]:
+    """(a page of the owner's jobs, newest first; their progress by job id; whether more follow)."""
     limit = check_limit(limit, default=20, maximum=100)
     cursor = None
     if after is not None:
@@ -106,12 +109,12 @@ def list_jobs(db: Session, principal: Principal, *, after: str | None, limit: in
         if cursor is None:
             raise InvalidRequest(f"Invalid cursor: no job {after!r}.", param="after", code="invalid_cursor")
     rows, has_more = repository.list_page(db, principal.owner, after=cursor, limit=limit, metadata=metadata)
-    progress = job_progress(db, rows)
-    return {"object": "list", "data": [job_object(j, progress[j.id]) for j in rows], "has_more": has_more}
+    return rows, job_progress(db, rows), has_more
 
 
 def change_state(db: Session, services: AppServices, principal: Principal, job_id: str,
-                 action: str) -> dict[str, Any]:
+                 action: str) -> Job:
+    """Cancel, pause or resume the owner's job (409 where its status does not allow it); return it."""
     job = find_job(db, principal, job_id, for_update=True)
     if action == "cancel":
         cancel_job(db, job)
@@ -121,11 +124,12 @@ def change_state(db: Session, services: AppServices, principal: Principal, job_i
         resume_job(db, job, services.celery)
     else:  # pragma: no cover - routes pass fixed names
         raise ValueError(action)
-    return job_with_progress(db, job)
+    return job
 
 
 def list_events(db: Session, principal: Principal, job_id: str, *, after: str | None,
-                limit: int | None) -> dict[str, Any]:
+                limit: int | None) -> tuple[list[Event], bool]:
+    """(a page of the job's events, newest first, whether more follow)."""
     job = find_job(db, principal, job_id)
     limit = check_limit(limit, default=20, maximum=100)
     cursor = None
@@ -134,8 +138,7 @@ def list_events(db: Session, principal: Principal, job_id: str, *, after: str | 
         if cursor is None:
             raise InvalidRequest(f"Invalid cursor: no event {after!r} in this job.", param="after",
                                  code="invalid_cursor")
-    rows, has_more = repository.events_page(db, job.id, after=cursor, limit=limit)
-    return {"object": "list", "data": [event_object(e) for e in rows], "has_more": has_more}
+    return repository.events_page(db, job.id, after=cursor, limit=limit)
 
 
 def stream_start(db: Session, principal: Principal, job_id: str, last_event_id: str | None) -> int:
@@ -151,7 +154,8 @@ def stream_start(db: Session, principal: Principal, job_id: str, last_event_id: 
 
 
 def list_checkpoints(db: Session, principal: Principal, job_id: str, *, after: str | None,
-                     limit: int | None) -> dict[str, Any]:
+                     limit: int | None) -> tuple[Job, list[Checkpoint], bool]:
+    """(the job, a page of its checkpoints, latest step first, whether more follow)."""
     job = find_job(db, principal, job_id)
     limit = check_limit(limit, default=10, maximum=100)
     cursor = None
@@ -161,7 +165,7 @@ def list_checkpoints(db: Session, principal: Principal, job_id: str, *, after: s
             raise InvalidRequest(f"Invalid cursor: no checkpoint {after!r} in this job.", param="after",
                                  code="invalid_cursor")
     rows, has_more = repository.checkpoints_page(db, job.id, after=cursor, limit=limit)
-    return page([checkpoint_object(c, job) for c in rows], has_more=has_more)
+    return job, rows, has_more
 
 
 def checkpoint_tar(db: Session, services: AppServices, principal: Principal, job_id: str,
@@ -174,6 +178,7 @@ def checkpoint_tar(db: Session, services: AppServices, principal: Principal, job
     return f"{checkpoint.id}.tar", services.storage.iter_tar(checkpoint.uri)
 
 
-def list_steps(db: Session, principal: Principal, job_id: str) -> dict[str, Any]:
+def list_steps(db: Session, principal: Principal, job_id: str) -> list[JobStep]:
+    """The owner's job's steps, in order."""
     job = find_job(db, principal, job_id)
-    return {"object": "list", "data": [step_object(s) for s in get_steps(db, job.id)], "has_more": False}
+    return get_steps(db, job.id)

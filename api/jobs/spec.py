@@ -38,7 +38,7 @@ from core.settings import Settings
 from core.storage import LOCAL_SCHEME, make_storage
 from sdpo_engine.config import ConfigError, StepConfig, learning_rate_from_multiplier
 from sdpo_engine.markup import read_tokenizer_files
-from sdpo_engine.protocol import CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, TEXT_FORMATS
+from sdpo_engine.protocol import CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, TEXT_FORMATS, PartitionPlan
 
 SUPPORTED_METHODS = ("dpo", "sdpo")
 OPENAI_ONLY_METHODS = ("supervised", "reinforcement")
@@ -70,7 +70,7 @@ class JobPlan:
     method_type: str
     method: dict[str, Any]  # echo with resolved hyperparameters
     hyperparameters: dict[str, Any]  # method level, resolved
-    partition: dict[str, Any] | None
+    partition: PartitionPlan | None
     steps: list[StepPlan]
     seed: int
     suffix: str | None
@@ -348,7 +348,7 @@ def _steps_form(db: Session, owner: str, body: JobCreate, resolver: _Resolver,
     return steps[0].training_file, steps  # type: ignore[return-value]
 
 
-def _check_partition(spec: PartitionSpec, file: File, settings: Settings) -> dict[str, Any]:
+def _check_partition(spec: PartitionSpec, file: File, settings: Settings) -> PartitionPlan:
     p = "method.sdpo.partition"
     if spec.strategy not in PARTITION_STRATEGIES:
         raise bad(f"Unknown partition strategy {spec.strategy!r}; one of {', '.join(PARTITION_STRATEGIES)}.",
@@ -385,8 +385,8 @@ def _check_partition(spec: PartitionSpec, file: File, settings: Settings) -> dic
         if n_sources < n:
             raise bad(f"{spec.strategy} keeps each source in one step, so n_steps ({n}) cannot exceed the "
                       f"number of sources ({n_sources}).", f"{p}.n_steps", "too_many_steps")
-    return {"strategy": spec.strategy, "n_steps": n, "source_field": source_field,
-            "sizes": list(sizes) if sizes is not None else None}
+    return PartitionPlan(strategy=spec.strategy, n_steps=n, source_field=source_field,
+                         sizes=list(sizes) if sizes is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelList)
 def list_models(principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return service.list_models(db, principal)
+    return ModelList(data=[ModelObject.from_row(r) for r in service.list_models(db, principal)])
 
 
 @router.get("/{model_id}", response_model=ModelObject)
 def retrieve_model(model_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return service.get_model(db, principal, model_id)
+    return ModelObject.from_row(service.get_model(db, principal, model_id))
 
 
 @router.post("", response_model=ModelObject, summary="Register a model on the server's disk (admin)",
@@ -41,4 +41,5 @@ def register_model(
         body = ModelRegister.model_validate(payload)
     except ValidationError as exc:
         raise from_validation_errors(exc.errors()) from None
-    return respond(request, db, principal, payload, lambda: service.register_model(db, services, principal, body))
+    return respond(request, db, principal, payload,
+                   lambda: ModelObject.from_row(service.register_model(db, services, principal, body)))

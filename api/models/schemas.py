@@ -32,20 +32,13 @@ class ModelObject(BaseModel):
     default_hyperparameters: dict[str, Any]
     fine_tuning_job_id: str | None = None
 
+    @classmethod
+    def from_row(cls, row: RegisteredModel) -> ModelObject:
+        # The server path (uri) is deliberately absent: nothing but an admin names server paths.
+        return cls(id=row.id, created=to_unix(row.created_at), owned_by=row.owner or "system", source=row.source,
+                   default_hyperparameters=row.default_hyperparameters or {}, fine_tuning_job_id=row.job_id)
+
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
-
-
-def model_object(row: RegisteredModel) -> dict[str, Any]:
-    # The server path (uri) is deliberately absent: nothing but an admin names server paths.
-    return {
-        "id": row.id,
-        "object": "model",
-        "created": to_unix(row.created_at),
-        "owned_by": row.owner or "system",
-        "source": row.source,
-        "default_hyperparameters": row.default_hyperparameters or {},
-        "fine_tuning_job_id": row.job_id,
-    }

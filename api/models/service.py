@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import AppServices, Principal
 from api.models import repository
-from api.models.schemas import ModelRegister, model_object
+from api.models.schemas import ModelRegister
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.models import ModelSource, RegisteredModel
 from core.storage import LOCAL_SCHEME
@@ -23,18 +22,19 @@ MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RESERVED_PREFIXES = ("ft-", "ftckpt-", "ftjob-", "file-")
 
 
-def list_models(db: Session, principal: Principal) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(r) for r in repository.list_visible(db, principal.owner)]}
+def list_models(db: Session, principal: Principal) -> list[RegisteredModel]:
+    """The models the caller may use: the system's and its own fine-tuned ones, oldest first."""
+    return repository.list_visible(db, principal.owner)
 
 
-def get_model(db: Session, principal: Principal, model_id: str) -> dict[str, Any]:
+def get_model(db: Session, principal: Principal, model_id: str) -> RegisteredModel:
     row = repository.get_visible(db, principal.owner, model_id)
     if row is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
-    return model_object(row)
+    return row
 
 
-def register_model(db: Session, services: AppServices, principal: Principal, body: ModelRegister) -> dict[str, Any]:
+def register_model(db: Session, services: AppServices, principal: Principal, body: ModelRegister) -> RegisteredModel:
     """Register a server path as a system model (visible to every owner). Raises `InvalidRequest`
     (400) for a bad id, path (`param` "path": relative, missing, outside SDPO_MODEL_ROOTS, inside the
     storage folder but not a checkpoint of the caller's own, not a model of `format`) or defaults;
@@ -68,7 +68,7 @@ def register_model(db: Session, services: AppServices, principal: Principal, bod
         db.flush()
     except IntegrityError:  # a concurrent registration of the same id won the race
         raise Conflict(f"A model named '{body.id}' already exists.", param="id", code="model_exists") from None
-    return model_object(row)
+    return row
 
 
 def _check_path(services: AppServices, raw: str, fmt: str) -> Path:

@@ -15,11 +15,11 @@ from api.openapi import json_body_doc
 from api.webhooks import service
 from api.webhooks.schemas import (
     DeliveryList,
+    DeliveryObject,
     WebhookCreate,
     WebhookDeleted,
     WebhookList,
     WebhookObject,
-    webhook_object,
     without_secret,
 )
 
@@ -41,23 +41,25 @@ def create_webhook(
         raise from_validation_errors(exc.errors()) from None
     # A replay (same Idempotency-Key) shows the webhook without its secret: the secret is shown once and
     # never stored outside the webhook's row.
-    return respond(request, db, principal, payload, lambda: service.create_webhook(db, services, principal, body),
+    return respond(request, db, principal, payload,
+                   lambda: WebhookObject.from_row(service.create_webhook(db, services, principal, body), with_secret=True),
                    stored_body=without_secret)
 
 
 @router.get("", response_model=WebhookList)
 def list_webhooks(principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return service.list_webhooks(db, principal)
+    return WebhookList(data=[WebhookObject.from_row(r) for r in service.list_webhooks(db, principal)],
+                       has_more=False)
 
 
 @router.get("/{webhook_id}", response_model=WebhookObject)
 def retrieve_webhook(webhook_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return webhook_object(service.find(db, principal, webhook_id))
+    return WebhookObject.from_row(service.find(db, principal, webhook_id))
 
 
 @router.delete("/{webhook_id}", response_model=WebhookDeleted)
 def delete_webhook(webhook_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
-    return service.delete_webhook(db, principal, webhook_id)
+    return WebhookDeleted(id=service.delete_webhook(db, principal, webhook_id).id, deleted=True)
 
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveryList,
@@ -68,4 +70,5 @@ def list_deliveries(
     principal: Principal = Depends(get_principal),
     db: Session = Depends(get_db),
 ):
-    return service.list_deliveries(db, principal, webhook_id, limit=limit)
+    rows, has_more = service.list_deliveries(db, principal, webhook_id, limit=limit)
+    return DeliveryList(data=[DeliveryObject.from_row(d) for d in rows], has_more=has_more)

@@ -36,6 +36,11 @@ class WebhookObject(BaseModel):
         None, description="The signing secret: only in the response that creates it (null in a replay of that "
         "request with the same Idempotency-Key, in lists and lookups).")
 
+    @classmethod
+    def from_row(cls, row: Webhook, *, with_secret: bool = False) -> WebhookObject:
+        return cls(id=row.id, url=row.url, events=list(row.events or []), description=row.description,
+                   created_at=to_unix(row.created_at), secret=row.secret if with_secret else None)
+
 
 class WebhookList(BaseModel):
     object: Literal["list"] = "list"
@@ -67,27 +72,20 @@ class DeliveryObject(BaseModel):
     created_at: int
     delivered_at: int | None
 
+    @classmethod
+    def from_row(cls, row: WebhookDelivery) -> DeliveryObject:
+        return cls(id=row.id, webhook_id=row.webhook_id, event_type=row.event_type, fine_tuning_job_id=row.job_id,
+                   step_index=row.step_index, status=row.status, attempts=row.attempts,
+                   next_attempt_at=to_unix(row.next_attempt_at) if row.status == "pending" else None,
+                   last_status_code=row.last_status_code,
+                   last_error=delivery_error_class(row.last_error, row.last_status_code),
+                   created_at=to_unix(row.created_at), delivered_at=to_unix(row.delivered_at))
+
 
 class DeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[DeliveryObject]
     has_more: bool
-
-
-def webhook_object(row: Webhook, *, with_secret: bool = False) -> dict[str, Any]:
-    return {"id": row.id, "object": "webhook", "url": row.url, "events": list(row.events or []),
-            "description": row.description, "created_at": to_unix(row.created_at),
-            "secret": row.secret if with_secret else None}
-
-
-def delivery_object(row: WebhookDelivery) -> dict[str, Any]:
-    return {"id": row.id, "object": "webhook.delivery", "webhook_id": row.webhook_id, "event_type": row.event_type,
-            "fine_tuning_job_id": row.job_id, "step_index": row.step_index, "status": row.status,
-            "attempts": row.attempts,
-            "next_attempt_at": to_unix(row.next_attempt_at) if row.status == "pending" else None,
-            "last_status_code": row.last_status_code,
-            "last_error": delivery_error_class(row.last_error, row.last_status_code),
-            "created_at": to_unix(row.created_at), "delivered_at": to_unix(row.delivered_at)}
 
 
 def without_secret(body: dict[str, Any]) -> dict[str, Any]:

@@ -6,18 +6,16 @@ worker; this module only manages the registrations and shows their deliveries.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
 from api.deps import AppServices, Principal
 from api.pagination import check_limit
 from api.webhooks import repository
-from api.webhooks.schemas import WebhookCreate, delivery_object, webhook_object
+from api.webhooks.schemas import WebhookCreate
 from core import ids
 from core.clock import utcnow
 from core.errors import InvalidRequest, NotFound
-from core.models import Webhook
+from core.models import Webhook, WebhookDelivery
 from core.netguard import Allowance, UnsafeURL, check_url
 from core.webhooks import EVENT_TYPES, WEBHOOK_PREFIX, new_secret
 
@@ -55,8 +53,9 @@ def _check_events(events: list[str] | None) -> list[str]:
     return [e for e in EVENT_TYPES if e in set(events)]
 
 
-def create_webhook(db: Session, services: AppServices, principal: Principal, body: WebhookCreate) -> dict[str, Any]:
-    """Register a webhook; the response is the only one that shows its secret. Raises InvalidRequest
+def create_webhook(db: Session, services: AppServices, principal: Principal, body: WebhookCreate) -> Webhook:
+    """Register a webhook and return it; the response to this request is the only one that shows its
+    secret. Raises InvalidRequest
     (400) for a bad or internal `url` (see `_check_url`), bad `events` or `description`, or more than
     MAX_WEBHOOKS_PER_OWNER webhooks."""
     url = _check_url(body.url, Allowance.parse(services.settings.webhook_allowed_private_networks))
@@ -70,7 +69,7 @@ def create_webhook(db: Session, services: AppServices, principal: Principal, bod
                   events=events, description=body.description)
     db.add(row)
     db.flush()
-    return webhook_object(row, with_secret=True)
+    return row
 
 
 def find(db: Session, principal: Principal, webhook_id: str) -> Webhook:
@@ -80,22 +79,23 @@ def find(db: Session, principal: Principal, webhook_id: str) -> Webhook:
     return row
 
 
-def list_webhooks(db: Session, principal: Principal) -> dict[str, Any]:
-    rows = repository.list_active(db, principal.owner)
-    return {"object": "list", "data": [webhook_object(r) for r in rows], "has_more": False}
+def list_webhooks(db: Session, principal: Principal) -> list[Webhook]:
+    """The owner's webhooks that are not deleted, newest first."""
+    return repository.list_active(db, principal.owner)
 
 
-def delete_webhook(db: Session, principal: Principal, webhook_id: str) -> dict[str, Any]:
+def delete_webhook(db: Session, principal: Principal, webhook_id: str) -> Webhook:
     row = find(db, principal, webhook_id)
     # Kept (soft-deleted) so its delivery history stays readable; the dispatcher drops its
     # pending deliveries.
     row.deleted_at = utcnow()
     db.flush()
-    return {"id": row.id, "object": "webhook", "deleted": True}
+    return row
 
 
-def list_deliveries(db: Session, principal: Principal, webhook_id: str, *, limit: int | None) -> dict[str, Any]:
+def list_deliveries(db: Session, principal: Principal, webhook_id: str, *,
+                    limit: int | None) -> tuple[list[WebhookDelivery], bool]:
+    """(the webhook's deliveries, newest first, whether more follow)."""
     row = find(db, principal, webhook_id)
     limit = check_limit(limit, default=20, maximum=100)
-    rows, has_more = repository.deliveries_page(db, row.id, limit=limit)
-    return {"object": "list", "data": [delivery_object(d) for d in rows], "has_more": has_more}
+    return repository.deliveries_page(db, row.id, limit=limit)
