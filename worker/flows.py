@@ -55,12 +55,12 @@ from core.settings import Settings
 from core.states import JobStatus, StepStatus
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.partition import PartitionError
-from sdpo_engine.protocol import TRAINING_DATA_CODES, ExitCode
+from sdpo_engine.protocol import CURRICULUM_STRATEGIES, TRAINING_DATA_CODES, ExitCode
 from worker import broker, db, workdir
 from worker.checks import check_text
 from worker.relay import Relay, backfill_metrics
 from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
-from worker.workdir import SCORED_STRATEGIES, describe_os_error, local_path
+from worker.workdir import describe_os_error, local_path
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def prepare_job(job_id: str, *, settings: Settings) -> Outcome:
             return _fail_job(job_id, None, *refused)
     written: list[tuple[str, dict]] = []
     if found.needs_chunks:
-        scored = plan.get("strategy") in SCORED_STRATEGIES
+        scored = plan.get("strategy") in CURRICULUM_STRATEGIES  # the sources are scored with the model
         if scored and base is None:
             base = workdir.model_dir(settings, found.base_model)
         try:

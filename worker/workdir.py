@@ -22,7 +22,6 @@ from worker import db
 from worker.supervisor import child_environment, engine_command
 
 TRAINER_STATE = "trainer_state.json"  # transformers writes it last into a trainer checkpoint
-SCORED_STRATEGIES = ("easy_to_hard", "hard_to_easy")  # partitions that score the sources with the model
 
 
 def local_path(uri: str) -> Path:
