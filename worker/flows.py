@@ -42,9 +42,11 @@ import re
 import shutil
 import signal
 import socket
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
+from typing import Any, TypeVar
 
 from celery import Celery
 
@@ -59,10 +61,11 @@ from sdpo_engine.protocol import CURRICULUM_STRATEGIES, TRAINING_DATA_CODES, Exi
 from worker import broker, db, workdir
 from worker.checks import check_text
 from worker.relay import Relay, backfill_metrics
-from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
+from worker.supervisor import CANCEL, GO, PAUSE, ChildOutcome, engine_command, supervise
 from worker.workdir import describe_os_error, local_path
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["Outcome", "describe_os_error", "finalize_job", "prepare_job", "reap", "run_step"]
 
@@ -83,10 +86,10 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _in_session(work, *args, what: str, seconds: float | None = None, **kwargs):
+def _in_session(work: Callable[..., T], *args: Any, what: str, seconds: float | None = None, **kwargs: Any) -> T:
     """One lifecycle call in its own transaction, retried while the database is away (worker.db)."""
 
-    def unit():
+    def unit() -> T:
         with db.session() as s:
             return work(s, *args, **kwargs)
 
@@ -259,7 +262,7 @@ def _exit_description(returncode: int) -> str:
     return f"the training process exited with {returncode}"
 
 
-def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, outcome, work: Path) -> Outcome:
+def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, outcome: ChildOutcome, work: Path) -> Outcome:
     summary = outcome.result["summary"]
     manifest = read_manifest(out_dir)
     if manifest is None:
@@ -342,7 +345,7 @@ def _reap_retry_seconds(settings: Settings) -> float:
     return min(settings.db_retry_seconds, REAP_RETRY_SECONDS)
 
 
-def _stale_cutoff(settings: Settings):
+def _stale_cutoff(settings: Settings) -> datetime:
     return utcnow() - timedelta(seconds=settings.step_stale_seconds)
 
 
