@@ -61,7 +61,7 @@ from sdpo_engine.protocol import CURRICULUM_STRATEGIES, TRAINING_DATA_CODES, Exi
 from worker import broker, db, workdir
 from worker.checks import check_text
 from worker.relay import Relay, backfill_metrics
-from worker.supervisor import CANCEL, GO, PAUSE, ChildOutcome, engine_command, supervise
+from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
 from worker.workdir import describe_os_error, local_path
 
 log = logging.getLogger(__name__)
@@ -245,11 +245,11 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             shutil.rmtree(out_dir, ignore_errors=True)
             return _fail_job(job_id, index, "non_finite", f"Step {index} failed: {message}")
         if outcome.returncode == ExitCode.BAD_INPUT:  # bad spec or data: no retry can help
-            code = err.get("code") if err.get("code") in TRAINING_DATA_CODES else "invalid_training_data"
+            code = str(err["code"]) if err.get("code") in TRAINING_DATA_CODES else "invalid_training_data"
             return _fail_job(job_id, index, code, f"Step {index} failed: {message}")
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
-    return _succeeded(job_id, index, attempt, out_dir, outcome, work)
+    return _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work)
 
 
 def _exit_description(returncode: int) -> str:
@@ -262,8 +262,10 @@ def _exit_description(returncode: int) -> str:
     return f"the training process exited with {returncode}"
 
 
-def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, outcome: ChildOutcome, work: Path) -> Outcome:
-    summary = outcome.result["summary"]
+def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: dict[str, Any],
+               last_metrics: dict[str, Any], work: Path) -> Outcome:
+    """The engine exited 0 with its result (`summary`) and the checkpoint in `out_dir`: store it,
+    then record the step as succeeded; the trainer state in `work` goes."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         return _fail_job(job_id, index, "step_failed", f"Step {index} wrote no checkpoint manifest")
@@ -281,7 +283,7 @@ def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, outcome: Ch
     metrics = {k: summary.get(k) for k in ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy",
                                            "reward_margin", "eval", "pairs", "pairs_used", "pairs_dropped",
                                            "train_seconds", "global_steps")}
-    metrics["num_tokens"] = (outcome.last_metrics or {}).get("num_tokens")
+    metrics["num_tokens"] = last_metrics.get("num_tokens")
     try:
         recorded = _in_session(lifecycle.step_succeeded, job_id, index, attempt, checkpoint_id=checkpoint_id,
                                uri=uri, sha256=manifest["checkpoint_sha256"], size=size, metrics=metrics,

@@ -28,6 +28,7 @@ from core.jobs.repository import (
     get_steps,
     latest_metrics_global_step,
     starting_model,
+    step_training_uri,
 )
 from core.models import Checkpoint, Job, JobStep, RegisteredModel
 from core.queue import enqueue_after_commit, job_chain
@@ -245,8 +246,8 @@ def claim_step(session: Session, job_id: str, index: int, worker: str) -> StepCl
     claim = StepClaim(
         step_id=step.id, attempt=step.attempt, n_steps=job.n_steps, reference_id=reference_id,
         job_model=job.model, owner=job.owner, base_model=starting_model(session, job),
-        policy_init_uri=session.get(Checkpoint, reference_id).uri if previous is not None else None,
-        train_uri=step.chunk_uri or file_uri(session, step.training_file_id),
+        policy_init_uri=session.get_one(Checkpoint, reference_id).uri if previous is not None else None,
+        train_uri=step_training_uri(session, step),
         eval_uri=file_uri(session, job.validation_file_id) if job.validation_file_id else None,
         hyperparameters=dict(step.hyperparameters),
         source_field=(job.partition or {}).get("source_field") or "source",
@@ -266,6 +267,8 @@ def step_succeeded(session: Session, job_id: str, index: int, attempt: int, *, c
     committed this; None when the step was cancelled or handed to another attempt meanwhile (the
     caller deletes the stored files; the chain stops)."""
     job = get_job(session, job_id, for_update=True)
+    if job is None:
+        return None
     steps = {st.index: st for st in get_steps(session, job_id, for_update=True)}
     step = steps[index]
     if step.output_checkpoint_id == checkpoint_id:
@@ -298,7 +301,7 @@ def step_paused(session: Session, app: Celery, job_id: str, step_id: str, attemp
     longer runs this attempt (recorded by an earlier try, cancelled, or another attempt's)."""
     job = get_job(session, job_id, for_update=True)
     step = session.get(JobStep, step_id, with_for_update=True)
-    if step.status != StepStatus.RUNNING or step.attempt != attempt:
+    if job is None or step is None or step.status != StepStatus.RUNNING or step.attempt != attempt:
         return
     at = (stopped or {}).get("global_step")
     transition(step, StepStatus.QUEUED)
@@ -367,6 +370,8 @@ def requeue_stale_step(session: Session, app: Celery, job_id: str, cutoff: datet
     """The first running step of the job whose heartbeat is older than `cutoff` lost its worker:
     requeue or fail it (`requeue_or_fail_step`). Returns 1 if one was requeued, else 0."""
     job = get_job(session, job_id, for_update=True)
+    if job is None:
+        return 0
     steps = get_steps(session, job_id, for_update=True)
     for st in steps:
         if st.status != StepStatus.RUNNING or st.heartbeat_at is None or st.heartbeat_at >= cutoff:
@@ -431,8 +436,8 @@ def finalize_job(session: Session, job_id: str) -> str | None:
     if job.status not in (JobStatus.RUNNING, JobStatus.PAUSING) or any(
             st.status != StepStatus.SUCCEEDED for st in steps):
         return None
-    final = session.get(Checkpoint, steps[-1].output_checkpoint_id)
-    base = session.get(RegisteredModel, job.model_id)
+    final = session.get_one(Checkpoint, steps[-1].output_checkpoint_id)
+    base = session.get_one(RegisteredModel, job.model_id)
     name = fine_tuned_model_name(job)
     if session.get(RegisteredModel, name) is None:
         session.add(RegisteredModel(id=name, owner=job.owner, source="checkpoint", uri=final.uri,

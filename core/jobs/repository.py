@@ -145,7 +145,7 @@ def claim_step_row(session: Session, step: JobStep, *, worker: str, reference_id
                 started_at=step.started_at or now, updated_at=now, reference_checkpoint_id=reference_id,
                 policy_init_checkpoint_id=reference_id)
         .execution_options(synchronize_session=False)
-    ).rowcount
+    ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
     if claimed == 1:
         session.refresh(step)
     return claimed == 1
@@ -205,15 +205,25 @@ def starting_model(session: Session, job: Job) -> tuple[str, str, str]:
     """(source, id, uri) of the model a job starts from: its initial checkpoint ("checkpoint"), or its
     registered model (source "local", "hub", "gguf", …; the uri is `file://`, `local://` or a hub id)."""
     if job.initial_checkpoint_id:
-        checkpoint = session.get(Checkpoint, job.initial_checkpoint_id)
+        checkpoint = session.get_one(Checkpoint, job.initial_checkpoint_id)
         return "checkpoint", checkpoint.id, checkpoint.uri
-    model = session.get(RegisteredModel, job.model_id)
+    model = session.get_one(RegisteredModel, job.model_id)
     return model.source, model.id, model.uri
 
 
 def file_uri(session: Session, file_id: str) -> str:
-    """The storage URI of an uploaded file."""
-    return session.get(File, file_id).storage_uri
+    """The storage URI of an uploaded file (NoResultFound if there is none)."""
+    return session.get_one(File, file_id).storage_uri
+
+
+def step_training_uri(session: Session, step: JobStep) -> str:
+    """The storage URI a step trains on: its chunk (a partitioned job) or its own file. Raises
+    ValueError for a step with neither (a partitioned job whose chunks are not written yet)."""
+    if step.chunk_uri:
+        return step.chunk_uri
+    if step.training_file_id is None:
+        raise ValueError(f"step {step.index} of {step.job_id} has neither a chunk nor a training file")
+    return file_uri(session, step.training_file_id)
 
 
 # ------------------------------------------------------------------------------------------------
