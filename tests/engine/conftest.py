@@ -25,3 +25,19 @@ def chunk_files(tmp_path):
         write_jsonl(make_pairs(8, seed=2), tmp_path / "c2.jsonl"),
         write_jsonl(make_pairs(6, seed=3), tmp_path / "eval.jsonl"),
     )
+
+
+@pytest.fixture(scope="session")
+def notemplate_model(tiny_model, tmp_path_factory):
+    """The tiny model without a chat template (as ../shared/cases/make_variants.py builds it)."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("variants") / "tiny-notemplate"
+    shutil.copytree(tiny_model, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (out / name).unlink(missing_ok=True)
+    return out

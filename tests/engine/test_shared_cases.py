@@ -6,25 +6,11 @@ tests/engine/test_data_faithful.py for 07.)"""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 CASES = Path(__file__).resolve().parents[2].parent / "shared" / "cases"
-
-
-@pytest.fixture(scope="module")
-def notemplate(tiny_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cases") / "tiny-notemplate"
-    shutil.copytree(tiny_model, out)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    return out
 
 
 def _engine(*args: str) -> subprocess.CompletedProcess:
@@ -48,11 +34,11 @@ def test_02_pretemplated_markup_refused_by_validate_and_run_or_trained_raw(tiny_
     assert json.loads((tmp_path / "raw" / "summary.json").read_text())["steps"][0]["pairs_used"] == 2
 
 
-def test_04_message_lists_without_a_template_refused_by_validate_and_run(notemplate, tmp_path):
-    rc, report = _validate("04-no-chat-template-multiturn.jsonl", notemplate)
+def test_04_message_lists_without_a_template_refused_by_validate_and_run(notemplate_model, tmp_path):
+    rc, report = _validate("04-no-chat-template-multiturn.jsonl", notemplate_model)
     assert rc == 1 and report["code"] == "no_chat_template"
     assert "tiny-notemplate has no chat template" in report["errors"][0]["reason"]
-    done = _engine("run", "--model", str(notemplate), "--step-file", str(CASES / "04-no-chat-template-multiturn.jsonl"),
+    done = _engine("run", "--model", str(notemplate_model), "--step-file", str(CASES / "04-no-chat-template-multiturn.jsonl"),
                    "--out", str(tmp_path / "run"))
     assert done.returncode == 2 and "has no chat template" in done.stderr
     assert not (tmp_path / "run" / "step-1").exists()

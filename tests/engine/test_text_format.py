@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +35,6 @@ def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def notemplate_model(tiny_model, tmp_path_factory) -> Path:
-    """The tiny model without a chat template (as ../shared/cases/make_variants.py builds it)."""
-    out = tmp_path_factory.mktemp("variants") / "tiny-notemplate"
-    shutil.copytree(tiny_model, out)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    for name in ("chat_template.jinja", "chat_template.json"):
-        (out / name).unlink(missing_ok=True)
-    return out
 
 
 def _check(path: Path, tokenizer, **kw) -> dict:
