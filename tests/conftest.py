@@ -392,3 +392,15 @@ def upload(client) -> Callable[..., dict]:
         return response.json()
 
     return do
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def old_database(request, tmp_path, postgres_server_url) -> Iterator[str]:
+    """An empty database on Postgres and on SQLite, for data-migration tests that upgrade it to an
+    older revision, write rows as that version did, then upgrade to head."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    url = create_postgres_database(postgres_server_url, prefix="sdpo_migration")
+    yield url
+    drop_postgres_database(url)

@@ -7,27 +7,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
 
 from core.db import make_engine
 from core.migrate import alembic_config, upgrade_head
-from tests.conftest import create_postgres_database, drop_postgres_database
 
 BEFORE = "e4b67df11643"
 SECRET = "whsec_c2VjcmV0LWtleS1ieXRlcy0xMjM0NTY3OA=="
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def old_database(request, tmp_path, postgres_server_url):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'old.db'}"
-        return
-    url = create_postgres_database(postgres_server_url, prefix="sdpo_scrub")
-    yield url
-    drop_postgres_database(url)
 
 
 def test_upgrade_scrubs_secrets_and_replies_and_nothing_else(old_database):

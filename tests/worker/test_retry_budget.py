@@ -15,7 +15,6 @@ from core.migrate import alembic_config, upgrade_head
 from core.models import Job
 from core.queue import make_celery
 from tests.api.factories import file_row, job_row
-from tests.conftest import create_postgres_database, drop_postgres_database
 
 
 @pytest.fixture
@@ -43,16 +42,6 @@ def test_failed_attempts_are_counted_on_the_step_until_the_budget_is_spent(db, s
     assert (running_job.status, running_job.error["code"]) == ("failed", "retries_exhausted")
     assert (step1.status, step2.status) == ("failed", "cancelled")
     assert "after 3 attempts" in step1.error["message"]
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def old_database(request, tmp_path, postgres_server_url):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'old.db'}"
-        return
-    url = create_postgres_database(postgres_server_url, prefix="sdpo_budget")
-    yield url
-    drop_postgres_database(url)
 
 
 def test_the_migration_backfills_failed_attempts_from_the_warn_events(old_database):
