@@ -60,7 +60,11 @@ def _is_peft(model) -> bool:
 
 
 def _language_model(model):
-    """The `...ForCausalLM` under a PEFT wrapper (or the model itself)."""
+    """The `...ForCausalLM` under a DDP wrapper (`.module`) and a PEFT wrapper (or the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if _is_peft(model) else model
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "ACTIVATION_CHECKPOINTING",
     "CURRICULUM_STRATEGIES",
     "DEVICES",
+    "DISTRIBUTED_STRATEGIES",
+    "DistributedSpec",
     "ERROR_CODES",
     "ErrorEvent",
     "EvalInfo",
@@ -76,6 +78,10 @@ class PartitionPlan(TypedDict):
 TEXT_FORMATS = ("chat", "raw")
 
 DEVICES = ("auto", "cpu", "cuda")
+# How a step's N ranks split the work (sdpo_engine.distributed): "ddp" keeps a whole model, its gradients and
+# optimizer states on every rank; "fsdp" (FSDP2, `fully_shard`) shards them across the ranks.
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
+MAX_PROCESSES = 1024
 # "auto": on only where the largest batch's activations would not fit (step.plan_activation_checkpointing).
 ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
 MAX_PAD_TO_MULTIPLE_OF = 4096
@@ -271,6 +277,17 @@ class LoraSpec:
 
 
 @dataclass
+class DistributedSpec:
+    """One step on N ranks of this host (sdpo_engine.distributed): `python -m sdpo_engine step` re-runs itself
+    under `torch.distributed.run` with `num_processes` ranks (one per GPU; gloo ranks on CPU). The
+    hyperparameters' `batch_size` stays the global batch of a micro-step: each rank takes batch_size / N."""
+
+    num_processes: int = field(default=1, metadata={"help": "Ranks of the step (1: one process, no launcher)."})
+    strategy: str = field(default="ddp", metadata={"help": "ddp (whole model on every rank) or fsdp (FSDP2: "
+                                                           "weights, gradients and optimizer states sharded)."})
+
+
+@dataclass
 class StepSpec:
     """What one step needs: the JSON object of ``python -m sdpo_engine step SPEC.json``.
 
@@ -316,6 +333,9 @@ class StepSpec:
                 "null: 64 on a GPU, none on CPU. The padding is masked: the loss is unchanged."})
     activation_checkpointing: str = field(default="auto", metadata={
         "help": "auto: on only where the largest batch's activations would not fit in memory; on; off."})
+    distributed: DistributedSpec | None = field(default=None, metadata={
+        "help": "Null (one process) or {\"num_processes\": N, \"strategy\": \"ddp\" | \"fsdp\"}: the step on N "
+                "ranks; hyperparameters.batch_size stays the global batch and must be a multiple of N."})
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepSpec":
@@ -339,7 +359,11 @@ class StepSpec:
                 d["lora"] = LoraSpec(**d["lora"])
             except TypeError as e:
                 raise SpecError(f"lora: {e}") from None
+        if d.get("distributed") is not None:
+            d["distributed"] = _distributed_from(d["distributed"])
         spec = cls(**d)
+        if spec.distributed is not None and spec.distributed.strategy == "fsdp" and spec.lora is not None:
+            raise SpecError("distributed.strategy fsdp cannot train a LoRA adapter yet; use ddp or lora null")
         if not isinstance(spec.index, int) or spec.index < 1:
             raise SpecError("index must be an integer >= 1")
         if not (Path(spec.policy_init) / "config.json").is_file():
@@ -360,3 +384,28 @@ class StepSpec:
         """The operator's settings that change how the step trains (recorded in the manifest)."""
         return {"device": self.device, "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
                 "activation_checkpointing": self.activation_checkpointing}
+
+    @property
+    def num_processes(self) -> int:
+        """Ranks of the step: 1 without `distributed`."""
+        return self.distributed.num_processes if self.distributed else 1
+
+    @property
+    def strategy(self) -> str | None:
+        """`distributed.strategy` of a step on more than one rank, else None."""
+        return self.distributed.strategy if self.distributed and self.distributed.num_processes > 1 else None
+
+
+def _distributed_from(value: Any) -> DistributedSpec:
+    if not isinstance(value, dict):
+        raise SpecError("distributed must be null or an object {\"num_processes\", \"strategy\"}")
+    unknown = sorted(set(value) - {f.name for f in fields(DistributedSpec)})
+    if unknown:
+        raise SpecError(f"unknown distributed keys: {', '.join(unknown)}")
+    spec = DistributedSpec(**value)
+    n = spec.num_processes
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROCESSES:
+        raise SpecError(f"distributed.num_processes must be a whole number from 1 to {MAX_PROCESSES}")
+    if spec.strategy not in DISTRIBUTED_STRATEGIES:
+        raise SpecError(f"distributed.strategy must be one of {', '.join(DISTRIBUTED_STRATEGIES)}")
+    return spec

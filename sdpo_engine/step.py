@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import distributed
 from .config import ConfigError, StepConfig
 from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
 from .manifest import checkpoint_identity, write_checkpoint_atomically
@@ -212,7 +213,11 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
-        loss_type=[cfg.loss_type],
+        loss_type=cfg.loss_types,
+        loss_weights=cfg.loss_weights,
+        label_smoothing=cfg.label_smoothing,
+        ld_alpha=cfg.ld_alpha,
+        discopop_tau=cfg.discopop_tau,
         # transformers 5 reads a float in [0, 1) as a ratio of the step's optimizer steps.
         warmup_steps=cfg.warmup_ratio if cfg.warmup_ratio > 0 else 0,
         lr_scheduler_type="linear",
@@ -330,15 +335,15 @@ def _define_trainer_class():
             self._pack_requested = pack
             self._text_format = text_format
             self.pairs_dropped: dict[str, list[int]] = {}
+            self.first_step_reference_nll: list[float | None] = []
             self._packing_checked = False
             self.packing: str | None = "not checked"
             train_args = kwargs.get("args")
             # TRL hashes every weight to name its on-disk cache of the reference log-probs, which our
-            # single-process reference pass below never reads: skip it there (trl_patches.py); any path
-            # that falls back to TRL's pass computes it first (`_precompute_ref_logps`).
-            single = (train_args is not None and train_args.world_size == 1 and not train_args.deepspeed
-                      and not train_args.fsdp)
-            with reference_hash_skipped(single):
+            # reference pass below (one process or sharded over the ranks) never reads: skip it there
+            # (trl_patches.py); any path that falls back to TRL's pass computes it first (`_precompute_ref_logps`).
+            own_pass = train_args is not None and not train_args.deepspeed
+            with reference_hash_skipped(own_pass):
                 super().__init__(*args, **kwargs)
             self._install_packing()
 
@@ -398,7 +403,22 @@ def _define_trainer_class():
                 if self.use_weighting:
                     outputs += ("log_sum_sq_probs",)
                 model = self._packed_forward(model, outputs)
+            if "sft" in self.loss_types and self.model.training and self.state.global_step == 0:
+                # The first optimizer step's sft term at policy = reference (expected_first_loss).
+                self.first_step_reference_nll.append(self._reference_chosen_nll(inputs))
             return super()._compute_loss(model, inputs, return_outputs)
+
+        def _reference_chosen_nll(self, inputs) -> float | None:
+            """The reference's mean NLL per chosen completion token of this micro-batch, as TRL's sft term
+            takes it from the policy (averaged over ranks, as the logged loss is); None where the reference
+            column is LD-weighted (ld_alpha < 1), which hides the plain sum the NLL needs."""
+            if self.ld_alpha not in (None, 1.0):
+                return None
+            chosen_tokens = inputs["completion_mask"][..., 1:].chunk(2, dim=0)[0].sum().clamp(min=1)
+            nll = -inputs["ref_chosen_logps"].sum() / chosen_tokens
+            if self.accelerator.num_processes > 1:
+                nll = self.accelerator.gather(nll[None]).mean()
+            return float(nll)
 
         def compute_ref_log_probs(self, model, inputs):
             if "packed_input_ids" in inputs:
@@ -407,8 +427,8 @@ def _define_trainer_class():
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             self._install_packing()
-            if (not isinstance(dataset, Dataset) or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
-                    or self.is_fsdp_enabled):
+            # DDP and FSDP ranks run the same pass, dealt out by batch (distributed.reference_pass).
+            if not isinstance(dataset, Dataset) or self.is_deepspeed_enabled:
                 if self._precompute_model_hash is NO_HASH:
                     self._precompute_model_hash = real_hash_module(self.ref_model or self.model)
                 return super()._precompute_ref_logps(dataset, name, batch_size)
@@ -423,17 +443,15 @@ def _define_trainer_class():
 
             t_forward = time.perf_counter()
             order = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
-            chosen = torch.zeros(len(rows), dtype=torch.float32)
-            rejected = torch.zeros(len(rows), dtype=torch.float32)
             model = self.ref_model or self.model
             device = self.accelerator.device
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+
+            def score(idx):
                 batch = self.data_collator([rows[i] for i in idx])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                ref_c, ref_r = self.compute_ref_log_probs(model, batch)
-                chosen[idx] = ref_c.detach().float().cpu()
-                rejected[idx] = ref_r.detach().float().cpu()
+                return self.compute_ref_log_probs(model, batch)
+
+            chosen, rejected = distributed.reference_pass(len(rows), order, batch_size, score)
             # The forward pass alone (TRL tokenised the data before): what the step pays per reference.
             self.reference_forward_seconds = time.perf_counter() - t_forward
             ref = Dataset.from_dict({"ref_chosen_logps": chosen.numpy(), "ref_rejected_logps": rejected.numpy()})
@@ -582,10 +600,14 @@ class _StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.signalled or bool(self.stop_file and self.stop_file.exists())
+        # On N ranks every rank asks at the same points, and all stop at the same optimizer step.
+        return distributed.any_rank(self.signalled or bool(self.stop_file and self.stop_file.exists()))
 
 
-def _callbacks(index: int, emit: Emit, stop: _StopRequest, *, first_loss_expected: float | None = None):
+def _callbacks(index: int, emit: Emit, stop: _StopRequest, *,
+               first_loss_expected: float | Callable[[], float | None] | None = None):
+    """`first_loss_expected`: the loss at policy = reference, or a function giving it once the first
+    optimizer step has run (expected_first_loss; None: not checked)."""
     from transformers import TrainerCallback
 
     class Relay(TrainerCallback):
@@ -612,7 +634,8 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest, *, first_loss_expecte
 
     class NumericGuard(TrainerCallback):
         """Fails the step at the first non-finite loss or gradient norm (every optimizer step is
-        logged), before the trainer saves anything; warns when the first loss is not ln 2."""
+        logged), before the trainer saves anything; warns when the first loss is not the loss's value at
+        policy = reference (ln 2 for sigmoid; losses.py)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -626,14 +649,16 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest, *, first_loss_expecte
                         "nothing was saved (lower the learning rate, or check the model's weights)",
                         value=key, global_step=state.global_step)
             loss = logs.get("loss")
-            if state.global_step == 1 and first_loss_expected is not None and isinstance(loss, (int, float)):
-                off = abs(loss - first_loss_expected)
-                if off > FIRST_LOSS_TOLERANCE:
-                    emit({"event": "warning", "code": "first_loss_not_ln2", "step": index, "global_step": 1,
-                          "first_loss": loss, "expected": first_loss_expected,
-                          "message": f"first loss {loss:.6f} is {off:.6f} off ln 2 = {first_loss_expected:.6f} "
-                                     f"(tolerance {FIRST_LOSS_TOLERANCE:g}): the policy and its reference differ "
-                                     "before the first update"})
+            if state.global_step != 1 or not isinstance(loss, (int, float)):
+                return
+            expected = first_loss_expected() if callable(first_loss_expected) else first_loss_expected
+            if expected is not None and abs(loss - expected) > FIRST_LOSS_TOLERANCE:
+                # The code keeps its first name (sigmoid's ln 2) for every loss: it is in the contract.
+                emit({"event": "warning", "code": "first_loss_not_ln2", "step": index, "global_step": 1,
+                      "first_loss": loss, "expected": expected,
+                      "message": f"first loss {loss:.6f} is {abs(loss - expected):.6f} off {expected:.6f}, the "
+                                 f"loss's value at policy = reference (tolerance {FIRST_LOSS_TOLERANCE:g}): the "
+                                 "policy and its reference differ before the first update"})
 
     class Stopper(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -650,13 +675,23 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest, *, first_loss_expecte
     return [Relay(), NumericGuard(), Stopper()]
 
 
-FIRST_LOSS_TOLERANCE = 1e-3  # a first loss further than this from ln 2 is a warning event
+FIRST_LOSS_TOLERANCE = 1e-3  # a first loss further than this from its policy = reference value is a warning
 
 
-def expected_first_loss(loss_type: str) -> float | None:
-    """The first loss of a step whose policy is its reference (every reward 0): ln 2 for DPO's
-    sigmoid loss; None for the other loss types (not checked)."""
-    return math.log(2) if loss_type == "sigmoid" else None
+def expected_first_loss(cfg: StepConfig, trainer=None) -> float | None:
+    """The first loss of a step whose policy is its reference (every log-ratio 0): each loss's value
+    there, weighted as TRL sums them (losses.py; ln 2 for sigmoid). An sft term needs the reference NLL
+    of the first optimizer step's batches, which `trainer` records while it runs that step (mean over
+    its micro-batches, as the logged loss is); None before, on a resumed step, or with ld_alpha < 1."""
+    from .losses import combined_loss_at_reference
+
+    sft_nll = None
+    if "sft" in cfg.loss_types:
+        nlls = getattr(trainer, "first_step_reference_nll", None) or []
+        if nlls and None not in nlls:
+            sft_nll = sum(nlls) / len(nlls)
+    return combined_loss_at_reference(cfg.loss_types, cfg.loss_weights, beta=cfg.beta,
+                                      label_smoothing=cfg.label_smoothing, sft_nll=sft_nll)
 
 
 def _nonfinite_name(value: float) -> str:
@@ -812,11 +847,12 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of)
+    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of,
+                      **distributed.trainer_overrides(cfg, spec))
     t_ref = time.perf_counter()
     trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
                             callbacks=_callbacks(spec.index, emit, stop,
-                                                 first_loss_expected=expected_first_loss(cfg.loss_type)),
+                                                 first_loss_expected=lambda: expected_first_loss(cfg, trainer)),
                             peft_config=peft_config, pack=spec.packing,
                             text_format=spec.text_format)
     pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
@@ -869,6 +905,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "index": spec.index,
         "mean_gamma_ref": mean_gamma_ref,
         **_summary_from_history(trainer.state.log_history, cfg.n_epochs),
+        "first_loss_expected": expected_first_loss(cfg, trainer),
         "pairs": len(pairs),
         "pairs_used": len(g),
         "pairs_dropped": {k: v["count"] for k, v in pairs_dropped.items()},
@@ -901,15 +938,17 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "training_applied": {"packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
                              "pad_to_multiple_of": args.pad_to_multiple_of,
                              "activation_checkpointing": memory["activation_checkpointing"]},
+        "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,
     }
+    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from the shards (every rank)
 
     def write(tmp: Path):
         _restore_dropout_config(model)
-        policy.save_pretrained(tmp, safe_serialization=True)
+        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
-    written = write_checkpoint_atomically(out_dir, write, manifest)
+    written = distributed.on_main_rank(lambda: write_checkpoint_atomically(out_dir, write, manifest))
     summary["output"] = {"path": str(out_dir), "sha256": written["checkpoint_sha256"]}
     summary["reference"] = reference
     summary["seconds"] = time.perf_counter() - t_start
@@ -926,12 +965,22 @@ def main_step(spec_path: str) -> int:
     sys.stdout = sys.stderr
 
     def emit(event: dict):
+        if not distributed.is_main_rank():  # on N ranks rank 0 speaks for the step
+            return
         out.write(json.dumps(_jsonable(event)) + "\n")
         out.flush()
 
     try:
         with open(spec_path) as fh:
-            spec = StepSpec.from_dict(json.load(fh))
+            spec_dict = json.load(fh)
+        spec = StepSpec.from_dict(spec_dict)
+        if spec.num_processes > 1 and not distributed.is_rank_process():
+            return distributed.launch(spec, spec_dict, out)
+        if distributed.is_rank_process():
+            if distributed.world_size() != spec.num_processes:
+                raise SpecError(f"distributed.num_processes is {spec.num_processes} but the step runs on "
+                                f"{distributed.world_size()} ranks")
+            distributed.init_rank(resolve_device(spec.device))
         run_step(spec, emit)
         return EXIT_OK
     except StepStopped as e:

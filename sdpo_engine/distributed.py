@@ -1,0 +1,356 @@
+"""One sDPO step on N ranks: the launcher, the rank's set-up and the few collectives the step needs.
+
+No parallelism of our own: the ranks are started by `torch.distributed.run` (torchrun), gradients are
+averaged by DDP or sharded by FSDP2 (`fully_shard`) through the Trainer's `accelerate`, and the only
+collectives written here are the gathers around the engine's own reference pass, the agreement on a stop
+and the broadcast of what rank 0 wrote.
+
+How a step runs on N ranks (`StepSpec.distributed = {"num_processes": N, "strategy": "ddp" | "fsdp"}`):
+
+- `python -m sdpo_engine step SPEC.json` stays one command for the supervisor. With N > 1 it is the
+  *launcher* (`launch`): it starts `python -m torch.distributed.run --standalone --nproc-per-node N -m
+  sdpo_engine step RANK_SPEC.json` in its own session (killed by the kernel if the launcher dies), relays
+  rank 0's JSON lines to its own stdout and exits with the exit code rank 0's last line stands for.
+- Every rank runs `run_step` on the whole chunk (same tokenisation, same pairs dropped); only rank 0
+  prints lines and writes the checkpoint and its manifest (`on_main_rank`). The Trainer gathers the
+  logged loss and TRL's metrics across ranks before it logs them.
+- Batch: the hyperparameters' `batch_size` stays the global batch of one micro-step; each rank takes
+  batch_size / N pairs (`trainer_overrides`), so global batch = per-rank batch x N x gradient
+  accumulation = batch_size x gradient_accumulation_steps, whatever N. With the same seed the ranks'
+  micro-batches together are the one-process micro-batch (accelerate's seedable sampler, sharded by
+  batch), so the loss and the weights match the one-process step (tests/engine/test_distributed.py).
+  When the pairs kept are not a multiple of the global batch, accelerate fills the last global batch by
+  repeating pairs from the start (`even_batches`): then the last step differs from the one-process step.
+- Reference pass (`reference_pass`): the one-process pass's length-sorted batches are dealt to the ranks
+  in turn (batch j to rank j mod N), each rank scores its batches with the initial policy, and the
+  log-probs are gathered back in pair order: the same numbers as one process (each pair sits in the same
+  batch), no second model and never TRL's `precompute_ref_log_probs` path. Under FSDP every forward is
+  a collective, so a rank with one batch fewer runs one more (repeated) batch and drops its numbers.
+- Stop: SIGTERM to the launcher (or the spec's stop file appearing) makes the launcher create the ranks'
+  stop file; every rank sees it after the same optimizer step (`any_rank`), the Trainer saves one resumable
+  checkpoint (rank 0 the weights and optimizer, every rank its RNG state) and rank 0's last line is
+  `stopped`: the launcher exits 75. A rerun with the same N resumes.
+- Death: a rank that dies makes torchrun end the others (and a rank blocked in a collective fails on the
+  closed connection); the launcher then exits 1 (`step_failed`) unless rank 0 already printed its last
+  line. Killing the launcher kills torchrun and every rank (PR_SET_PDEATHSIG), so the supervisor's
+  SIGKILL of the process group ends the whole step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from .protocol import EventKind, ExitCode, StepSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import StepConfig
+
+__all__ = [
+    "RANK_SPEC_NAME",
+    "STOP_FILE_NAME",
+    "any_rank",
+    "exit_code_of",
+    "init_rank",
+    "is_main_rank",
+    "is_rank_process",
+    "launch",
+    "launch_command",
+    "manifest_entry",
+    "on_main_rank",
+    "rank",
+    "reference_pass",
+    "trainer_overrides",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+PR_SET_PDEATHSIG = 1
+# In the step's work_dir: the spec the ranks run (the launcher's stop file in place of the spec's own) and
+# the file whose appearance stops every rank at the same optimizer step.
+RANK_SPEC_NAME = ".sdpo-rank-spec.json"
+STOP_FILE_NAME = ".sdpo-launcher-stop"
+POLL_SECONDS = 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# Where this process stands
+
+
+def is_rank_process() -> bool:
+    """True in a process started by torchrun (or any launcher that sets its variables)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    """This process's global rank (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0")) if is_rank_process() else 0
+
+
+def world_size() -> int:
+    """Ranks of this step (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if is_rank_process() else 1
+
+
+def is_main_rank() -> bool:
+    """Rank 0, the only one that prints lines and writes files (True in a single process)."""
+    return rank() == 0
+
+
+def _active() -> bool:
+    if world_size() <= 1:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _die_with_parent(sig: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:
+        pass
+
+
+def init_rank(device: str) -> None:
+    """Set up a rank before `run_step`: die with torchrun (its parent), take GPU LOCAL_RANK when on
+    CUDA, and join the process group (gloo on CPU, nccl on CUDA), which accelerate then reuses."""
+    import torch
+    import torch.distributed as dist
+
+    _die_with_parent(signal.SIGKILL)
+    if os.getppid() == 1:  # torchrun died before the line above: nothing left to train for
+        raise SystemExit(ExitCode.FAILED)
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives
+
+
+def any_rank(flag: bool) -> bool:
+    """`flag` or'ed over every rank (a collective: every rank must call it at the same point)."""
+    if not _active():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def on_main_rank(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0 only (writing files); every rank returns rank 0's result. A collective."""
+    if not _active():
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [fn() if is_main_rank() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reference_pass(n_rows: int, order: Sequence[int], batch_size: int,
+                   score: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (chosen, rejected), float32 of shape [n_rows], of every row, in row order.
+
+    `order` is the rows in the order they are batched (length-sorted by the caller), `score(rows)` one
+    batch's (chosen, rejected) log-probs. One process scores every batch; N ranks deal the same batches
+    in turn (batch j to rank j mod N) and gather the results, so each row is scored in the same batch as
+    in one process. Every rank runs the same number of forwards (a rank with one batch fewer repeats its
+    first batch and drops the numbers): under FSDP a forward is a collective.
+    """
+    import torch
+
+    batches = [list(order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+    chosen = torch.zeros(n_rows, dtype=torch.float32)
+    rejected = torch.zeros(n_rows, dtype=torch.float32)
+    n, me = (world_size(), rank()) if _active() else (1, 0)
+    mine = batches[me::n]
+    rounds = math.ceil(len(batches) / n) if batches else 0
+    local: list[tuple[list[int], list[float], list[float]]] = []
+    for j in range(rounds):
+        idx = mine[j] if j < len(mine) else (mine[0] if mine else batches[0])
+        c, r = score(idx)
+        if j < len(mine):
+            local.append((idx, c.detach().float().cpu().tolist(), r.detach().float().cpu().tolist()))
+    if n == 1:
+        gathered = [local]
+    else:
+        import torch.distributed as dist
+
+        gathered = [None] * n
+        dist.all_gather_object(gathered, local)
+    for part in gathered:
+        for idx, c_list, r_list in part or []:
+            chosen[idx] = torch.tensor(c_list, dtype=torch.float32)
+            rejected[idx] = torch.tensor(r_list, dtype=torch.float32)
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------
+# What the Trainer and the manifest get
+
+
+def trainer_overrides(cfg: StepConfig, spec: StepSpec) -> dict[str, Any]:
+    """DPOConfig arguments of a step on `spec.num_processes` ranks: the per-rank batch (batch_size / N;
+    ConfigError when N does not divide it) and, for fsdp, FSDP2 wrapping each decoder layer. Empty for
+    one process."""
+    from .config import ConfigError
+
+    n = spec.num_processes
+    if n <= 1:
+        return {}
+    if cfg.batch_size % n:
+        raise ConfigError("batch_size", f"{cfg.batch_size} is not a multiple of distributed.num_processes={n}: "
+                          "batch_size is the global batch and each rank takes batch_size / N pairs")
+    overrides: dict[str, Any] = {"per_device_train_batch_size": cfg.batch_size // n,
+                                 # The reference pass is dealt to the ranks by batch (reference_pass).
+                                 "precompute_ref_batch_size": max(cfg.batch_size, 8)}
+    if spec.strategy == "fsdp":
+        overrides["fsdp"] = "full_shard auto_wrap"
+        # FSDP2 with the model's own decoder-layer classes (`_no_split_modules`) as units; the full state
+        # dict is gathered for the checkpoint (rank 0 writes it, one process loads it).
+        overrides["fsdp_config"] = {"version": 2, "reshard_after_forward": True,
+                                    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                    "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
+    return overrides
+
+
+def manifest_entry(spec: StepSpec) -> dict[str, Any]:
+    """The manifest's `distributed`: {"world_size", "strategy"} as the step ran (strategy None for one)."""
+    return {"world_size": world_size(), "strategy": spec.strategy if world_size() > 1 else None}
+
+
+def full_state_dict(trainer: Any) -> dict[str, Any] | None:
+    """The policy's full state dict gathered from the FSDP shards (a collective; on CPU on rank 0), or
+    None where the model holds its whole weights (one process, DDP)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher
+
+
+def launch_command(rank_spec: Path, n: int) -> list[str]:
+    """torchrun of `python -m sdpo_engine step RANK_SPEC` on `n` local ranks (a free port of its own)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+            "--max-restarts=0", "--monitor-interval=0.2", "-m", "sdpo_engine", "step", str(rank_spec)]
+
+
+def exit_code_of(last: dict[str, Any] | None) -> ExitCode:
+    """The exit code a step's last line stands for (as main_step returns it)."""
+    if last is None:
+        return ExitCode.FAILED
+    kind = last.get("event")
+    if kind == EventKind.RESULT:
+        return ExitCode.OK
+    if kind == EventKind.STOPPED:
+        return ExitCode.STOPPED
+    code = last.get("code")
+    if code == "non_finite":
+        return ExitCode.NON_FINITE
+    if code == "step_failed":
+        return ExitCode.FAILED
+    return ExitCode.BAD_INPUT
+
+
+def _torchrun_preexec() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # torchrun leads its own session (the supervisor's SIGTERM goes to the launcher alone, which stops the
+    # ranks through the stop file) and dies with the launcher (the supervisor's SIGKILL ends it all).
+    _die_with_parent(signal.SIGKILL)
+    os.setsid()
+
+
+def launch(spec: StepSpec, spec_dict: dict[str, Any], out: IO[str]) -> int:
+    """Run `spec` on `spec.num_processes` ranks through torchrun; rank 0's lines go to `out`.
+
+    Returns the exit code (protocol.ExitCode) of rank 0's last line; 1 with a `step_failed` error line
+    when the ranks ended without one (a rank died).
+    """
+    work = Path(spec.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stop_file = work / STOP_FILE_NAME
+    stop_file.unlink(missing_ok=True)
+    rank_spec = work / RANK_SPEC_NAME
+    rank_spec.write_text(json.dumps({**spec_dict, "stop_file": str(stop_file)}))
+    user_stop = Path(spec.stop_file) if spec.stop_file else None
+    stop_signalled = threading.Event()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        stop_signalled.set()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    env = dict(os.environ)
+    # torchrun sets one thread per rank when unset (and warns); share the cores between the ranks instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.num_processes)))
+    last: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    proc = subprocess.Popen(launch_command(rank_spec, spec.num_processes), stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env=env, preexec_fn=_torchrun_preexec)
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+            if not isinstance(event, dict):  # a library's print on a rank: the log, not the protocol
+                sys.stderr.write(line)
+                continue
+            if event.get("event") in (EventKind.RESULT, EventKind.ERROR, EventKind.STOPPED):
+                last[:] = [event]
+            out.write(line if line.endswith("\n") else line + "\n")
+            out.flush()
+
+    reader = threading.Thread(target=relay, name="rank0-stdout", daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            if (stop_signalled.is_set() or (user_stop is not None and user_stop.exists())) and not stop_file.exists():
+                stop_file.touch()
+            time.sleep(POLL_SECONDS)
+    finally:
+        if proc.poll() is None:  # the launcher itself failed: never leave ranks training unsupervised
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
+        signal.signal(signal.SIGTERM, previous)
+        stop_file.unlink(missing_ok=True)
+    final = last[0] if last else None
+    if final is None:
+        message = (f"the step's {spec.num_processes} ranks ended without a result (torchrun exited "
+                   f"{proc.returncode} after {time.monotonic() - t0:.1f} s): a rank died; see the log")
+        out.write(json.dumps({"event": "error", "code": "step_failed", "message": message}) + "\n")
+        out.flush()
+    return int(exit_code_of(final))
