@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import distributed
 from .config import ConfigError, StepConfig
 from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
 from .manifest import checkpoint_identity, write_checkpoint_atomically
@@ -339,11 +340,10 @@ def _define_trainer_class():
             self.packing: str | None = "not checked"
             train_args = kwargs.get("args")
             # TRL hashes every weight to name its on-disk cache of the reference log-probs, which our
-            # single-process reference pass below never reads: skip it there (trl_patches.py); any path
-            # that falls back to TRL's pass computes it first (`_precompute_ref_logps`).
-            single = (train_args is not None and train_args.world_size == 1 and not train_args.deepspeed
-                      and not train_args.fsdp)
-            with reference_hash_skipped(single):
+            # reference pass below (one process or sharded over the ranks) never reads: skip it there
+            # (trl_patches.py); any path that falls back to TRL's pass computes it first (`_precompute_ref_logps`).
+            own_pass = train_args is not None and not train_args.deepspeed
+            with reference_hash_skipped(own_pass):
                 super().__init__(*args, **kwargs)
             self._install_packing()
 
@@ -427,8 +427,8 @@ def _define_trainer_class():
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             self._install_packing()
-            if (not isinstance(dataset, Dataset) or self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
-                    or self.is_fsdp_enabled):
+            # DDP and FSDP ranks run the same pass, dealt out by batch (distributed.reference_pass).
+            if not isinstance(dataset, Dataset) or self.is_deepspeed_enabled:
                 if self._precompute_model_hash is NO_HASH:
                     self._precompute_model_hash = real_hash_module(self.ref_model or self.model)
                 return super()._precompute_ref_logps(dataset, name, batch_size)
@@ -443,17 +443,15 @@ def _define_trainer_class():
 
             t_forward = time.perf_counter()
             order = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
-            chosen = torch.zeros(len(rows), dtype=torch.float32)
-            rejected = torch.zeros(len(rows), dtype=torch.float32)
             model = self.ref_model or self.model
             device = self.accelerator.device
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+
+            def score(idx):
                 batch = self.data_collator([rows[i] for i in idx])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                ref_c, ref_r = self.compute_ref_log_probs(model, batch)
-                chosen[idx] = ref_c.detach().float().cpu()
-                rejected[idx] = ref_r.detach().float().cpu()
+                return self.compute_ref_log_probs(model, batch)
+
+            chosen, rejected = distributed.reference_pass(len(rows), order, batch_size, score)
             # The forward pass alone (TRL tokenised the data before): what the step pays per reference.
             self.reference_forward_seconds = time.perf_counter() - t_forward
             ref = Dataset.from_dict({"ref_chosen_logps": chosen.numpy(), "ref_rejected_logps": rejected.numpy()})
@@ -602,7 +600,8 @@ class _StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.signalled or bool(self.stop_file and self.stop_file.exists())
+        # On N ranks every rank asks at the same points, and all stop at the same optimizer step.
+        return distributed.any_rank(self.signalled or bool(self.stop_file and self.stop_file.exists()))
 
 
 def _callbacks(index: int, emit: Emit, stop: _StopRequest, *,
@@ -848,7 +847,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of)
+    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of,
+                      **distributed.trainer_overrides(cfg, spec))
     t_ref = time.perf_counter()
     trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
                             callbacks=_callbacks(spec.index, emit, stop,
@@ -938,15 +938,17 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "training_applied": {"packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
                              "pad_to_multiple_of": args.pad_to_multiple_of,
                              "activation_checkpointing": memory["activation_checkpointing"]},
+        "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,
     }
+    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from the shards (every rank)
 
     def write(tmp: Path):
         _restore_dropout_config(model)
-        policy.save_pretrained(tmp, safe_serialization=True)
+        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
-    written = write_checkpoint_atomically(out_dir, write, manifest)
+    written = distributed.on_main_rank(lambda: write_checkpoint_atomically(out_dir, write, manifest))
     summary["output"] = {"path": str(out_dir), "sha256": written["checkpoint_sha256"]}
     summary["reference"] = reference
     summary["seconds"] = time.perf_counter() - t_start
@@ -963,12 +965,22 @@ def main_step(spec_path: str) -> int:
     sys.stdout = sys.stderr
 
     def emit(event: dict):
+        if not distributed.is_main_rank():  # on N ranks rank 0 speaks for the step
+            return
         out.write(json.dumps(_jsonable(event)) + "\n")
         out.flush()
 
     try:
         with open(spec_path) as fh:
-            spec = StepSpec.from_dict(json.load(fh))
+            spec_dict = json.load(fh)
+        spec = StepSpec.from_dict(spec_dict)
+        if spec.num_processes > 1 and not distributed.is_rank_process():
+            return distributed.launch(spec, spec_dict, out)
+        if distributed.is_rank_process():
+            if distributed.world_size() != spec.num_processes:
+                raise SpecError(f"distributed.num_processes is {spec.num_processes} but the step runs on "
+                                f"{distributed.world_size()} ranks")
+            distributed.init_rank(resolve_device(spec.device))
         run_step(spec, emit)
         return EXIT_OK
     except StepStopped as e:
