@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None, description="Celery broker; default kombu's SQLAlchemy transport on {home}/broker.db.")
     storage_dir: Path | None = Field(None, description="Root of the local file store; default {home}/storage.")
+    storage_url: str | None = Field(
+        None, description="s3://bucket/prefix: uploads, chunks and checkpoints in an S3-compatible store (endpoint, "
+        "region, credentials from the standard AWS variables, e.g. AWS_ENDPOINT_URL for MinIO); storage_dir then "
+        "holds each host's work folders and download cache. Unset: the local folder storage_dir.")
+    storage_cache_bytes: int = Field(
+        50 << 30, gt=0, description="Most bytes of downloaded checkpoints a worker keeps in its local cache "
+        "(S3 store only; least recently used go first).")
     admin_key: str | None = Field(None, description="Admin API key, registered (hashed) at API start-up.")
     environment: Literal["development", "production"] = "development"
     metrics_token: str | None = Field(

@@ -1,8 +1,9 @@
 """Object storage for uploads, chunks and checkpoints.
 
 `Storage` is the interface the API and the worker use; `LocalStorage` keeps objects under one
-folder (a shared volume when API and workers run on several hosts). An S3-compatible store can
-implement the same methods later: `local_path` and `get_tree` would download to a local cache.
+folder (a shared volume when API and workers run on several hosts); `core.s3_storage.S3Storage`
+keeps them in an S3-compatible bucket (`SDPO_STORAGE_URL=s3://bucket/prefix`), where
+`local_path` and `get_tree` download into a size-bounded local cache.
 
 Keys are always built by this service from ids (`files/file-…`, `checkpoints/ftjob-…/step-1`),
 never from user input; `_check_key` refuses anything that could escape the root anyway. A user's
@@ -36,6 +37,14 @@ _BLOCK = 512
 _READ_CHUNK = 1 << 20
 
 
+class StorageUnavailable(OSError):
+    """The store could not be reached (or refused the request) after its client's retries."""
+
+
+class CorruptObject(OSError):
+    """A stored object is missing or its bytes differ from the sha256 recorded for it."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     uri: str
@@ -45,6 +54,21 @@ class StoredObject:
 
 class Storage(ABC):
     """Where files and checkpoints live. Every method takes or returns a storage URI."""
+
+    scheme: str = ""
+
+    def describe(self) -> str:
+        """Where the store is, for errors and probes (no credentials)."""
+        return type(self).__name__
+
+    def check(self) -> None:
+        """Raise `StorageUnavailable` (an OSError) unless the store can be used now (readiness)."""
+        return None
+
+    def cached_tree(self, uri: str) -> tuple[Path, bool]:
+        """(a local folder holding the tree at `uri`, whether it was a cache hit). A store whose
+        objects are local files has nothing to cache: always a hit, no copy."""
+        return self.local_path(uri), True
 
     @abstractmethod
     def save_stream(self, key: str, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredObject:
@@ -94,11 +118,20 @@ class LocalStorage(Storage):
     """Objects as files under `root`. Writes go to a temp name, are fsynced, then renamed, so a
     reader (or a crash) never sees half an object."""
 
+    scheme = LOCAL_SCHEME
+
     def __init__(self, root: str | os.PathLike):
         # Users' data and models: folders this store creates are owner-only (0700), files 0600
         # (core/permissions.py); existing ones keep their modes.
         self.root = make_private_dir(Path(root).resolve())
         self._tmp = make_private_dir(self.root / ".tmp")
+
+    def describe(self) -> str:
+        return "local folder"
+
+    def check(self) -> None:
+        if not os.access(self._tmp, os.W_OK):
+            raise StorageUnavailable(errno.EACCES, "the storage folder is not writable")
 
     # -- keys and URIs
 
@@ -251,32 +284,55 @@ def _tar_stream(root: Path) -> Iterator[bytes]:
     """
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        info = tarfile.TarInfo(rel)
         stat = path.stat()
-        info.mtime = int(stat.st_mtime)
-        info.mode = 0o755 if path.is_dir() else 0o644
         if path.is_dir():
-            info.type = tarfile.DIRTYPE
-            yield info.tobuf(format=tarfile.PAX_FORMAT)
+            yield _tar_header(rel, None, int(stat.st_mtime))
             continue
         if not path.is_file():
             continue  # links and devices have no place in a checkpoint
-        info.size = stat.st_size
-        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        size = stat.st_size
+        yield _tar_header(rel, size, int(stat.st_mtime))
         sent = 0
         with open(path, "rb") as f:
-            while sent < info.size:
-                block = f.read(min(_READ_CHUNK, info.size - sent))
+            while sent < size:
+                block = f.read(min(_READ_CHUNK, size - sent))
                 if not block:
                     raise OSError(f"{path} shrank while being sent")
                 sent += len(block)
                 yield block
-        remainder = info.size % _BLOCK
+        remainder = size % _BLOCK
         if remainder:
             yield b"\0" * (_BLOCK - remainder)
     yield b"\0" * (2 * _BLOCK)  # end-of-archive marker
 
 
-def make_storage(storage_dir: str | os.PathLike) -> Storage:
-    """The store for these settings. Only local folders today; an `s3://` branch goes here."""
-    return LocalStorage(storage_dir)
+def _tar_header(name: str, size: int | None, mtime: int) -> bytes:
+    """A PAX tar header for a directory (`size` None) or a regular file of `size` bytes."""
+    info = tarfile.TarInfo(name)
+    info.mtime = mtime
+    if size is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    else:
+        info.size, info.mode = size, 0o644
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+_STORES: dict[tuple, Storage] = {}
+
+
+def make_storage(storage_dir: str | os.PathLike, url: str | None = None, *,
+                 cache_bytes: int = 50 << 30) -> Storage:
+    """The store for these settings: `url` `s3://bucket/prefix` is an S3-compatible bucket (with
+    its local cache under `storage_dir/cache`), none the local folder `storage_dir`. One instance
+    S3 store per configuration and process (its client's connection pool is worth reusing)."""
+    if not url:
+        return LocalStorage(storage_dir)
+    if not url.startswith("s3://"):
+        raise ValueError(f"SDPO_STORAGE_URL must be s3://bucket[/prefix], not {url!r}")
+    key = (str(storage_dir), url, cache_bytes)
+    store = _STORES.get(key)
+    if store is None:
+        from core.s3_storage import S3Storage  # boto3 only where an S3 store is configured
+
+        store = _STORES[key] = S3Storage(url, Path(storage_dir) / "cache", cache_bytes=cache_bytes)
+    return store

@@ -142,6 +142,17 @@ def queued_messages(client: redis.Redis, queue: str) -> list[dict]:
     return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
 
 
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """A real S3-protocol server (moto's standalone server) in its own process over HTTP, for the
+    S3 store's tests (tests/s3server.py); each test makes its own bucket (`moto_server.new_bucket()`)."""
+    from tests.s3server import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
 # ------------------------------------------------------------------------------------------------
 # Settings, state and keys
 

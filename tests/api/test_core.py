@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from types import SimpleNamespace
 
 import pytest
 
-from core.errors import InvalidTransition, PayloadTooLarge
+from core.errors import InvalidTransition
 from core.keys import find_active_key, hash_key
 from core.models import ApiKey
 from core.settings import Settings
@@ -21,7 +19,6 @@ from core.states import (
     sources,
     transition,
 )
-from core.storage import LocalStorage
 from sdpo_cli.main import main as sdpo
 
 # ------------------------------------------------------------------------------------------------
@@ -71,45 +68,7 @@ def test_tables_cover_every_status_and_transition_needs_an_enum():
 # Storage
 
 
-def test_save_stream_hashes_and_enforces_the_limit(tmp_path):
-    storage = LocalStorage(tmp_path)
-    stored = storage.save_stream("files/a", [b"abc", b"def"])
-    assert stored.uri == "local://files/a" and stored.bytes == 6
-    assert storage.open(stored.uri).read() == b"abcdef"
-    pulled = []
-
-    def chunks():
-        for i in range(100):
-            pulled.append(i)
-            yield b"x" * 10
-
-    with pytest.raises(PayloadTooLarge):
-        storage.save_stream("files/b", chunks(), max_bytes=25)
-    assert len(pulled) == 3  # stopped at the chunk that crossed the limit
-    assert not storage.exists("local://files/b")
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["a"]  # no partial left in .tmp
-
-
-@pytest.mark.parametrize("key", ["../x", "a/../../x", "/abs", "a//b", ".hidden", "a/./b", ""])
-def test_keys_cannot_escape_the_root(tmp_path, key):
-    with pytest.raises(ValueError):
-        LocalStorage(tmp_path).save_stream(key, [b"x"])
-
-
-def test_trees_copy_and_stream_as_tar(tmp_path):
-    storage = LocalStorage(tmp_path / "store")
-    src = tmp_path / "ckpt"
-    (src / "d").mkdir(parents=True)
-    (src / "model.bin").write_bytes(b"w" * 3000)
-    (src / "d" / "tok.json").write_text("{}")
-    uri = storage.put_tree(src, "checkpoints/j/step-1")
-    with tarfile.open(fileobj=io.BytesIO(b"".join(storage.iter_tar(uri)))) as tar:
-        assert sorted(tar.getnames()) == ["d", "d/tok.json", "model.bin"]
-        assert tar.extractfile("model.bin").read() == b"w" * 3000
-    copy = storage.get_tree(uri, tmp_path / "copy")
-    assert (copy / "d" / "tok.json").read_text() == "{}"
-    storage.delete(uri)
-    assert not storage.exists(uri)
+# The storage contract (local folder and S3): tests/storage/test_contract.py
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,566 @@
+"""An S3-compatible object store (AWS S3, MinIO, Ceph RGW, GCS's S3 interface) behind `Storage`.
+
+Chosen by `SDPO_STORAGE_URL=s3://bucket/prefix`. The endpoint, region and credentials come from
+boto3's standard configuration (`AWS_ENDPOINT_URL`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `~/.aws/config`, instance roles), so MinIO or Ceph
+work by setting the endpoint alone. Requests are signed and retried by botocore (standard retry
+mode, backoff with jitter); uploads go through boto3's transfer manager (multipart, several parts
+in flight, a bounded number of parts in memory).
+
+Layout under the prefix: one object per file (`files/file-…`, `chunks/ftjob-…/step-1.jsonl`), and
+a tree (a checkpoint) as one object per file under `<key>/` plus its index `<key>/.sdpo-tree.json`,
+written last: the index lists every file with its size and sha256, and a tree without one does
+not exist for any reader (`exists`, `get_tree`, `iter_tar`). That is what the local store gets
+from a rename: a checkpoint cut off half way is never visible.
+
+A worker reads trees through a size-bounded local cache keyed by the tree's sha256 (over its
+files' sha256, so the same checkpoint is the same entry on every host): every file is hashed while
+it downloads and compared with the index before the tree is used; a mismatch or a missing object
+raises `CorruptObject`. A tree this host uploaded enters the cache by a rename, so the next step
+on the same host starts without a download.
+
+URIs are `s3://bucket/prefix/key`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from core.errors import PayloadTooLarge
+from core.permissions import make_private_dir
+from core.storage import (
+    CorruptObject,
+    Storage,
+    StorageUnavailable,
+    StoredObject,
+    _check_key,
+    _tar_header,
+)
+
+log = logging.getLogger(__name__)
+
+S3_SCHEME = "s3://"
+TREE_INDEX = ".sdpo-tree.json"
+_READ_CHUNK = 1 << 20
+_PART_BYTES = 8 << 20
+_BLOCK = 512
+
+# Connection problems and server-side 5xx after botocore's own retries: the store is away.
+_UNAVAILABLE = (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError,
+                botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError,
+                botocore.exceptions.NoCredentialsError)
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix ending in "/" or empty) of `s3://bucket[/prefix]`. Raises ValueError."""
+    if not url.startswith(S3_SCHEME):
+        raise ValueError(f"not an s3:// url: {url!r}")
+    bucket, _, prefix = url[len(S3_SCHEME):].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {url!r}")
+    prefix = prefix.strip("/")
+    if prefix:
+        _check_key(prefix)
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, _UNAVAILABLE):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500
+    return False
+
+
+def _not_found(exc: BaseException) -> bool:
+    return isinstance(exc, botocore.exceptions.ClientError) and exc.response.get("Error", {}).get("Code") in (
+        "404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
+class _Translate:
+    """Turns botocore's errors into the OSErrors callers already handle: FileNotFoundError for a
+    missing object, `StorageUnavailable` for a store that cannot be reached (after retries)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, OSError | PayloadTooLarge):
+            return False
+        if _not_found(exc):
+            raise FileNotFoundError(f"{self.what}: no such object") from exc
+        if _unavailable(exc):
+            raise StorageUnavailable(f"the object store is unreachable ({self.what}: {type(exc).__name__})") from exc
+        if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
+            raise StorageUnavailable(f"the object store refused {self.what}: {exc}") from exc
+        return False
+
+
+class _HashingReader(io.RawIOBase):
+    """A file object over an iterable of chunks: hashes and counts what is read, and raises
+    `PayloadTooLarge` as soon as more than `max_bytes` have arrived (the transfer manager reads it
+    part by part, so the request body is never whole in memory)."""
+
+    def __init__(self, chunks: Iterable[bytes], max_bytes: int | None):
+        self._chunks = iter(chunks)
+        self._pending = b""
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._max = max_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def _next(self) -> bytes:
+        for chunk in self._chunks:
+            if not chunk:
+                continue
+            self.size += len(chunk)
+            if self._max is not None and self.size > self._max:
+                raise PayloadTooLarge(f"The file is larger than the limit of {self._max} bytes.", param="file")
+            self.digest.update(chunk)
+            return chunk
+        return b""
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            out = [self._pending, *iter(self._next, b"")]
+            self._pending = b""
+            return b"".join(out)
+        parts, have = [], 0
+        while have < n:
+            if not self._pending:
+                self._pending = self._next()
+                if not self._pending:
+                    break
+            take = self._pending[: n - have]
+            self._pending = self._pending[len(take):]
+            parts.append(take)
+            have += len(take)
+        return b"".join(parts)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+class _S3Reader(io.RawIOBase):
+    """A seekable, read-only file object over one S3 object: reads stream from the current position
+    (one GET, reopened after a seek), so a sequential reader costs one request and a Parquet
+    reader's footer look-up costs a ranged GET, never a download of the whole object."""
+
+    def __init__(self, client: Any, bucket: str, key: str, size: int):
+        self._client, self._bucket, self._key, self._size = client, bucket, key, size
+        self._pos = 0
+        self._body: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        new = {io.SEEK_SET: offset, io.SEEK_CUR: self._pos + offset, io.SEEK_END: self._size + offset}[whence]
+        if new < 0:
+            raise ValueError("negative seek position")
+        if new != self._pos:
+            self._drop_body()
+            self._pos = new
+        return self._pos
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+    def readinto(self, b: Any) -> int:
+        if self._pos >= self._size or len(b) == 0:
+            return 0
+        with _Translate(f"reading {self._key}"):
+            if self._body is None:
+                self._body = self._client.get_object(Bucket=self._bucket, Key=self._key,
+                                                     Range=f"bytes={self._pos}-")["Body"]
+            data = self._body.read(len(b))
+        if not data:
+            raise OSError(f"{self._key} ended at byte {self._pos} of {self._size}")
+        b[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+
+class S3Storage(Storage):
+    """Objects in an S3 bucket under a prefix; a local cache of downloads under `cache_dir`
+    (at most `cache_bytes`, least recently used trees go first)."""
+
+    scheme = S3_SCHEME
+
+    def __init__(self, url: str, cache_dir: str | os.PathLike, *, cache_bytes: int = 50 << 30,
+                 max_attempts: int = 5, client: Any = None):
+        self.url = url
+        self.bucket, self.prefix = parse_s3_url(url)
+        config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=5, read_timeout=60, max_pool_connections=16)
+        # boto3 reads AWS_ENDPOINT_URL(_S3), the region and the credentials from the environment
+        # and ~/.aws: a MinIO or Ceph endpoint needs no code here.
+        self.client = client or boto3.session.Session().client("s3", config=config)
+        self.transfer = TransferConfig(multipart_threshold=_PART_BYTES, multipart_chunksize=_PART_BYTES,
+                                       max_concurrency=4, io_chunksize=256 << 10)
+        # A request body is not seekable: the transfer manager buffers its parts, at most this many
+        # (4 x 8 MiB) at a time, which bounds the API's memory per upload. boto3's TransferConfig
+        # does not take it as an argument; s3transfer reads the attribute.
+        self.transfer.max_in_memory_upload_chunks = 4
+        self.cache = TreeCache(Path(cache_dir), cache_bytes)
+        self._tmp_dir = Path(cache_dir) / ".tmp"
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    # -- keys and URIs
+
+    def uri_for(self, key: str) -> str:
+        _check_key(key)
+        return f"{S3_SCHEME}{self.bucket}/{self.prefix}{key}"
+
+    def _object_key(self, uri: str) -> str:
+        start = f"{S3_SCHEME}{self.bucket}/{self.prefix}"
+        if not uri.startswith(start):
+            raise ValueError(f"not a uri of this store ({start}…): {uri!r}")
+        key = uri[len(start):]
+        _check_key(key)
+        return self.prefix + key
+
+    # -- probes
+
+    def check(self) -> None:
+        """Raises `StorageUnavailable` unless the bucket answers (readiness)."""
+        with _Translate(f"HEAD bucket {self.bucket}"):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    # -- objects
+
+    def save_stream(self, key: str, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredObject:
+        uri = self.uri_for(key)
+        reader = _HashingReader(chunks, max_bytes)
+        # The transfer manager aborts the multipart upload itself when a read or a part fails, so
+        # nothing is left behind (not even invisible parts that would be billed).
+        with _Translate(f"uploading {key}"):
+            self.client.upload_fileobj(reader, self.bucket, self._object_key(uri), Config=self.transfer)
+        return StoredObject(uri=uri, sha256=reader.digest.hexdigest(), bytes=reader.size)
+
+    def open(self, uri: str) -> BinaryIO:
+        key = self._object_key(uri)
+        with _Translate(f"opening {key}"):
+            size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        return io.BufferedReader(_S3Reader(self.client, self.bucket, key, size), buffer_size=_READ_CHUNK)  # type: ignore[return-value]
+
+    def exists(self, uri: str) -> bool:
+        key = self._object_key(uri)
+        with _Translate(f"looking up {key}"):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+                return True
+            except botocore.exceptions.ClientError as exc:
+                if not _not_found(exc):
+                    raise
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=f"{key}/{TREE_INDEX}")
+                return True
+            except botocore.exceptions.ClientError as exc:
+                if not _not_found(exc):
+                    raise
+        return False
+
+    def delete(self, uri: str) -> None:
+        key = self._object_key(uri)
+        with _Translate(f"deleting {key}"):
+            # The index first: a tree stops existing before any of its files go.
+            self.client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": f"{key}/{TREE_INDEX}"}, {"Key": key}], "Quiet": True})
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key + "/"):
+                batch = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if batch:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def local_path(self, uri: str) -> Path:
+        """A tree: its cached copy (downloaded and verified on a miss). A file: a cached download."""
+        key = self._object_key(uri)
+        index = self._read_index(key, missing_ok=True)
+        if index is not None:
+            return self._cached_tree(key, index)[0]
+        path = self.cache.root / "objects" / hashlib.sha256(key.encode()).hexdigest()
+        if path.is_file():
+            return path  # objects are never rewritten under a key (ids are new every time)
+        make_private_dir(path.parent)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        try:
+            with _Translate(f"downloading {key}"):
+                self.client.download_file(self.bucket, key, str(tmp), Config=self.transfer)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    # -- trees (checkpoints)
+
+    def put_tree(self, local_dir: str | os.PathLike, key: str) -> str:
+        return self._upload_tree(Path(local_dir), key)[0]
+
+    def move_tree(self, local_dir: str | os.PathLike, key: str) -> str:
+        """Upload, then keep the local folder as this host's cached copy (a rename into the cache):
+        the next step here reads it without a download."""
+        source = Path(local_dir)
+        uri, index = self._upload_tree(source, key)
+        self.cache.adopt(source, index)
+        return uri
+
+    def get_tree(self, uri: str, dest_dir: str | os.PathLike) -> Path:
+        key = self._object_key(uri)
+        index = self._read_index(key)
+        dest = Path(dest_dir)
+        if dest.exists():
+            raise FileExistsError(dest)
+        self._download_tree(key, index, dest)
+        return dest
+
+    def cached_tree(self, uri: str) -> tuple[Path, bool]:
+        """(local copy of the tree at `uri`, whether it was already cached here). Raises
+        `CorruptObject` when a file is missing or differs from the index, FileNotFoundError when
+        there is no such tree, `StorageUnavailable` when the store cannot be reached."""
+        key = self._object_key(uri)
+        return self._cached_tree(key, self._read_index(key))
+
+    def iter_tar(self, uri: str) -> Iterator[bytes]:
+        key = self._object_key(uri)
+        index = self._read_index(key)
+        return self._tar_stream(key, index)
+
+    # -- internals
+
+    def _read_index(self, key: str, *, missing_ok: bool = False) -> dict | None:
+        try:
+            with _Translate(f"reading the index of {key}"):
+                body = self.client.get_object(Bucket=self.bucket, Key=f"{key}/{TREE_INDEX}")["Body"].read()
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise
+        return json.loads(body)
+
+    def _upload_tree(self, source: Path, key: str) -> tuple[str, dict]:
+        if not source.is_dir():
+            raise NotADirectoryError(source)
+        uri = self.uri_for(key)
+        base = self._object_key(uri)
+        if self._read_index(base, missing_ok=True) is not None:
+            raise FileExistsError(f"a stored object already has this key: {key}")
+        files = []
+        for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink()):
+            rel = path.relative_to(source).as_posix()
+            if rel == TREE_INDEX:
+                raise ValueError(f"{TREE_INDEX} is reserved in a stored tree")
+            files.append((rel, path))
+        index_files = {}
+        try:
+            for rel, path in files:
+                digest = hashlib.sha256()
+                size = 0
+                with open(path, "rb") as f, _Translate(f"uploading {base}/{rel}"):
+                    hashing = _FileHasher(f, digest)
+                    self.client.upload_fileobj(hashing, self.bucket, f"{base}/{rel}", Config=self.transfer)
+                    size = hashing.size
+                index_files[rel] = {"bytes": size, "sha256": digest.hexdigest()}
+            index = {"files": index_files, "sha256": tree_sha256(index_files)}
+            # The index last: until it exists, no reader sees the tree.
+            with _Translate(f"writing the index of {base}"):
+                self.client.put_object(Bucket=self.bucket, Key=f"{base}/{TREE_INDEX}",
+                                       Body=json.dumps(index, sort_keys=True).encode())
+        except BaseException:
+            try:
+                self.delete(uri)
+            except OSError:  # the store is away: the parts stay invisible (no index), the error is the upload's
+                log.warning("could not remove the partial tree %s", uri, exc_info=True)
+            raise
+        return uri, index
+
+    def _cached_tree(self, key: str, index: dict) -> tuple[Path, bool]:
+        return self.cache.get(index, lambda dest: self._download_tree(key, index, dest))
+
+    def _download_tree(self, key: str, index: dict, dest: Path) -> None:
+        make_private_dir(self._tmp_dir)
+        tmp = self._tmp_dir / uuid.uuid4().hex
+        try:
+            for rel, meta in sorted(index["files"].items()):
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with _Translate(f"downloading {key}/{rel}"):
+                        self.client.download_file(self.bucket, f"{key}/{rel}", str(target), Config=self.transfer)
+                except FileNotFoundError as exc:
+                    raise CorruptObject(f"{rel}: missing from the store") from exc
+                digest = _sha256_file(target)
+                if digest != meta["sha256"] or target.stat().st_size != meta["bytes"]:
+                    raise CorruptObject(f"{rel}: sha256 mismatch after download")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.is_dir():  # else another process on this host filled the same entry first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _tar_stream(self, key: str, index: dict) -> Iterator[bytes]:
+        dirs: set[str] = set()
+        now = int(time.time())
+        for rel, meta in sorted(index["files"].items()):
+            parts = rel.split("/")
+            for depth in range(1, len(parts)):
+                d = "/".join(parts[:depth])
+                if d not in dirs:
+                    dirs.add(d)
+                    yield _tar_header(d, None, now)
+            yield _tar_header(rel, meta["bytes"], now)
+            sent = 0
+            with _Translate(f"reading {key}/{rel}"):
+                body = self.client.get_object(Bucket=self.bucket, Key=f"{key}/{rel}")["Body"]
+                for block in body.iter_chunks(_READ_CHUNK):
+                    sent += len(block)
+                    yield block
+            if sent != meta["bytes"]:
+                raise CorruptObject(f"{rel}: {sent} bytes in the store, the index says {meta['bytes']}")
+            if sent % _BLOCK:
+                yield b"\0" * (_BLOCK - sent % _BLOCK)
+        yield b"\0" * (2 * _BLOCK)
+
+
+class _FileHasher(io.RawIOBase):
+    """A local file read for an upload, hashed on the way (one read of the file, not two)."""
+
+    def __init__(self, f: BinaryIO, digest: Any):
+        self._f, self._digest, self.size = f, digest, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._digest.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def tree_sha256(files: dict[str, dict]) -> str:
+    """One sha256 for a stored tree: over its sorted `path sha256` lines (the same tree, the same
+    digest, on any host)."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel} {files[rel]['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TreeCache:
+    """Local copies of stored trees, `root/trees/<tree sha256>/`, at most `max_bytes` in all: the
+    least recently used go first when a new one comes in (a tree in use by this process is never
+    larger than the bound allows, and one that alone exceeds it is still kept until the next)."""
+
+    hits = 0
+    misses = 0
+    _lock = threading.Lock()
+
+    def __init__(self, root: Path, max_bytes: int):
+        self.root = root
+        self.max_bytes = max_bytes
+        self.trees = root / "trees"
+
+    def _entry(self, index: dict) -> Path:
+        return self.trees / index["sha256"]
+
+    def get(self, index: dict, fill: Callable[[Path], None]) -> tuple[Path, bool]:
+        entry = self._entry(index)
+        with self._lock:
+            if entry.is_dir():
+                os.utime(entry)  # recently used
+                TreeCache.hits += 1
+                return entry, True
+        make_private_dir(self.trees)
+        if not entry.is_dir():
+            fill(entry)
+        with self._lock:
+            TreeCache.misses += 1
+            os.utime(entry)
+        self.evict(keep=entry)
+        return entry, False
+
+    def adopt(self, source: Path, index: dict) -> None:
+        """Take a folder just uploaded as the cached copy of its tree (a rename; a copy across
+        file systems is not worth it: it is simply not cached)."""
+        entry = self._entry(index)
+        make_private_dir(self.trees)
+        try:
+            os.rename(source, entry)
+        except OSError:
+            shutil.rmtree(source, ignore_errors=True)
+            return
+        self.evict(keep=entry)
+
+    def evict(self, keep: Path | None = None) -> None:
+        if not self.trees.is_dir():
+            return
+        entries = []
+        for entry in self.trees.iterdir():
+            if entry.is_dir():
+                size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                entries.append((entry.stat().st_mtime, entry, size))
+        total = sum(size for _, _, size in entries)
+        for _, entry, size in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if entry == keep:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            total -= size
+
