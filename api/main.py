@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     services = AppServices(
         settings=settings,
         session_factory=make_session_factory(engine),
-        storage=make_storage(settings.storage_dir),
+        storage=make_storage(settings.storage_dir, settings.storage_url, cache_bytes=settings.storage_cache_bytes),
         celery=make_celery(settings),
     )
 

@@ -32,7 +32,8 @@ def _factory():
 
 @lru_cache(maxsize=1)
 def storage():
-    return make_storage(get_settings().storage_dir)
+    settings = get_settings()
+    return make_storage(settings.storage_dir, settings.storage_url, cache_bytes=settings.storage_cache_bytes)
 
 
 def reset() -> None:
