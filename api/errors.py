@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.db import is_transient_db_error
 from core.errors import InvalidRequest, ServiceError
+from core.storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ def install_error_handlers(app: FastAPI) -> None:
                         (str(exc.orig or exc).splitlines() or [""])[0][:200])
             return JSONResponse(error_body("A value in the request cannot be stored or looked up.",
                                            code="invalid_value"), status_code=400)
+        if isinstance(exc, StorageUnavailable):
+            # The object store is away (after its client's retries): the client may retry.
+            log.warning("the object store is unavailable on %s %s: %s", request.method, request.url.path, exc)
+            return JSONResponse(error_body("The file store is unavailable; retry later.", type="server_error",
+                                           code="storage_unavailable"), status_code=503)
         if is_transient_db_error(exc):
             # The database is restarting or unreachable: not a bug, and the client may retry.
             log.warning("database unavailable on %s %s: %s", request.method, request.url.path,

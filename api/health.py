@@ -31,9 +31,13 @@ def _check_broker(services: AppServices) -> None:
         connection.ensure_connection(max_retries=1, timeout=READY_TIMEOUT_S)
 
 
-@router.get("/readyz", summary="The database and the broker are reachable (503 otherwise)")
+def _check_storage(services: AppServices) -> None:
+    services.storage.check()  # an S3 store: HEAD on its bucket; the local folder: writable
+
+
+@router.get("/readyz", summary="The database, the broker and the file store are reachable (503 otherwise)")
 def readyz(services: AppServices = Depends(get_services)) -> JSONResponse:
-    checks = {"database": _check_database, "broker": _check_broker}
+    checks = {"database": _check_database, "broker": _check_broker, "storage": _check_storage}
     results: dict[str, str] = {}
     # Each check gets its own thread and a deadline, so a hung broker cannot hang the probe.
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(checks))

@@ -86,6 +86,14 @@ class TooManyRequests(ServiceError):
     code = "rate_limit_exceeded"
 
 
+class ServiceUnavailable(ServiceError):
+    """503: a dependency (the object store) cannot be reached; the request can be retried later."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
 class InvalidTransition(Conflict):
     """A status change that the state machine forbids (a bug or a race, never silently applied)."""
 

@@ -5,7 +5,8 @@ boto3's standard configuration (`AWS_ENDPOINT_URL`, `AWS_REGION`/`AWS_DEFAULT_RE
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `~/.aws/config`, instance roles), so MinIO or Ceph
 work by setting the endpoint alone. Requests are signed and retried by botocore (standard retry
 mode, backoff with jitter); uploads go through boto3's transfer manager (multipart, several parts
-in flight, a bounded number of parts in memory).
+in flight) for files on disk; a request body goes up as a multipart upload fed from the request's
+own thread, at most four 8 MiB parts in memory).
 
 Layout under the prefix: one object per file (`files/file-…`, `chunks/ftjob-…/step-1.jsonl`), and
 a tree (a checkpoint) as one object per file under `<key>/` plus its index `<key>/.sdpo-tree.json`,
@@ -24,6 +25,7 @@ URIs are `s3://bucket/prefix/key`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -37,10 +39,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import boto3
-import botocore.config
-import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
+import boto3  # type: ignore[import-untyped]
+import botocore.config  # type: ignore[import-untyped]
+import botocore.exceptions  # type: ignore[import-untyped]
+from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 
 from core.errors import PayloadTooLarge
 from core.permissions import make_private_dir
@@ -59,6 +61,7 @@ S3_SCHEME = "s3://"
 TREE_INDEX = ".sdpo-tree.json"
 _READ_CHUNK = 1 << 20
 _PART_BYTES = 8 << 20
+_PARTS_IN_FLIGHT = 4
 _BLOCK = 512
 
 # Connection problems and server-side 5xx after botocore's own retries: the store is away.
@@ -104,16 +107,15 @@ class _Translate:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, OSError | PayloadTooLarge):
-            return False
+            return
         if _not_found(exc):
             raise FileNotFoundError(f"{self.what}: no such object") from exc
         if _unavailable(exc):
             raise StorageUnavailable(f"the object store is unreachable ({self.what}: {type(exc).__name__})") from exc
         if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
             raise StorageUnavailable(f"the object store refused {self.what}: {exc}") from exc
-        return False
 
 
 class _HashingReader(io.RawIOBase):
@@ -235,10 +237,6 @@ class S3Storage(Storage):
         self.client = client or boto3.session.Session().client("s3", config=config)
         self.transfer = TransferConfig(multipart_threshold=_PART_BYTES, multipart_chunksize=_PART_BYTES,
                                        max_concurrency=4, io_chunksize=256 << 10)
-        # A request body is not seekable: the transfer manager buffers its parts, at most this many
-        # (4 x 8 MiB) at a time, which bounds the API's memory per upload. boto3's TransferConfig
-        # does not take it as an argument; s3transfer reads the attribute.
-        self.transfer.max_in_memory_upload_chunks = 4
         self.cache = TreeCache(Path(cache_dir), cache_bytes)
         self._tmp_dir = Path(cache_dir) / ".tmp"
 
@@ -271,17 +269,57 @@ class S3Storage(Storage):
     def save_stream(self, key: str, chunks: Iterable[bytes], *, max_bytes: int | None = None) -> StoredObject:
         uri = self.uri_for(key)
         reader = _HashingReader(chunks, max_bytes)
-        # The transfer manager aborts the multipart upload itself when a read or a part fails, so
-        # nothing is left behind (not even invisible parts that would be billed).
         with _Translate(f"uploading {key}"):
-            self.client.upload_fileobj(reader, self.bucket, self._object_key(uri), Config=self.transfer)
+            self._upload_stream(self._object_key(uri), reader)
         return StoredObject(uri=uri, sha256=reader.digest.hexdigest(), bytes=reader.size)
+
+    def _upload_stream(self, object_key: str, reader: _HashingReader) -> None:
+        """A multipart upload fed from `reader` in the calling thread, parts sent by a small pool.
+
+        Not the transfer manager: it reads a stream in a thread of its own, and a request body
+        can only be pulled from the thread serving the request (the API's event loop hands the
+        chunks to that thread). At most `_PARTS_IN_FLIGHT` parts of `_PART_BYTES` are in memory.
+        Any failure (a part, the caller's stream, a limit) aborts the upload: no billed parts
+        stay behind, and no object appears."""
+        data = reader.read(_PART_BYTES)
+        if len(data) < _PART_BYTES:  # all of it fits in one part: one PUT
+            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data)
+            return
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=object_key)["UploadId"]
+        try:
+            parts: list[concurrent.futures.Future] = []
+            with concurrent.futures.ThreadPoolExecutor(max_workers=_PARTS_IN_FLIGHT) as pool:
+                number = 1
+                while data:
+                    running = [f for f in parts if not f.done()]
+                    if len(running) >= _PARTS_IN_FLIGHT:
+                        concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for done in parts:
+                        if done.done() and done.exception() is not None:
+                            raise done.exception()  # type: ignore[misc]
+                    parts.append(pool.submit(self._upload_part, object_key, upload_id, number, data))
+                    number += 1
+                    data = reader.read(_PART_BYTES)
+                etags = [f.result() for f in parts]
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=object_key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": i, "ETag": tag} for i, tag in enumerate(etags, 1)]})
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload_id)
+            except Exception:  # the store is away: its lifecycle rules expire the parts; the error is the upload's
+                log.warning("could not abort the multipart upload of %s", object_key, exc_info=True)
+            raise
+
+    def _upload_part(self, object_key: str, upload_id: str, number: int, data: bytes) -> str:
+        return self.client.upload_part(Bucket=self.bucket, Key=object_key, UploadId=upload_id,
+                                       PartNumber=number, Body=data)["ETag"]
 
     def open(self, uri: str) -> BinaryIO:
         key = self._object_key(uri)
         with _Translate(f"opening {key}"):
             size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-        return io.BufferedReader(_S3Reader(self.client, self.bucket, key, size), buffer_size=_READ_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_S3Reader(self.client, self.bucket, key, size), buffer_size=_READ_CHUNK)
 
     def exists(self, uri: str) -> bool:
         key = self._object_key(uri)
@@ -315,7 +353,7 @@ class S3Storage(Storage):
     def local_path(self, uri: str) -> Path:
         """A tree: its cached copy (downloaded and verified on a miss). A file: a cached download."""
         key = self._object_key(uri)
-        index = self._read_index(key, missing_ok=True)
+        index = self._find_index(key)
         if index is not None:
             return self._cached_tree(key, index)[0]
         path = self.cache.root / "objects" / hashlib.sha256(key.encode()).hexdigest()
@@ -367,14 +405,19 @@ class S3Storage(Storage):
 
     # -- internals
 
-    def _read_index(self, key: str, *, missing_ok: bool = False) -> dict | None:
+    def _read_index(self, key: str) -> dict:
+        """The tree's index (FileNotFoundError: no such tree, or one cut off before its index)."""
+        index = self._find_index(key)
+        if index is None:
+            raise FileNotFoundError(f"no stored tree {key}")
+        return index
+
+    def _find_index(self, key: str) -> dict | None:
         try:
             with _Translate(f"reading the index of {key}"):
                 body = self.client.get_object(Bucket=self.bucket, Key=f"{key}/{TREE_INDEX}")["Body"].read()
         except FileNotFoundError:
-            if missing_ok:
-                return None
-            raise
+            return None
         return json.loads(body)
 
     def _upload_tree(self, source: Path, key: str) -> tuple[str, dict]:
@@ -382,7 +425,7 @@ class S3Storage(Storage):
             raise NotADirectoryError(source)
         uri = self.uri_for(key)
         base = self._object_key(uri)
-        if self._read_index(base, missing_ok=True) is not None:
+        if self._find_index(base) is not None:
             raise FileExistsError(f"a stored object already has this key: {key}")
         files = []
         for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.is_symlink()):

@@ -42,6 +42,7 @@ Data smells that do not stop training are reported as ``warnings`` (see `validat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from sdpo_engine.digests import DigestSet
 
@@ -188,7 +189,7 @@ def _summarise(report: dict[str, Any]) -> str:
 
 
 def validate_file(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | BinaryIO,
     *,
     source_field: str | None = "source",
     tokenizer: Any = None,
@@ -331,11 +332,12 @@ def pair_rows(pairs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def parquet_rows(path: str | os.PathLike[str]) -> int | None:
+def parquet_rows(path: str | os.PathLike[str] | BinaryIO) -> int | None:
     """The number of rows a Parquet file's footer declares, read without reading any row; None when
     the file is not Parquet (no ``PAR1`` magic) or its footer is unreadable (`validate_file` then
-    says why). Lets a caller refuse a file with too many rows before validating it."""
-    with open(path, "rb") as f:
+    says why). Lets a caller refuse a file with too many rows before validating it. `path` may be
+    a seekable binary file object (an object in the store, read by ranged GETs); it stays open."""
+    with _binary(path) as f:
         if f.read(len(_PARQUET_MAGIC)) != _PARQUET_MAGIC:
             return None
         import pyarrow as pa
@@ -500,8 +502,20 @@ def _read_lines(f: Any, max_line_bytes: int) -> Iterator[tuple[int, bytes | None
         yield line_no, None, length
 
 
+@contextlib.contextmanager
+def _binary(source: str | os.PathLike[str] | BinaryIO) -> Iterator[BinaryIO]:
+    """A path opened for reading, or a caller's seekable binary file object from its start (left
+    open: the caller owns it)."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:
+            yield f
+        return
+    source.seek(0)
+    yield source
+
+
 def _scan(
-    path: str | os.PathLike[str], *, source_field: str | None, max_line_bytes: int
+    path: str | os.PathLike[str] | BinaryIO, *, source_field: str | None, max_line_bytes: int
 ) -> Iterator[_LineResult]:
     """Yield one `_LineResult` per non-blank line or Parquet row (and per whole-file problem)."""
     if source_field is not None and (source_field in _TRL_KEYS or source_field in _OPENAI_KEYS):
@@ -510,7 +524,7 @@ def _scan(
         raise ValueError("max_line_bytes must be at least 1")
     first_format: tuple[int, str] | None = None
     saw_pair = False
-    with open(path, "rb") as f:
+    with _binary(path) as f:
         # Told by the bytes, not the name: an upload's name is only the client's say-so.
         parquet = f.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC
         f.seek(0)

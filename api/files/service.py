@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,14 @@ from api.pagination import check_limit
 from core import ids
 from core.clock import utcnow
 from core.db import after_commit, after_rollback
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from core.models import File, FileStatus
 from core.settings import Settings
-from core.storage import StoredObject
+from core.storage import Storage, StorageUnavailable, StoredObject
 from core.text import clean_name
 from sdpo_engine.data import parquet_rows, validate_file
+
+log = logging.getLogger(__name__)
 
 PURPOSE = "fine-tune"
 MAX_FILENAME = 255
@@ -65,10 +68,14 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
     # The key is built from our id only: the client's file name never reaches the file system.
     file_chunks = capped_upload(upload.file_chunks(raw_chunks), max_rows=settings.max_file_rows,
                                 allowance=allowance)
-    stored = storage.save_stream(f"files/{file_id}", file_chunks, max_bytes=settings.max_upload_bytes)
+    try:
+        stored = storage.save_stream(f"files/{file_id}", file_chunks, max_bytes=settings.max_upload_bytes)
+    except StorageUnavailable as exc:
+        # The store aborted its multipart upload (or never started one): nothing to clean up.
+        raise _store_unavailable(storage, exc) from exc
     # If the request never commits (an error later, a lost idempotency race, a failed commit),
     # the object goes too.
-    after_rollback(db, lambda: storage.delete(stored.uri))
+    after_rollback(db, lambda: _delete_quietly(storage, stored.uri))
     try:
         purpose = upload.fields.get("purpose")
         if purpose is None:
@@ -77,13 +84,15 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
         if purpose != PURPOSE:
             raise InvalidRequest(f"Invalid purpose {purpose!r}: this service only accepts '{PURPOSE}'.",
                                  param="purpose", code="invalid_purpose")
-        local = storage.local_path(stored.uri)
-        # A Parquet file has no lines for the stream to count; its footer says how many rows it has.
-        declared_rows = parquet_rows(local)
-        if declared_rows is not None and declared_rows > settings.max_file_rows:
-            raise too_many_rows(settings.max_file_rows, rows=declared_rows)
-        report = validate_file(local, max_errors=settings.max_reported_errors,
-                               max_line_bytes=settings.max_line_bytes)
+        # Read back as a stream from the store (an S3 object by ranged GETs): never whole in
+        # memory or on the API's disk.
+        with storage.open(stored.uri) as stream:
+            # A Parquet file has no lines for the stream to count; its footer says how many rows it has.
+            declared_rows = parquet_rows(stream)
+            if declared_rows is not None and declared_rows > settings.max_file_rows:
+                raise too_many_rows(settings.max_file_rows, rows=declared_rows)
+            report = validate_file(stream, max_errors=settings.max_reported_errors,
+                                   max_line_bytes=settings.max_line_bytes)
         if report["rows"] > settings.max_file_rows:  # the stream's count stops this first; kept as a backstop
             raise too_many_rows(settings.max_file_rows, rows=report["rows"])
         if not report["valid"]:
@@ -95,13 +104,30 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
                 extra={"errors": report["errors"], "error_count": count, "format": report["format"],
                        "file_type": report["file_type"], "rows": report["rows"]},
             )
+    except StorageUnavailable as exc:
+        _delete_quietly(storage, stored.uri)
+        raise _store_unavailable(storage, exc) from exc
     except BaseException:
         # Deleted here as well as by the rollback hook, so the object is gone before the error
         # response leaves (the session is only closed after).
-        storage.delete(stored.uri)
+        _delete_quietly(storage, stored.uri)
         raise
     return ReceivedUpload(file_id=file_id, stored=stored, filename=clean_filename(upload.filename),
                           purpose=purpose, report=report)
+
+
+def _store_unavailable(storage: Storage, exc: StorageUnavailable) -> ServiceUnavailable:
+    return ServiceUnavailable(f"The file store ({storage.describe()}) is unavailable; nothing was stored. "
+                              "Retry later.", param="file", code="storage_unavailable")
+
+
+def _delete_quietly(storage: Storage, uri: str) -> None:
+    """Remove an object that must not stay; a store that is away leaves it unregistered (no row
+    names it), which is logged rather than raised over the request's own error."""
+    try:
+        storage.delete(uri)
+    except OSError:
+        log.warning("could not delete the unregistered object %s", uri, exc_info=True)
 
 
 def create_file(db: Session, principal: Principal, upload: ReceivedUpload, *,

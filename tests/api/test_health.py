@@ -1,4 +1,4 @@
-"""/healthz, /readyz (database and broker reachable) and the OpenAPI docs."""
+"""/healthz, /readyz (database, broker and file store reachable) and the OpenAPI docs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ def test_healthz_and_readyz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert response.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok",
+                                                                     "storage": "ok"}}
 
 
 def test_readyz_is_503_when_the_broker_is_down(make_client):
