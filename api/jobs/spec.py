@@ -295,7 +295,7 @@ def _resolve_model(db: Session, owner: str, name: str) -> tuple[RegisteredModel,
         if model is None:
             raise not_found
         return model, checkpoint
-    model = models_repository.get_visible(db, owner, name)
+    model = models_repository.get_visible(db, owner, name, for_share=True)
     if model is None:
         raise not_found
     checkpoint = None

@@ -12,7 +12,7 @@ from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.errors import from_validation_errors
 from api.idempotency import respond
 from api.models import service
-from api.models.schemas import ModelList, ModelObject, ModelRegister
+from api.models.schemas import ModelDeleted, ModelList, ModelObject, ModelRegister
 from api.openapi import json_body_doc
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -26,6 +26,12 @@ def list_models(principal: Principal = Depends(get_principal), db: Session = Dep
 @router.get("/{model_id}", response_model=ModelObject)
 def retrieve_model(model_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
     return ModelObject.from_row(service.get_model(db, principal, model_id))
+
+
+@router.delete("/{model_id}", response_model=ModelDeleted,
+               summary="Delete one of your fine-tuned models (its job and checkpoints stay)")
+def delete_model(model_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
+    return ModelDeleted(id=service.delete_model(db, principal, model_id).id, deleted=True)
 
 
 @router.post("", response_model=ModelObject, summary="Register a model on the server's disk (admin)",

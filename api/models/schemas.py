@@ -42,3 +42,11 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class ModelDeleted(BaseModel):
+    """OpenAI's `ModelDeleted`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool

@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from api.deps import AppServices, Principal
 from api.models import repository
 from api.models.schemas import ModelRegister
-from core.errors import Conflict, InvalidRequest, NotFound
+from core.clock import utcnow
+from core.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from core.models import ModelSource, RegisteredModel
 from core.storage import LOCAL_SCHEME
 from sdpo_engine.config import ConfigError, StepConfig
@@ -31,6 +32,27 @@ def get_model(db: Session, principal: Principal, model_id: str) -> RegisteredMod
     row = repository.get_visible(db, principal.owner, model_id)
     if row is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    return row
+
+
+def delete_model(db: Session, principal: Principal, model_id: str) -> RegisteredModel:
+    """Delete one of the caller's fine-tuned models (OpenAI's DELETE /v1/models/{model}): it is no
+    longer listed or usable as a base; the job that made it and its checkpoints stay (a checkpoint
+    can still be branched from as `ftckpt-…`). 404 for an unknown model, another owner's or one
+    already deleted; 403 `model_not_deletable` for a system model; 409 `model_in_use` while an
+    unfinished job starts from it."""
+    row = repository.get_visible(db, principal.owner, model_id, for_update=True)
+    if row is None:
+        raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    if row.owner is None:
+        raise PermissionDenied(f"The model '{model_id}' is a system model; only your own fine-tuned models can be "
+                               "deleted.", param="model", code="model_not_deletable")
+    users = repository.active_jobs_on(db, row.id)
+    if users:
+        raise Conflict(f"The model '{model_id}' is the base of unfinished job(s) {', '.join(users)}; cancel them "
+                       "or wait for them to finish.", param="model", code="model_in_use")
+    row.deleted_at = utcnow()
+    db.flush()
     return row
 
 

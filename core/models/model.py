@@ -38,3 +38,6 @@ class RegisteredModel(Base):
     job_id: Mapped[str | None] = mapped_column(String(40))
     checkpoint_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by DELETE /v1/models/{id} (the owner's fine-tuned models only): the row stays, since jobs
+    # name it as their model, but it is no longer listed or usable as a base.
+    deleted_at: Mapped[datetime | None]
