@@ -35,7 +35,8 @@ _CHAT_TEMPLATE = ("A Jinja chat template used instead of the model's own (needed
 class DpoSpec(_Strict):
     hyperparameters: dict[str, Any] | None = Field(
         None, description="beta, learning_rate or learning_rate_multiplier, n_epochs, batch_size, max_length, "
-                          "loss_type, …: numbers or \"auto\".")
+                          "…: numbers or \"auto\". Loss: loss_type (a TRL loss name or a list), loss_weights, "
+                          "rpo_alpha, label_smoothing, ld_alpha, discopop_tau (docs/CONTRACTS.md).")
     text_format: StrictStr | None = Field(None, description=_TEXT_FORMAT)
     chat_template: StrictStr | None = Field(None, description=_CHAT_TEMPLATE)
 

@@ -36,7 +36,13 @@ from core.errors import InvalidRequest
 from core.models import Checkpoint, File, FileStatus, ModelSource, RegisteredModel
 from core.settings import Settings
 from core.storage import LOCAL_SCHEME, make_storage
-from sdpo_engine.config import ConfigError, StepConfig, learning_rate_from_multiplier
+from sdpo_engine.config import (
+    ALIASES,
+    REFERENCE_FREE_PARAMETERS,
+    ConfigError,
+    StepConfig,
+    learning_rate_from_multiplier,
+)
 from sdpo_engine.markup import read_tokenizer_files
 from sdpo_engine.protocol import CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, TEXT_FORMATS, PartitionPlan
 
@@ -45,8 +51,9 @@ OPENAI_ONLY_METHODS = ("supervised", "reinforcement")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "input", "preferred_output", "non_preferred_output")
 DEFAULT_SOURCE_FIELD = "source"  # the field the upload statistics count sources by
 
-# `seed` is the job's, not a hyperparameter.
-HYPERPARAMETERS = tuple(f.name for f in fields(StepConfig) if f.name != "seed") + ("learning_rate_multiplier",)
+# `seed` is the job's, not a hyperparameter. ALIASES: Together's rpo_alpha (StepConfig turns it into the loss list).
+HYPERPARAMETERS = (tuple(f.name for f in fields(StepConfig) if f.name != "seed") + ALIASES
+                   + ("learning_rate_multiplier",))
 MAX_SEED = 2**31 - 1
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_METADATA_KEY, MAX_METADATA_VALUE = 64, 512  # OpenAI's; the number of pairs is a setting
@@ -408,6 +415,12 @@ class _Resolver:
         names and conflicts refused."""
         values = values or {}
         for name in values:
+            if name in REFERENCE_FREE_PARAMETERS:  # StepConfig's refusal says why
+                try:
+                    StepConfig.from_dict({name: values[name]})
+                except ConfigError as exc:
+                    raise bad(f"Invalid hyperparameter {name}: {exc.message}.", f"{prefix}.{name}",
+                              "invalid_hyperparameter") from None
             if name not in HYPERPARAMETERS:
                 hint = " (the seed is a top-level job parameter)" if name == "seed" else ""
                 raise bad(f"Unknown hyperparameter '{name}'{hint}; known: {', '.join(sorted(HYPERPARAMETERS))}.",
@@ -425,6 +438,13 @@ class _Resolver:
             if "learning_rate" in given or "learning_rate_multiplier" in given:
                 merged.pop("learning_rate", None)
                 merged.pop("learning_rate_multiplier", None)
+            # rpo_alpha is a whole loss (sigmoid + rpo_alpha * sft): it and loss_type/loss_weights replace
+            # each other across layers, as the learning rate and its multiplier do.
+            if "rpo_alpha" in given:
+                merged.pop("loss_type", None)
+                merged.pop("loss_weights", None)
+            if "loss_type" in given or "loss_weights" in given:
+                merged.pop("rpo_alpha", None)
             merged.update(given)
         values = {k: v for k, (v, _path) in merged.items()}
         paths = {k: path for k, (_v, path) in merged.items()}
@@ -440,7 +460,7 @@ class _Resolver:
         try:
             return StepConfig.from_dict(values, defaults=self.defaults)
         except ConfigError as exc:
-            path = paths.get(exc.param, exc.param)
+            path = paths.get(exc.param) or _beside_loss_setting(paths, exc.param)
             derived = path.endswith("learning_rate_multiplier") and exc.param == "learning_rate"
             if derived:
                 message = (f"Invalid learning_rate_multiplier: it gives a learning rate of "
@@ -456,3 +476,12 @@ class _Resolver:
         out.pop("seed", None)
         out["learning_rate_multiplier"] = float(f"{config.learning_rate / self.base_learning_rate:.10g}")
         return out
+
+
+def _beside_loss_setting(paths: dict[str, str], name: str) -> str:
+    """Where a missing loss setting belongs (exo_pair without label_smoothing): beside the loss the user
+    chose, e.g. method.dpo.hyperparameters.label_smoothing; the bare name when no loss was given."""
+    for key in ("loss_type", "rpo_alpha", "loss_weights"):
+        if key in paths:
+            return f"{paths[key].rsplit('.', 1)[0]}.{name}"
+    return name
