@@ -656,9 +656,10 @@ def _callbacks(index: int, emit: Emit, stop: _StopRequest, *,
                 # The code keeps its first name (sigmoid's ln 2) for every loss: it is in the contract.
                 emit({"event": "warning", "code": "first_loss_not_ln2", "step": index, "global_step": 1,
                       "first_loss": loss, "expected": expected,
-                      "message": f"first loss {loss:.6f} is {abs(loss - expected):.6f} off {expected:.6f}, the "
-                                 f"loss's value at policy = reference (tolerance {FIRST_LOSS_TOLERANCE:g}): the "
-                                 "policy and its reference differ before the first update"})
+                      "message": f"first loss {loss:.6f} is {abs(loss - expected):.6f} off "
+                                 f"{'ln 2' if expected == math.log(2) else 'its value at policy = reference'} = "
+                                 f"{expected:.6f} (tolerance {FIRST_LOSS_TOLERANCE:g}): the policy and its "
+                                 "reference differ before the first update"})
 
     class Stopper(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
