@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,11 +26,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDPO_", extra="ignore")
 
     home: Path = Field(Path(".sdpo"), description="Folder for every default path (made absolute).")
-    database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///{home}/sdpo.db. Postgres: postgresql+psycopg://…")
-    broker_url: str | None = Field(
-        None, description="Celery broker; default kombu's SQLAlchemy transport on {home}/broker.db.")
-    storage_dir: Path | None = Field(None, description="Root of the local file store; default {home}/storage.")
+    # Defaults derived from `home` (the already validated field) so that the types say "always set".
+    database_url: str = Field(
+        default_factory=lambda data: f"sqlite:///{_home(data) / 'sdpo.db'}",
+        description="SQLAlchemy URL; default sqlite:///{home}/sdpo.db. Postgres: postgresql+psycopg://…")
+    broker_url: str = Field(
+        # kombu wants four slashes before an absolute path: "sqla+sqlite:////abs/broker.db".
+        default_factory=lambda data: f"sqla+sqlite:///{_home(data) / 'broker.db'}",
+        description="Celery broker; default kombu's SQLAlchemy transport on {home}/broker.db.")
+    storage_dir: Path = Field(
+        default_factory=lambda data: _home(data) / "storage",
+        description="Root of the local file store; default {home}/storage.")
     storage_url: str | None = Field(
         None, description="s3://bucket/prefix: uploads, chunks and checkpoints in an S3-compatible store (endpoint, "
         "region, credentials from the standard AWS variables, e.g. AWS_ENDPOINT_URL for MinIO); storage_dir then "
@@ -72,6 +78,10 @@ class Settings(BaseSettings):
         description="Private webhook targets the admin allows (comma-separated): networks in CIDR form "
         "(10.0.0.0/8, 127.0.0.1, fd00::/8) and exact hostnames (receiver.internal). Webhooks are otherwise "
         "registered and sent to public addresses only (core/netguard.py).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Worker: the MLflow tracking server of jobs whose mlflow integration gives no "
+        "tracking_uri (any MLflow URI: http(s)://, file:, sqlite:); the worker's MLFLOW_TRACKING_USERNAME/"
+        "PASSWORD/TOKEN are sent to it only. Unset: such jobs are refused (400).")
     docs_enabled: bool | None = Field(
         None, description="Serve the API docs (/docs, /redoc, /openapi.json); default: on, off in production.")
 
@@ -164,13 +174,8 @@ class Settings(BaseSettings):
     def _derive_defaults(self) -> Settings:
         if self.docs_enabled is None:
             self.docs_enabled = self.environment != "production"
-        self.home = self.home.expanduser().resolve()
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.home / 'sdpo.db'}"
-        if self.broker_url is None:
-            # kombu wants four slashes before an absolute path: "sqla+sqlite:////abs/broker.db".
-            self.broker_url = f"sqla+sqlite:///{self.home / 'broker.db'}"
-        self.storage_dir = (self.storage_dir or self.home / "storage").expanduser().resolve()
+        self.home = _home({"home": self.home})
+        self.storage_dir = self.storage_dir.expanduser().resolve()
         self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
         if self.api_max_concurrency >= self.db_pool_size + self.db_max_overflow:
             raise ValueError("SDPO_API_MAX_CONCURRENCY must be below SDPO_DB_POOL_SIZE + SDPO_DB_MAX_OVERFLOW: "
@@ -186,6 +191,11 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return str(self.database_url).startswith("sqlite")
+
+
+def _home(data: dict[str, Any]) -> Path:
+    """The absolute `home` from a Settings' validated fields (the default when `home` was invalid)."""
+    return Path(data.get("home", ".sdpo")).expanduser().resolve()
 
 
 @lru_cache(maxsize=1)
