@@ -55,6 +55,7 @@ from core.clock import utcnow
 from core.jobs import lifecycle, repository
 from core.settings import Settings
 from core.states import JobStatus, StepStatus
+from core.storage import CorruptObject, StorageUnavailable
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.partition import PartitionError
 from sdpo_engine.protocol import CURRICULUM_STRATEGIES, TRAINING_DATA_CODES, ExitCode
@@ -164,7 +165,22 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
                         app: Celery) -> Outcome:
     attempt = claim.attempt
     base = workdir.model_dir(settings, claim.base_model)
-    policy_init = local_path(claim.policy_init_uri) if claim.policy_init_uri else base
+    policy_init = base
+    if claim.policy_init_uri:
+        name = claim.reference_id or claim.job_model
+        try:
+            policy_init, cache_hit = workdir.checkpoint_dir(claim.policy_init_uri)
+        except (CorruptObject, FileNotFoundError) as exc:
+            return _fail_job(job_id, index, "corrupt_checkpoint",
+                             f"Step {index} failed: its initial checkpoint {name} is corrupt or missing in the "
+                             f"store ({_PATH.sub('<path>', str(exc))[:300]})")
+        except StorageUnavailable as exc:
+            return _fail_job(job_id, index, "storage_unavailable",
+                             f"Step {index} failed: its initial checkpoint {name} could not be read from the "
+                             f"store after retries ({_PATH.sub('<path>', str(exc))[:300]}); start a new job "
+                             "(or branch from the last good checkpoint) once the store is back.")
+        if cache_hit is not None:
+            _record_cache(job_id, index, str(name), policy_init, cache_hit)
     # A checkpoint handed over through storage is checked against its manifest before it is
     # trained on: a truncated copy or a flipped byte must fail loudly, not train silently.
     if read_manifest(policy_init) is not None:
@@ -250,6 +266,18 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
     return _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work)
+
+
+def _record_cache(job_id: str, index: int, name: str, folder: Path, hit: bool) -> None:
+    """The step's event saying whether its initial checkpoint came from this host's cache (counted
+    by /metrics as sdpo_checkpoint_cache_total)."""
+    event_id = ids.new_id(ids.EVENT)
+    word = "hit" if hit else "miss"
+    message = (f"Checkpoint cache {word}: step {index} starts from {name} "
+               + ("already on this worker." if hit else "downloaded from the store and verified."))
+    data = {"checkpoint_cache": word, "checkpoint": name, "bytes": workdir.tree_bytes(folder)}
+    _in_session(repository.add_event, job_id, message, data=data, step_index=index, event_id=event_id,
+                what=f"record the cache {word} of step {index} of {job_id}")
 
 
 def _exit_description(returncode: int) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from core.storage import LOCAL_SCHEME
 from sdpo_engine.data import load_pairs, pair_rows
 from sdpo_engine.partition import partition, source_order
 from worker import db
@@ -29,6 +30,18 @@ def local_path(uri: str) -> Path:
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
     return db.storage().local_path(uri)
+
+
+def checkpoint_dir(uri: str) -> tuple[Path, bool | None]:
+    """(a local folder holding the stored checkpoint at `uri`, whether this host's cache had it:
+    True/False for a remote store, None for the local folder store, which has no cache). A remote
+    checkpoint is downloaded into the cache on a miss, every file checked against the sha256 in
+    the store's index. Raises `core.storage.CorruptObject` (a file missing or changed),
+    FileNotFoundError (no such checkpoint), `core.storage.StorageUnavailable` (after retries)."""
+    store = db.storage()
+    if uri.startswith("file://") or store.scheme == LOCAL_SCHEME:
+        return local_path(uri), None
+    return store.cached_tree(uri)
 
 
 def job_work_dir(settings: Settings, job_id: str) -> Path:
@@ -48,7 +61,7 @@ def model_dir(settings: Settings, base_model: tuple[str, str, str]) -> Path:
     any transaction, it takes a while) into the shared store, so every worker host reuses it.
     Raises RuntimeError when the conversion fails, OSError when the file cannot be read."""
     source, model_id, uri = base_model
-    path = local_path(uri) if uri.startswith(("file://", "local://")) else Path(uri)
+    path = local_path(uri) if uri.startswith(("file://", "local://", "s3://")) else Path(uri)
     if source != "gguf":
         return path
     key = hashlib.sha256(f"{path}:{path.stat().st_size}".encode()).hexdigest()[:12]
