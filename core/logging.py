@@ -48,12 +48,12 @@ def redact(text: str) -> str:
 @contextmanager
 def log_context(job_id: str | None = None, step: int | None = None) -> Iterator[None]:
     """Attach a job (and step) to every log record made inside the block (this thread or task)."""
-    tokens = [job_id_var.set(job_id), step_var.set(step)]
+    job_token, step_token = job_id_var.set(job_id), step_var.set(step)
     try:
         yield
     finally:
-        step_var.reset(tokens[1])
-        job_id_var.reset(tokens[0])
+        step_var.reset(step_token)
+        job_id_var.reset(job_token)
 
 
 def _jsonable(value):
@@ -68,7 +68,7 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one line of JSON (see the module docstring)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
@@ -108,9 +108,9 @@ def configure_logging() -> None:
     # Only where nobody configured logging yet (uvicorn leaves the root alone; pytest or an
     # embedding program do not, and keep their setup).
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        root.addHandler(handler)
+        stderr_handler = logging.StreamHandler(sys.stderr)
+        stderr_handler.setFormatter(JsonFormatter())
+        root.addHandler(stderr_handler)
         if root.level > logging.INFO:
             root.setLevel(logging.INFO)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):

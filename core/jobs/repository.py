@@ -300,7 +300,9 @@ def succeeded_step_durations(session: Session) -> list[float]:
     rows = session.execute(select(JobStep.started_at, JobStep.finished_at).where(
         JobStep.status == StepStatus.SUCCEEDED.value, JobStep.started_at.is_not(None),
         JobStep.finished_at.is_not(None)))
-    return [(finished - started).total_seconds() for started, finished in rows]
+    # the query leaves out the rows where either is NULL; the check says so to the type checker
+    return [(finished - started).total_seconds() for started, finished in rows
+            if started is not None and finished is not None]
 
 
 def running_steps(session: Session) -> list[tuple[str, int]]:
