@@ -156,7 +156,8 @@ class JobObject(BaseModel):
             fine_tuned_model=job.fine_tuned_model, organization_id=job.owner, status=job.status,
             hyperparameters={k: hp.get(k) for k in OPENAI_HYPERPARAMETERS}, training_file=job.training_file_id,
             validation_file=job.validation_file_id, result_files=[], trained_tokens=job.trained_tokens,
-            error=JobError.model_validate(job.error) if job.error is not None else None, seed=job.seed, estimated_finish=estimated_finish, integrations=[],
+            error=JobError.model_validate(job.error) if job.error is not None else None, seed=job.seed, estimated_finish=estimated_finish,
+            integrations=job.integrations or [],
             metadata=job.metadata_, method=job.method, user_provided_suffix=job.suffix, n_steps=job.n_steps,
             current_step=job.current_step, started_at=to_unix(job.started_at), updated_at=to_unix(job.updated_at),
             progress=progress)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import AppServices, Principal
 from api.jobs import repository, spec
+from api.jobs.integrations import check_integrations
 from api.jobs.progress import job_progress
 from api.jobs.schemas import JobCreate, JobObject
 from api.pagination import check_limit
@@ -27,6 +28,7 @@ _METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 def create_job(db: Session, services: AppServices, principal: Principal, body: JobCreate) -> Job:
     """Check the spec, add the job and its steps (queued; the chain is sent after the commit); return
     the job. 400 for a bad spec, 429 past SDPO_MAX_ACTIVE_JOBS_PER_OWNER."""
+    integrations = check_integrations(body.integrations, services.settings)
     plan = spec.build_plan(db, principal.owner, body, services.settings)
     _check_active_limit(db, principal.owner, services.settings.max_active_jobs_per_owner)
     initial = plan.initial_checkpoint
@@ -46,6 +48,7 @@ def create_job(db: Session, services: AppServices, principal: Principal, body: J
         seed=plan.seed,
         suffix=plan.suffix,
         metadata_=plan.metadata,
+        integrations=integrations,
     )
     # sDPO: step 1's policy and reference are the starting model (a checkpoint when branching;
     # otherwise the registered model, recorded as None); later steps are filled by the worker

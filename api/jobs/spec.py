@@ -89,8 +89,7 @@ def bad(message: str, param: str | None, code: str) -> InvalidRequest:
 
 
 def build_plan(db: Session, owner: str, body: JobCreate, settings: Settings) -> JobPlan:
-    if body.integrations:
-        raise bad("Integrations are not supported by this service.", "integrations", "unsupported_integration")
+    # body.integrations: checked by api.jobs.integrations (the service calls it first).
     seed = _check_seed(body.seed)
     suffix = _check_suffix(body.suffix)
     metadata = _check_metadata(body.metadata, settings.max_metadata_pairs)

@@ -43,6 +43,8 @@ class Job(Base):
     seed: Mapped[int]
     suffix: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict | None] = mapped_column("metadata")
+    # OpenAI's `integrations`, normalised by api/jobs/integrations.py: [{"type": "wandb"|"mlflow", …}].
+    integrations: Mapped[list | None]
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
     trained_tokens: Mapped[int | None]
     estimated_finish: Mapped[datetime | None]
