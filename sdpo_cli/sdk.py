@@ -109,7 +109,10 @@ def iter_sse(chunks: Iterable[bytes | str]) -> Iterator[ServerSentEvent]:
     id has been seen, so each keep-alive comment would surface as an event.)"""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     buffer = ""
-    event, data, last_id, retry = "", [], None, None
+    event = ""
+    data: list[str] = []
+    last_id: str | None = None
+    retry: int | None = None
     pending_cr = False
     for chunk in chunks:
         text = decoder.decode(chunk) if isinstance(chunk, bytes) else chunk

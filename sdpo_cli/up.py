@@ -72,12 +72,19 @@ def running_service(settings: Settings) -> dict | None:
     return local.running_service(settings.home)
 
 
+def _program(p: subprocess.Popen) -> str:
+    """The program of a `python -m <program> …` process (its whole command otherwise), for messages."""
+    args = [os.fsdecode(p.args)] if isinstance(p.args, str | bytes | os.PathLike) else [
+        os.fsdecode(a) for a in p.args]
+    return args[2] if len(args) > 2 else " ".join(args)
+
+
 def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{p.args[2] if len(p.args) > 2 else p.args} exited with {p.returncode}")
+                raise RuntimeError(f"{_program(p)} exited with {p.returncode}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return
