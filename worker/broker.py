@@ -57,11 +57,17 @@ def _redis_payloads(url: str, queues: list[str]) -> list[bytes]:
             # The plain list, and kombu's per-priority lists `<queue>\x06\x16<n>`.
             for key in client.scan_iter(match=_glob_escape(queue) + "*", count=1000):
                 if client.type(key) == b"list":
-                    payloads += client.lrange(key, 0, -1)
-        payloads += client.hvals(UNACKED_KEY)
+                    payloads += _as_bytes(client.lrange(key, 0, -1))
+        payloads += _as_bytes(client.hvals(UNACKED_KEY))
         return payloads
     finally:
         client.close()
+
+
+def _as_bytes(values: list[bytes | str]) -> list[bytes]:
+    # redis-py types replies as bytes or str (str with decode_responses=True, which this client
+    # does not set): bytes as they are, text as UTF-8
+    return [v if isinstance(v, bytes) else v.encode() for v in values]
 
 
 def _glob_escape(text: str) -> str:

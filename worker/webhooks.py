@@ -46,7 +46,8 @@ USER_AGENT = "sdpo-webhooks/1"
 def error_class(exc: BaseException) -> str:
     """The general class of a failed attempt (one of core.webhooks.DELIVERY_ERROR_CLASSES), from the
     exception and its causes."""
-    chain, seen = [], exc
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
     while seen is not None and len(chain) < 10:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
