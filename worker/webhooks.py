@@ -26,11 +26,10 @@ import ssl
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import select
 
+from core import webhooks_repository as repository
 from core.clock import utcnow
 from core.logging import install_celery_logging, log_context
-from core.models import Webhook, WebhookDelivery
 from core.netguard import Allowance, BlockedAddress, GuardedTransport
 from core.settings import get_settings
 from core.webhooks import DELIVER_WEBHOOKS, retry_delay, signed_headers, webhook_settings
@@ -68,13 +67,8 @@ def _claim(limit: int) -> list[tuple[str, str, str, dict, str, str | None, int |
     lease_until = now + timedelta(seconds=settings.timeout_seconds + 30)
     claimed = []
     with db.session() as s:
-        query = (select(WebhookDelivery)
-                 .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-                 .order_by(WebhookDelivery.created_at, WebhookDelivery.id).limit(limit))
-        if s.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
-        for row in s.scalars(query):
-            hook = s.get(Webhook, row.webhook_id)
+        for row in repository.due_deliveries(s, now, limit):
+            hook = repository.webhook(s, row.webhook_id)
             if hook is None or hook.deleted_at is not None:
                 row.status, row.last_error = "failed", "webhook_deleted"
                 continue
@@ -86,7 +80,7 @@ def _claim(limit: int) -> list[tuple[str, str, str, dict, str, str | None, int |
 def _record(delivery_id: str, status_code: int | None, error: str | None) -> str:
     settings = webhook_settings()
     with db.session() as s:
-        row = s.get(WebhookDelivery, delivery_id, with_for_update=True)
+        row = repository.locked_delivery(s, delivery_id)
         if row is None or row.status != "pending":
             return row.status if row else "gone"
         row.attempts += 1
