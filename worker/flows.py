@@ -59,7 +59,7 @@ from core.storage import CorruptObject, StorageUnavailable
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.partition import PartitionError
 from sdpo_engine.protocol import CURRICULUM_STRATEGIES, TRAINING_DATA_CODES, ExitCode
-from worker import broker, db, workdir
+from worker import broker, db, tracking, workdir
 from worker.checks import check_text
 from worker.relay import Relay, backfill_metrics
 from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
@@ -265,7 +265,10 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             return _fail_job(job_id, index, code, f"Step {index} failed: {message}")
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
-    return _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work)
+    done = _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work)
+    if done is Outcome.CONTINUE:
+        tracking.step_succeeded(job_id, index, settings)  # the job's integrations; never raises
+    return done
 
 
 def _record_cache(job_id: str, index: int, name: str, folder: Path, hit: bool) -> None:
@@ -350,6 +353,7 @@ def finalize_job(job_id: str, *, settings: Settings) -> Outcome:
     if name is None:
         return Outcome.STOP
     shutil.rmtree(workdir.job_work_dir(settings, job_id), ignore_errors=True)
+    tracking.job_ended(job_id, settings)  # final checkpoint to the job's integrations; never raises
     return Outcome.CONTINUE
 
 
