@@ -77,8 +77,9 @@ def start_server(home: Path, database_url: str | None, broker_url: str | None, *
     from core.models import RegisteredModel
     from core.settings import Settings
 
-    settings = Settings(home=home, database_url=database_url, broker_url=broker_url,
-                        admin_key="sk-sdpo-bench-" + secrets.token_hex(16))
+    # Only the URLs given: None is no longer a valid value (Settings derives the defaults from home).
+    urls = {k: v for k, v in (("database_url", database_url), ("broker_url", broker_url)) if v}
+    settings = Settings(home=home, admin_key="sk-sdpo-bench-" + secrets.token_hex(16), **urls)
     upgrade_head(settings.database_url)
     model_dir = home / "model"
     if worker:
