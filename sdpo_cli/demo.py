@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from core.settings import get_settings
 from sdpo_cli import up as up_cmd
 from sdpo_cli.report import follow, print_table
 from sdpo_cli.sdk import SDPOClient
@@ -67,6 +66,8 @@ def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from core.settings import get_settings  # the embedded service's home and store (a local command)
+
     settings = get_settings()
     started = None
     url = args.url or os.environ.get("SDPO_URL")

@@ -19,21 +19,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from core.db import make_engine, make_session_factory, session_scope
-from core.migrate import upgrade_head
-from core.models import RegisteredModel
-from core.permissions import make_private_dir, open_private_append, restrict_umask
-from core.settings import Settings, get_settings
 from sdpo_cli import local
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+# core (SQLAlchemy, the models, migrations) is imported by the functions that run the service, not
+# here: `sdpo` builds its parser from this module for every command, the HTTP ones included.
 
 BUILTIN_MODEL = "sdpo-tiny"
 
 
 def admin_key(settings: Settings) -> str:
     """SDPO_ADMIN_KEY, else a key generated once and kept in SDPO_HOME/admin_key (mode 600)."""
+    from core.permissions import make_private_dir
+
     if settings.admin_key:
         return settings.admin_key
     path = settings.home / "admin_key"
@@ -50,6 +54,9 @@ def admin_key(settings: Settings) -> str:
 def register_builtin_model(settings: Settings) -> Path:
     """Build the tiny model on first start (a child process: torch stays out of this one) and
     register it for everyone as `sdpo-tiny`."""
+    from core.db import make_engine, make_session_factory, session_scope
+    from core.models import RegisteredModel
+
     target = settings.storage_dir / "models" / BUILTIN_MODEL
     if not (target / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "sdpo_engine", "tiny-model", str(target)], check=True,
@@ -96,6 +103,10 @@ def wait_ready(url: str, procs: list[subprocess.Popen], timeout: float = 120) ->
 
 def start(host: str, port: int, *, log_dir: Path | None = None, quiet: bool = False) -> tuple[dict, list]:
     """Migrate, register the built-in model, start API + worker; returns (info, processes)."""
+    from core.migrate import upgrade_head
+    from core.permissions import make_private_dir, open_private_append, restrict_umask
+    from core.settings import get_settings
+
     settings = get_settings()
     # Everything under SDPO_HOME is owner-only: this process and the API and worker it starts
     # create files 0600 and folders 0700 (core/permissions.py).
@@ -156,6 +167,8 @@ def stop(procs: list[subprocess.Popen], timeout: float = 20) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from core.settings import get_settings
+
     info, procs = start(args.host, args.port)
     stopping = False
 

@@ -112,3 +112,33 @@ def test_server_and_key_come_from_flags_environment_or_config_file(tmp_path, mon
     assert (resolve_target(flags).url, resolve_target(flags).api_key) == ("http://flag:3", "sk-flag")
     with pytest.raises(ClientError):
         resolve_target(Namespace(url=None, api_key=None, config=str(tmp_path / "missing.yaml")))
+
+
+_LOADED = """
+import json, sys
+from sdpo_cli.main import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+server_side = sorted({m.split('.')[0] for m in sys.modules} & {'core', 'api', 'worker', 'sqlalchemy', 'torch'})
+print(json.dumps({"code": code, "server_side": server_side}))
+"""
+
+
+def test_http_commands_never_load_the_server_code_and_local_ones_do(tmp_path):
+    def run(*args: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SDPO_")}
+        # nothing listens on port 9 (discard) here: the HTTP command fails to connect, after parsing
+        env.update({"SDPO_URL": "http://127.0.0.1:9", "SDPO_API_KEY": "sk-sdpo-none", "SDPO_HOME": str(tmp_path),
+                    "SDPO_DATABASE_URL": f"sqlite:///{tmp_path / 'never-migrated.db'}"})
+        done = subprocess.run([sys.executable, "-c", _LOADED, *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+        return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
+
+    http = run("jobs", "list")
+    assert http["code"] != 0 and http["server_side"] == [], http
+    # `keys` is a local command: it imports core when it runs (and says the database is not migrated)
+    local = run("keys", "list")
+    assert local["code"] == 2 and "database not ready" in local["stderr"], local
+    assert {"core", "sqlalchemy"} <= set(local["server_side"]), local
