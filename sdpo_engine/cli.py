@@ -50,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int)
     r.add_argument("--gradient-accumulation-steps", type=int)
     r.add_argument("--max-length", type=int)
-    r.add_argument("--loss-type")
+    r.add_argument("--loss-type", type=_names_or_name,
+                   help="a TRL loss (sigmoid, ipo, robust, ...) or several comma-separated, summed with --loss-weights")
+    r.add_argument("--loss-weights", type=_numbers, help="comma-separated, one weight per loss of --loss-type")
+    r.add_argument("--rpo-alpha", type=float, help="RPO: --loss-type sigmoid,sft with weights 1,RPO_ALPHA")
+    r.add_argument("--label-smoothing", type=float, help="robust, aot, aot_unpaired, exo_pair (required there)")
+    r.add_argument("--ld-alpha", type=float, help="LD-DPO weight of the tokens beyond the shorter answer (0..1)")
+    r.add_argument("--discopop-tau", type=float, help="discopop loss temperature")
     r.add_argument("--warmup-ratio", type=float)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--source-field", default="source")
@@ -100,7 +106,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 HPARAM_FLAGS = ("beta", "learning_rate", "n_epochs", "batch_size", "gradient_accumulation_steps", "max_length",
-                "loss_type", "warmup_ratio")
+                "loss_type", "loss_weights", "rpo_alpha", "label_smoothing", "ld_alpha", "discopop_tau",
+                "warmup_ratio")
+
+
+def _names_or_name(text: str) -> str | list[str]:
+    """`sigmoid` -> "sigmoid"; `sigmoid,sft` -> ["sigmoid", "sft"] (StepConfig checks the names)."""
+    return [name.strip() for name in text.split(",")] if "," in text else text
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
 
 
 def _fmt(v, spec=".4f"):
@@ -266,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             emit=emit)
     except (ConfigError, DataError, ModelError, PartitionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, DataError) and getattr(e, "report", None):
+        if isinstance(e, DataError) and e.report:
             for err in e.report.get("errors", [])[:20]:
                 print(f"  line {err['line']}: {err.get('field') or '-'}: {err['reason']}", file=sys.stderr)
         return 2

@@ -186,3 +186,20 @@ def test_first_loss_check_uses_the_losss_reference_value():
     # Unknown (no sft NLL recorded, e.g. a resumed step or ld_alpha < 1): nothing to check against.
     assert expected_first_loss(cfg, SimpleNamespace(first_step_reference_nll=[None])) is None
     assert expected_first_loss(StepConfig.from_dict({"loss_type": "ipo", "beta": 0.5})) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--loss-type", "sigmoid,sft", "--loss-weights", "1"], "loss_weights: 1 weight(s) for 2 loss(es)"),
+    (["--loss-type", "simpo"], "loss_type: SimPO ('simpo') is refused: it is reference-free"),
+    (["--rpo-alpha", "0.5", "--loss-type", "ipo"], "rpo_alpha: rpo_alpha means loss_type"),
+    (["--label-smoothing", "0.2"], "label_smoothing: sigmoid ignore(s) it"),
+])
+def test_cli_refuses_bad_loss_settings_with_stepconfigs_error(tmp_path, chunks, flags, words, capsys):
+    """`python -m sdpo_engine run`'s entry point, in process (the flags parse, StepConfig refuses)."""
+    from sdpo_engine.cli import main
+
+    code = main(["run", "--model", str(tmp_path / "unused"), "--step-file", str(chunks[0]),
+                 "--out", str(tmp_path / "out"), *flags])
+    stderr = capsys.readouterr().err
+    assert code == 2 and f"error: {words}" in stderr, stderr[-2000:]
+    assert not (tmp_path / "out" / "step-1").exists()
