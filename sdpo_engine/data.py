@@ -730,6 +730,7 @@ def _check_pair(obj: dict[str, Any], source_field: str | None, result: _LineResu
         return
 
     _check_other_fields(obj, _OPENAI_KEYS if has_openai else _TRL_KEYS, source_field, result)
+    fmt: str | None
     if has_openai:
         fmt = "openai"
         prompt = _check_openai_input(obj, errors)
@@ -903,7 +904,8 @@ def _check_messages(value: Any, path: str, errors: list, fmt: str | None) -> lis
             errors.append((f"{item}.{key}", _UNSUPPORTED_MESSAGE_FIELDS.get(
                 key, f"unknown message field {key!r}: it would not be trained on; a message has only role "
                 "and content")))
-        if messages is not None and len(errors) == n_before and content is not None:
+        # no new error means role is one of ROLES; isinstance says so to the type checker
+        if messages is not None and len(errors) == n_before and isinstance(role, str) and content is not None:
             messages.append({"role": role, "content": content})
         else:
             messages = None

@@ -21,7 +21,10 @@ def generate(model_dir: str, prompts: Sequence[str], *, max_new_tokens: int = 48
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # transformers decorates PreTrainedModel.to with functools.wraps, which typeshed types as an
+    # unbound callable (_Wrapped): mypy then checks `device` against `self`
+    model = model.to(device).eval()  # type: ignore[arg-type]
     answers = []
     for prompt in prompts:
         if getattr(tokenizer, "chat_template", None):
@@ -33,8 +36,8 @@ def generate(model_dir: str, prompts: Sequence[str], *, max_new_tokens: int = 48
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        new_tokens = output[0, inputs["input_ids"].shape[1]:]
-        answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        answers.append(tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip())
     return answers
 
 

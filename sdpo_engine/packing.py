@@ -32,6 +32,7 @@ Depends on TRL 1.16's collator output and on its chunked log-prob kernel (pinned
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,10 +50,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 try:  # TRL's chunked log-prob kernel: the fused LM head without materialising the logits
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+    _HAS_CHUNKED_LOGPROB = True
 except ImportError:  # pragma: no cover - another TRL version: no packing, plain TRL
-    ChunkedLogProbFunction = None
-    FusedCausalLMOutput = None
-    _CHUNKED_LOGPROB_CHUNK_SIZE = 32768
+    _HAS_CHUNKED_LOGPROB = False
 
 
 def _is_peft(model) -> bool:
@@ -70,7 +70,7 @@ def _language_model(model):
 
 def packing_unsupported(model, args) -> str | None:
     """None if the packed path is proven identical for this model and config, else why not."""
-    if FusedCausalLMOutput is None:
+    if not _HAS_CHUNKED_LOGPROB:
         return "this TRL version lacks the chunked log-prob kernel"
     if _is_peft(model):
         peft_config = model.active_peft_config if hasattr(model, "active_peft_config") else None
@@ -118,7 +118,9 @@ def pack_examples(examples: list[dict[str, Any]], *, pad_token_id: int, max_leng
     layout (chosen rows first, then rejected rows, each left to right), the packed position whose
     hidden state predicts it; the token itself sits one position later.
     """
-    ids_rows, pos_rows, seg_rows = [], [], []
+    ids_rows: list[list[int]] = []
+    pos_rows: list[list[int]] = []
+    seg_rows: list[list[int]] = []
     src_chosen: list[tuple[int, int]] = []
     src_rejected: list[tuple[int, int]] = []
     for row, ex in enumerate(examples):
@@ -141,10 +143,10 @@ def pack_examples(examples: list[dict[str, Any]], *, pad_token_id: int, max_leng
     ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
     pos = torch.zeros((len(examples), length), dtype=torch.long)
     seg = torch.full((len(examples), length), -1, dtype=torch.int8)
-    for i, (a, b, s) in enumerate(zip(ids_rows, pos_rows, seg_rows, strict=True)):
-        ids[i, : len(a)] = torch.tensor(a, dtype=torch.long)
-        pos[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-        seg[i, : len(s)] = torch.tensor(s, dtype=torch.int8)
+    for i, (ids_row, pos_row, seg_row) in enumerate(zip(ids_rows, pos_rows, seg_rows, strict=True)):
+        ids[i, : len(ids_row)] = torch.tensor(ids_row, dtype=torch.long)
+        pos[i, : len(pos_row)] = torch.tensor(pos_row, dtype=torch.long)
+        seg[i, : len(seg_row)] = torch.tensor(seg_row, dtype=torch.int8)
     src = src_chosen + src_rejected
     return {
         "packed_input_ids": ids,
@@ -201,6 +203,12 @@ def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dt
     return allowed  # sdpa: True = attend
 
 
+# id() of the tied weights that already have the densify hook (one each, however many batches); an
+# entry goes with its tensor (weakref.finalize), so a later tensor reusing the id gets its own hook.
+# Not a WeakSet: that compares tensors with ==, which is elementwise.
+_DENSIFY_HOOKED: set[int] = set()
+
+
 def _tied_head_weight(weight: torch.Tensor) -> torch.Tensor:
     """A stand-in leaf for a weight tied between the input embedding and the LM head.
 
@@ -215,13 +223,15 @@ def _tied_head_weight(weight: torch.Tensor) -> torch.Tensor:
 
     def move(a: torch.Tensor) -> None:
         grad, a.grad = a.grad, None
+        if grad is None:  # the hook runs after accumulation, so there is one; nothing to move otherwise
+            return
         if weight.grad is None:
             weight.grad = grad
         else:
             weight.grad.add_(grad)
 
     alias.register_post_accumulate_grad_hook(move)
-    if not getattr(weight, "_sdpo_densify_hook", False):
+    if id(weight) not in _DENSIFY_HOOKED:
         # Safety net: should a sparse embedding gradient ever arrive without the head's (it cannot while
         # the head scores the batch), make it dense for the optimizer.
         def densify(w: torch.Tensor) -> None:
@@ -229,7 +239,8 @@ def _tied_head_weight(weight: torch.Tensor) -> torch.Tensor:
                 w.grad = w.grad.to_dense()
 
         weight.register_post_accumulate_grad_hook(densify)
-        weight._sdpo_densify_hook = True
+        _DENSIFY_HOOKED.add(id(weight))
+        weakref.finalize(weight, _DENSIFY_HOOKED.discard, id(weight))
     return alias
 
 

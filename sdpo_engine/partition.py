@@ -234,7 +234,8 @@ def _stratified(pairs: Sequence[dict[str, Any]], sizes: list[int], rng: random.R
     source_indices = list(range(len(names)))
     rng.shuffle(source_indices)
     for s in source_indices:
-        for k in sorted(range(n_chunks), key=lambda k, s=s: -remainders[s][k]):
+        # largest remainder first; reverse=True keeps equal ones in chunk order (the sort is stable)
+        for k in sorted(range(n_chunks), key=remainders[s].__getitem__, reverse=True):
             if row_need[s] == 0:
                 break
             if remainders[s][k] and col_need[k] > 0:
@@ -309,7 +310,7 @@ def _by_source_order(
         )
     if not source_scores:
         raise PartitionError(f"{strategy} needs source_scores: {{source: share of pairs with gamma > 0}}")
-    missing = sorted(name for name in groups if name not in source_scores)
+    missing = sorted(name for name in groups if name is not None and name not in source_scores)
     if missing:
         shown = ", ".join(repr(name) for name in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
