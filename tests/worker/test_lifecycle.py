@@ -1,5 +1,6 @@
-"""The worker's state changes (core.jobs.lifecycle) against real Postgres and Redis, one transition
-each: what the statuses, rows, events and broker messages are after each, and that running one
+"""Every state change of core.jobs.lifecycle (the worker's: start, claim, succeeded, paused, attempt
+failed, requeued, failed, finalised; the user's: create, cancel, pause, resume) against real
+Postgres and Redis, one transition each: what the statuses, rows, events and broker messages are after each, and that running one
 twice (a COMMIT whose answer was lost, then the retry) changes nothing more."""
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from sqlalchemy import select
 
 from core import ids
 from core.clock import utcnow
+from core.errors import Conflict
 from core.jobs import get_steps, lifecycle
-from core.models import Checkpoint, Event, Job, RegisteredModel
+from core.models import Checkpoint, Event, Job, JobStep, RegisteredModel
 from core.queue import make_celery
 from tests.api.factories import checkpoint_row, file_row, job_row
 from tests.conftest import queued_messages
@@ -260,3 +262,105 @@ def test_finalize_job_waits_for_every_step(db, make_job):
     assert lifecycle.finalize_job(db, job.id) is None
     db.commit()
     assert _statuses(db, job.id) == ("running", ["succeeded", "running"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The user's state changes (the API calls them inside its request's unit of work)
+
+
+def test_create_job_queues_the_job_and_sends_its_chain_only_once_committed(db, clean_state, base_model, app,
+                                                                            redis_client, settings):
+    training = file_row(db, "alice")
+    job = Job(id=ids.new_id(ids.JOB), owner="alice", model="tiny-base", model_id="tiny-base",
+              training_file_id=training.id, method={"type": "sdpo"}, hyperparameters={}, n_steps=2,
+              status="validating_files", seed=1)
+    steps = [JobStep(id=ids.new_id(ids.STEP), job_id=job.id, index=k, status="pending", hyperparameters={})
+             for k in (1, 2)]
+    lifecycle.create_job(db, app, job, steps, origin="1 file", method_type="sdpo")
+    assert _chains(redis_client, settings, job.id) == []  # nothing is sent before the commit
+    db.commit()
+    assert _statuses(db, job.id) == ("queued", ["pending", "pending"])
+    assert _messages(db, job.id) == [f"Created fine-tuning job {job.id}: sdpo with 2 step(s) from 1 file."]
+    assert _chains(redis_client, settings, job.id) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 1]),
+                                                ("sdpo.run_step", [job.id, 2]), ("sdpo.finalize_job", [job.id])]]
+
+
+def test_create_job_rolled_back_writes_and_sends_nothing(db, clean_state, base_model, app, redis_client, settings):
+    training = file_row(db, "alice")
+    job = Job(id=ids.new_id(ids.JOB), owner="alice", model="tiny-base", model_id="tiny-base",
+              training_file_id=training.id, method={"type": "sdpo"}, hyperparameters={}, n_steps=1,
+              status="validating_files", seed=1)
+    step = JobStep(id=ids.new_id(ids.STEP), job_id=job.id, index=1, status="pending", hyperparameters={})
+    lifecycle.create_job(db, app, job, [step], origin="1 file", method_type="sdpo")
+    db.rollback()
+    assert db.get(Job, job.id) is None and _messages(db, job.id) == []
+    assert _chains(redis_client, settings, job.id) == []
+
+
+def test_cancel_job_cancels_the_job_and_its_unfinished_steps_once(db, make_job):
+    job = make_job(steps=("succeeded", "running"))
+    lifecycle.cancel_job(db, db.get(Job, job.id))
+    db.commit()
+    assert _statuses(db, job.id) == ("cancelled", ["succeeded", "cancelled"])
+    assert _messages(db, job.id) == ["Job cancelled."]
+    with pytest.raises(Conflict) as refused:
+        lifecycle.cancel_job(db, db.get(Job, job.id))
+    assert refused.value.code == "job_not_cancellable"
+    db.rollback()
+    assert _messages(db, job.id) == ["Job cancelled."]
+
+
+def test_pause_job_pauses_a_queued_job_at_once_and_asks_a_running_one(db, make_job):
+    queued = make_job(status="queued", steps=("queued", "pending"))
+    lifecycle.pause_job(db, db.get(Job, queued.id))
+    db.commit()
+    assert _statuses(db, queued.id) == ("paused", ["pending", "pending"])
+    assert _messages(db, queued.id) == ["Job paused."]
+
+    running = make_job(status="running", steps=("running", "pending"))
+    lifecycle.pause_job(db, db.get(Job, running.id))
+    db.commit()
+    # the worker's step sees `pausing`, saves its trainer state and calls step_paused (above)
+    assert _statuses(db, running.id) == ("pausing", ["running", "pending"])
+    assert _messages(db, running.id) == ["Pause requested; the running step will save its state and stop."]
+
+    for status in ("pausing", "paused"):
+        with pytest.raises(Conflict) as refused:
+            lifecycle.pause_job(db, db.get(Job, running.id if status == "pausing" else queued.id))
+        assert refused.value.code == "job_not_pausable"
+        db.rollback()
+
+
+def test_resume_job_queues_a_paused_job_and_sends_the_remaining_steps(db, make_job, app, redis_client, settings):
+    job = make_job(status="paused", steps=("succeeded", "pending"))
+    lifecycle.resume_job(db, db.get(Job, job.id), app)
+    db.commit()
+    assert _statuses(db, job.id) == ("queued", ["succeeded", "pending"])
+    assert _messages(db, job.id) == ["Job resumed; 1 step(s) to run."]
+    assert _chains(redis_client, settings, job.id) == [[("sdpo.prepare_job", [job.id]), ("sdpo.run_step", [job.id, 2]),
+                                                ("sdpo.finalize_job", [job.id])]]
+    with pytest.raises(Conflict) as refused:  # queued now: only a paused job resumes
+        lifecycle.resume_job(db, db.get(Job, job.id), app)
+    assert refused.value.code == "job_not_resumable"
+    db.rollback()
+    assert len(_chains(redis_client, settings, job.id)) == 1
+
+
+def test_attempt_failed_at_the_last_attempt_fails_the_step_and_the_job(db, make_job, app, redis_client, settings):
+    job = make_job(steps=("queued", "pending"))
+    claim = _claimed(db, job)
+    lifecycle.attempt_failed(db, app, job.id, 1, claim.attempt, "the training process failed (boom)", max_attempts=1)
+    db.commit()
+    assert _statuses(db, job.id) == ("failed", ["failed", "cancelled"])
+    assert db.get(Job, job.id).error["code"] == "retries_exhausted"
+    assert _messages(db, job.id)[-1] == ("Step 1 failed after 1 attempt (max_step_attempts=1); the last one: "
+                                         "the training process failed (boom).")
+    assert _chains(redis_client, settings, job.id) == []
+
+
+def test_step_stopped_by_cancel_only_tells_the_events(db, make_job):
+    job = make_job(status="cancelled", steps=("cancelled", "cancelled"))
+    lifecycle.step_stopped_by_cancel(db, job.id, 1)
+    db.commit()
+    assert _statuses(db, job.id) == ("cancelled", ["cancelled", "cancelled"])
+    assert _messages(db, job.id) == ["Step 1 stopped: the job was cancelled."]
