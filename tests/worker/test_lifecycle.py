@@ -1,7 +1,8 @@
 """Every state change of core.jobs.lifecycle (the worker's: start, claim, succeeded, paused, attempt
 failed, requeued, failed, finalised; the user's: create, cancel, pause, resume) against real
-Postgres and Redis, one transition each: what the statuses, rows, events and broker messages are after each, and that running one
-twice (a COMMIT whose answer was lost, then the retry) changes nothing more."""
+Postgres and Redis, one transition each: what the statuses, rows, events and broker messages are
+after each, and that running one twice (a COMMIT whose answer was lost, then the retry) changes
+nothing more."""
 
 from __future__ import annotations
 
