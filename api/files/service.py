@@ -13,6 +13,7 @@ from api.deps import AppServices, Principal
 from api.files import repository
 from api.files.multipart import MultipartUpload
 from api.files.quotas import UploadAllowance, capped_upload, check_before_insert, too_many_rows
+from api.files.tee import ValidatingTee
 from api.pagination import check_limit
 from core import ids
 from core.clock import utcnow
@@ -57,7 +58,8 @@ def clean_filename(name: str | None) -> str:
 
 def receive_upload(db: Session, services: AppServices, content_type: str | None,
                    raw_chunks: Iterable[bytes], *, allowance: UploadAllowance | None = None) -> ReceivedUpload:
-    """Stream the upload to storage, then validate it. Anything wrong deletes the stored object
+    """Stream the upload to storage, validating it on the way (JSONL; Parquet once stored: api/files/tee.py).
+    Anything wrong deletes the stored object
     and raises; a valid upload stays stored until the request commits or rolls back.
 
     The stream stops at row SDPO_MAX_FILE_ROWS + 1 (400 `too_many_rows`) and, given the owner's
@@ -68,11 +70,18 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
     # The key is built from our id only: the client's file name never reaches the file system.
     file_chunks = capped_upload(upload.file_chunks(raw_chunks), max_rows=settings.max_file_rows,
                                 allowance=allowance)
+    # JSONL is validated while it streams to the store (one read of the bytes); Parquet after.
+    tee = ValidatingTee(file_chunks, lambda stream: validate_file(
+        stream, max_errors=settings.max_reported_errors, max_line_bytes=settings.max_line_bytes))
     try:
-        stored = storage.save_stream(f"files/{file_id}", file_chunks, max_bytes=settings.max_upload_bytes)
+        stored = storage.save_stream(f"files/{file_id}", tee.chunks(), max_bytes=settings.max_upload_bytes)
     except StorageUnavailable as exc:
+        tee.abort()
         # The store aborted its multipart upload (or never started one): nothing to clean up.
         raise _store_unavailable(storage, exc) from exc
+    except BaseException:
+        tee.abort()
+        raise
     # If the request never commits (an error later, a lost idempotency race, a failed commit),
     # the object goes too.
     after_rollback(db, lambda: _delete_quietly(storage, stored.uri))
@@ -84,15 +93,17 @@ def receive_upload(db: Session, services: AppServices, content_type: str | None,
         if purpose != PURPOSE:
             raise InvalidRequest(f"Invalid purpose {purpose!r}: this service only accepts '{PURPOSE}'.",
                                  param="purpose", code="invalid_purpose")
-        # Read back as a stream from the store (an S3 object by ranged GETs): never whole in
-        # memory or on the API's disk.
-        with storage.open(stored.uri) as stream:
-            # A Parquet file has no lines for the stream to count; its footer says how many rows it has.
-            declared_rows = parquet_rows(stream)
-            if declared_rows is not None and declared_rows > settings.max_file_rows:
-                raise too_many_rows(settings.max_file_rows, rows=declared_rows)
-            report = validate_file(stream, max_errors=settings.max_reported_errors,
-                                   max_line_bytes=settings.max_line_bytes)
+        report = tee.report()
+        if report is None:
+            # Parquet: read back as a stream from the store (an S3 object by ranged GETs), never
+            # whole in memory or on the API's disk.
+            with storage.open(stored.uri) as stream:
+                # A Parquet file has no lines for the stream to count; its footer says how many rows it has.
+                declared_rows = parquet_rows(stream)
+                if declared_rows is not None and declared_rows > settings.max_file_rows:
+                    raise too_many_rows(settings.max_file_rows, rows=declared_rows)
+                report = validate_file(stream, max_errors=settings.max_reported_errors,
+                                       max_line_bytes=settings.max_line_bytes)
         if report["rows"] > settings.max_file_rows:  # the stream's count stops this first; kept as a backstop
             raise too_many_rows(settings.max_file_rows, rows=report["rows"])
         if not report["valid"]:

@@ -247,3 +247,36 @@ def test_an_unreachable_store_is_storage_unavailable(tmp_path, monkeypatch):
     with pytest.raises(StorageUnavailable):
         store.save_stream("files/x", [b"x"])
     assert time.monotonic() - started < 20
+
+
+def test_the_upload_pipe_reads_lines_across_chunks_and_stops_on_abort():
+    """api/files/tee.py: what the validator reads while the upload streams (bounded lines, one
+    rewind to the start, and an abort that ends a reader waiting for bytes)."""
+    import threading
+
+    from api.files.tee import Pipe, _Aborted
+
+    pipe = Pipe(maxsize=2)
+    got: list = []
+
+    def reader():
+        got.append(pipe.read(4))
+        pipe.seek(0)
+        got.append(pipe.readline(100))
+        got.append(pipe.readline(5))  # a line longer than the limit comes in pieces
+        got.append(pipe.readline(100))
+        try:
+            pipe.read(10)
+        except _Aborted:
+            got.append("aborted")
+        finally:
+            pipe.reader_gone.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for chunk in (b"ab", b"c\nlong", b"er line\nx"):
+        pipe.put(chunk)
+    pipe.abort()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert got == [b"abc\n", b"abc\n", b"longe", b"r line\n", "aborted"]
