@@ -56,13 +56,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.jobs import repository
 from core.jobs.repository import add_event
-from core.models import Checkpoint, Event, Job, JobStep
 from core.settings import Settings
-from core.states import StepStatus
 from worker import db
 
 log = logging.getLogger(__name__)
@@ -105,17 +103,14 @@ class JobRecord:
 
 def read_job(session: Session, job_id: str) -> JobRecord | None:
     """The job as the trackers see it, or None when it has no integrations."""
-    job = session.get(Job, job_id)
+    job = repository.get_job(session, job_id)
     if job is None or not job.integrations:
         return None
-    steps = list(session.scalars(select(JobStep).where(JobStep.job_id == job_id,
-                                                       JobStep.status == StepStatus.SUCCEEDED)
-                                 .order_by(JobStep.index)))
+    steps = repository.succeeded_steps(session, job_id)
     ids = {i for s in steps for i in (s.reference_checkpoint_id, s.policy_init_checkpoint_id,
                                        s.output_checkpoint_id) if i}
-    sha = {c.id: c.sha256 for c in session.scalars(select(Checkpoint).where(Checkpoint.id.in_(ids)))} if ids else {}
-    events = session.scalars(select(Event).where(Event.job_id == job_id, Event.type == "metrics")
-                             .order_by(Event.seq))
+    sha = repository.checkpoint_sha256s(session, ids)
+    events = repository.metrics_events(session, job_id)
     by_step: dict[int, list[dict[str, Any]]] = {}
     for e in events:
         if e.step_index is not None and isinstance(e.data, dict) and isinstance(e.data.get("global_step"), int):
@@ -312,7 +307,10 @@ def write_mlflow(job: JobRecord, cfg: dict[str, Any], settings: Settings) -> str
             try:
                 experiment_id = client.create_experiment(name)
             except MlflowException:  # created by another worker meanwhile
-                experiment_id = client.get_experiment_by_name(name).experiment_id
+                created = client.get_experiment_by_name(name)
+                if created is None:  # not a race after all: the create's own error stands
+                    raise
+                experiment_id = created.experiment_id
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.id}'", max_results=1000)
         parent = next((r for r in runs if r.data.tags.get(KIND_TAG) == "job"), None)
         done = {r.data.tags.get(STEP_TAG) for r in runs if r.data.tags.get(KIND_TAG) == "step"}

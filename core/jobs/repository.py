@@ -8,6 +8,7 @@ interleave and overwrite each other.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -258,6 +259,27 @@ def first_metrics_event(session: Session, job_id: str, step_index: int) -> Event
     """The oldest `metrics` event of step `step_index` of the job, or None."""
     query = select(Event).where(Event.job_id == job_id, Event.type == "metrics", Event.step_index == step_index)
     return session.scalars(query.order_by(Event.seq).limit(1)).first()
+
+
+def succeeded_steps(session: Session, job_id: str) -> list[JobStep]:
+    """The job's succeeded steps, by index."""
+    return list(session.scalars(select(JobStep).where(JobStep.job_id == job_id, JobStep.status == StepStatus.SUCCEEDED)
+                                .order_by(JobStep.index)))
+
+
+def checkpoint_sha256s(session: Session, checkpoint_ids: Collection[str]) -> dict[str, str | None]:
+    """{checkpoint id: sha256 of its stored tree (None if not recorded)} of those of `checkpoint_ids`
+    that exist."""
+    if not checkpoint_ids:
+        return {}
+    query = select(Checkpoint.id, Checkpoint.sha256).where(Checkpoint.id.in_(checkpoint_ids))
+    return {checkpoint_id: sha256 for checkpoint_id, sha256 in session.execute(query)}
+
+
+def metrics_events(session: Session, job_id: str) -> list[Event]:
+    """Every `metrics` event of the job, oldest first."""
+    return list(session.scalars(select(Event).where(Event.job_id == job_id, Event.type == "metrics")
+                                .order_by(Event.seq)))
 
 
 def _waiting_steps():
