@@ -282,6 +282,14 @@ def metrics_events(session: Session, job_id: str) -> list[Event]:
                                 .order_by(Event.seq)))
 
 
+def count_checkpoint_cache_events(session: Session) -> dict[str, int]:
+    """{"hit": n, "miss": n}: the steps' events saying whether their initial checkpoint came from the
+    worker's cache ("Checkpoint cache hit: …" / "… miss: …", written by worker/flows.py), every owner's."""
+    return {word: session.scalar(select(func.count()).select_from(Event).where(
+        Event.message.like(f"Checkpoint cache {word}:%"), Event.step_index.is_not(None))) or 0
+        for word in ("hit", "miss")}
+
+
 def _waiting_steps():
     # Queued steps of running jobs: work a worker could claim now.
     return select(func.count()).select_from(JobStep).join(Job, Job.id == JobStep.job_id).where(
