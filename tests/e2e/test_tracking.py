@@ -1,0 +1,233 @@
+"""A job's integrations really track (#18): a real `mlflow server` on a free loopback port, the API
+and a Celery worker in their own processes, a 2-step tiny sDPO job, then MLflow's own client and
+the W&B offline run's own files read back every step's per-optimizer-step metrics and its lineage,
+exactly as the job's events and steps say. A tracker that is down leaves a warning, and the job
+still succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import free_port, sample_files, sdpo_job, upload, wait_job
+
+pytestmark = pytest.mark.slow  # two tiny jobs, a tracking server and W&B: about a minute on 2 cores
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """`mlflow server` with its backend store (SQLite) and artifacts under tmp_path; yields its URL."""
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    port = free_port()
+    log = open(root / "server.log", "ab")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner needed
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--default-artifact-root", str(root / "artifacts")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: uvicorn and its workers go with it
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _events(client: httpx.Client, job_id: str) -> list[dict]:
+    events, after = [], None
+    while True:
+        page = client.get(f"/v1/fine_tuning/jobs/{job_id}/events",
+                          params={"limit": 100, **({"after": after} if after else {})}).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events[::-1]  # oldest first
+        after = page["data"][-1]["id"]
+
+
+def _optimizer_losses(events: list[dict]) -> dict[int, dict[int, float]]:
+    """{sdpo step: {global step: loss}} from the job's metrics events."""
+    out: dict[int, dict[int, float]] = {}
+    for e in events:
+        if e["type"] == "metrics":
+            out.setdefault(e["data"]["step"], {})[e["data"]["global_step"]] = e["data"]["loss"]
+    return out
+
+
+def wandb_records(path: Path) -> Iterator[object]:
+    """The records of a W&B transaction log (`run-*.wandb`): W&B's 7-byte header, then LevelDB's log
+    format (32 KiB blocks of chunks, each `crc32 u32, length u16, type u8`: 1 full, 2 first, 3
+    middle, 4 last), each record a `wandb_internal_pb2.Record`. wandb 0.31 reads these in its Go
+    core only, so the test reads them itself."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", data[:7]
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            pending = b""
+            yield record
+        elif kind in (2, 3):
+            pending += chunk
+        elif kind == 0 and length == 0:
+            pos += (block - pos % block) % block
+
+
+def _wandb_run(run_dir: Path) -> tuple[list[dict], dict, dict]:
+    """(history rows, config, summary) of the one offline run in `run_dir`."""
+    history, config, summary = [], {}, {}
+    found = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    if len(found) != 1:  # not written yet, or being swapped for a newer one
+        return history, config, summary
+    log_file = found[0]
+    for record in wandb_records(log_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+        elif kind == "run":
+            config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "config":
+            config.update({u.key: json.loads(u.value_json) for u in record.config.update})
+        elif kind == "summary":
+            summary.update({"/".join(u.nested_key) or u.key: json.loads(u.value_json) for u in record.summary.update})
+    return history, config, summary
+
+
+def _eventually(read, done, what: str, timeout: float = 90):
+    """`read()` once `done(value)`: the job's end reaches its trackers just after the job shows
+    succeeded (the worker writes them after recording it)."""
+    deadline = time.time() + timeout
+    while True:
+        value = read()
+        if done(value):
+            return value
+        assert time.time() < deadline, f"{what} not tracked after {timeout} s: {value}"
+        time.sleep(0.5)
+
+
+def test_mlflow_and_wandb_track_a_two_step_job(service, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    service.env["SDPO_MLFLOW_TRACKING_URI"] = mlflow_server
+    service.start_api()
+    service.start_worker("w1")
+    client = service.client()
+    train, held = sample_files(tmp_path)
+    body = sdpo_job("sdpo-tiny", upload(client, train), upload(client, held))
+    body["integrations"] = [{"type": "wandb", "wandb": {"project": "sdpo-e2e", "tags": ["e2e"]}},
+                            {"type": "mlflow", "mlflow": {"experiment_name": "sdpo-e2e", "run_name": "two-steps"}}]
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    assert [i["type"] for i in r.json()["integrations"]] == ["wandb", "mlflow"]
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", service.logs()
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    experiment = mlflow.get_experiment_by_name("sdpo-e2e")
+    runs = _eventually(
+        lambda: mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`sdpo.job_id` = '{job['id']}'"),
+        lambda runs: any(r.data.tags["sdpo.kind"] == "job" and r.info.status == "FINISHED" for r in runs), "MLflow")
+    run_dir = service.home / "storage" / "tracking" / "wandb" / job["id"]
+    history, config, summary = _eventually(lambda: _wandb_run(run_dir), lambda run: "fine_tuned_model" in run[2],
+                                           "W&B")
+    events = _events(client, job["id"])
+    assert not [e for e in events if e["level"] == "warn" and (e["data"] or {}).get("integration")], events
+    losses = _optimizer_losses(events)
+    assert set(losses) == {1, 2} and all(len(v) >= 2 for v in losses.values())
+    steps = {s["index"]: s for s in client.get(f"/v1/fine_tuning/jobs/{job['id']}/steps").json()["data"]}
+    sha = {c["id"]: c["sha256"] for c in client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]}
+    final_checkpoint = steps[2]["output_checkpoint"]
+
+    # MLflow, through its own client: one parent run, one nested run per step.
+    [parent] = [r for r in runs if r.data.tags["sdpo.kind"] == "job"]
+    children = {int(r.data.tags["sdpo.step"]): r for r in runs if r.data.tags["sdpo.kind"] == "step"}
+    assert parent.info.run_name == "two-steps" and parent.info.status == "FINISHED"
+    assert parent.data.params["n_steps"] == "2" and parent.data.params["model"] == "sdpo-tiny"
+    assert parent.data.tags["sdpo.final_checkpoint"] == final_checkpoint
+    assert parent.data.tags["sdpo.final_checkpoint_sha256"] == sha[final_checkpoint]
+    assert parent.data.tags["sdpo.fine_tuned_model"] == job["fine_tuned_model"]
+    assert set(children) == {1, 2}
+    for k, run in children.items():
+        tags, step = run.data.tags, steps[k]
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        loss_history = mlflow.get_metric_history(run.info.run_id, "loss")
+        assert {m.step: m.value for m in loss_history} == losses[k]  # every optimizer step, as the events say
+        assert run.data.params["beta"] == str(step["hyperparameters"]["beta"])
+        assert tags["sdpo.output_checkpoint"] == step["output_checkpoint"]
+        assert tags["sdpo.output_sha256"] == sha[step["output_checkpoint"]]
+        assert run.data.metrics["step/first_loss"] == pytest.approx(step["metrics"]["first_loss"])
+        assert run.data.metrics["eval/reward_accuracy"] == pytest.approx(step["metrics"]["eval"]["reward_accuracy"])
+    assert "sdpo.reference_checkpoint" not in children[1].data.tags  # step 1's reference is the base model
+    assert children[1].data.tags["sdpo.reference_model"] == "sdpo-tiny"
+    assert children[2].data.tags["sdpo.reference_checkpoint"] == steps[1]["output_checkpoint"]  # sDPO's chain
+    assert children[2].data.tags["sdpo.reference_sha256"] == sha[steps[1]["output_checkpoint"]]
+    first_losses = mlflow.get_metric_history(parent.info.run_id, "step/first_loss")
+    assert sorted(m.step for m in first_losses) == [1, 2]  # the sDPO step as the parent's step axis
+
+    # W&B: one offline run for the job in the storage folder, holding the same numbers.
+    tracked = {}
+    for row in history:
+        if "train/loss" in row:
+            tracked.setdefault(row["sdpo_step"], {})[row["global_step"]] = row["train/loss"]
+    assert tracked == {k: pytest.approx(v) for k, v in losses.items()}
+    assert [row["_step"] for row in history] == sorted(row["_step"] for row in history)  # one axis across steps
+    assert config["n_steps"] == 2 and config["job_id"] == job["id"]
+    assert config["steps"]["2"]["reference_checkpoint"] == steps[1]["output_checkpoint"]
+    assert config["steps"]["2"]["output_sha256"] == sha[final_checkpoint]
+    assert summary["final_checkpoint_sha256"] == sha[final_checkpoint]
+    assert summary["fine_tuned_model"] == job["fine_tuned_model"]
+    evals = [row["eval/reward_accuracy"] for row in history if "eval/reward_accuracy" in row]
+    assert evals == pytest.approx([steps[k]["metrics"]["eval"]["reward_accuracy"] for k in (1, 2)])
+
+
+def test_a_tracker_that_is_down_warns_and_training_goes_on(service, tmp_path):
+    closed = free_port()  # nothing listens here
+    service.env["SDPO_WEBHOOK_ALLOWED_PRIVATE_NETWORKS"] = "127.0.0.1"  # so the job may name loopback at all
+    service.start_api()
+    service.start_worker("w1")
+    client = service.client()
+    train, _held = sample_files(tmp_path)
+    body = sdpo_job("sdpo-tiny", upload(client, train))
+    body["integrations"] = [{"type": "mlflow", "mlflow": {"tracking_uri": f"http://127.0.0.1:{closed}"}}]
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", service.logs()
+    warnings = _eventually(lambda: [e for e in _events(client, job["id"])
+                                    if (e["data"] or {}).get("integration") == "mlflow"],
+                           lambda found: len(found) >= 3, "the job's end")
+    assert [w["step"] for w in warnings] == [1, 2, None], warnings  # each step, then the job's end
+    assert all(w["level"] == "warn" and "training goes on" in w["message"] for w in warnings)
