@@ -63,6 +63,7 @@ __all__ = [
     "STOP_FILE_NAME",
     "any_rank",
     "exit_code_of",
+    "fsdp_on_cpu",
     "init_rank",
     "is_main_rank",
     "is_rank_process",
@@ -72,6 +73,7 @@ __all__ = [
     "on_main_rank",
     "rank",
     "reference_pass",
+    "saveable_policy",
     "trainer_overrides",
     "world_size",
 ]
@@ -235,7 +237,7 @@ def trainer_overrides(cfg: StepConfig, spec: StepSpec) -> dict[str, Any]:
                                  # The reference pass is dealt to the ranks by batch (reference_pass).
                                  "precompute_ref_batch_size": max(cfg.batch_size, 8)}
     if spec.strategy == "fsdp":
-        overrides["fsdp"] = "full_shard auto_wrap"
+        overrides["fsdp"] = True
         # FSDP2 with the model's own decoder-layer classes (`_no_split_modules`) as units; the full state
         # dict is gathered for the checkpoint (rank 0 writes it, one process loads it).
         overrides["fsdp_config"] = {"version": 2, "reshard_after_forward": True,
@@ -244,17 +246,57 @@ def trainer_overrides(cfg: StepConfig, spec: StepSpec) -> dict[str, Any]:
     return overrides
 
 
+def fsdp_on_cpu(trainer: Any) -> None:
+    """Let FSDP2 run on gloo CPU ranks, as it does on GPUs.
+
+    accelerate 1.15 (`AcceleratorState.__init__`) turns a run into FSDP only when its distributed type is
+    a GPU-class one; CPU ranks (MULTI_CPU) would silently get DDP instead of the FSDP the spec asks for.
+    torch's `fully_shard` itself runs on CPU over gloo, so on CPU ranks with an FSDP plugin the state is
+    promoted to FSDP right after the Trainer built its accelerator, before anything is prepared: training
+    then goes through accelerate's own FSDP2 path (`fully_shard` per decoder layer, full state dict). A
+    no-op on GPUs, without FSDP, and in one process. Checked by tests/engine/test_distributed.py (the
+    parameters are DTensors after training)."""
+    if not getattr(trainer.args, "fsdp_plugin_args", None) or trainer.is_fsdp_enabled:
+        return
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
 def manifest_entry(spec: StepSpec) -> dict[str, Any]:
     """The manifest's `distributed`: {"world_size", "strategy"} as the step ran (strategy None for one)."""
     return {"world_size": world_size(), "strategy": spec.strategy if world_size() > 1 else None}
 
 
-def full_state_dict(trainer: Any) -> dict[str, Any] | None:
-    """The policy's full state dict gathered from the FSDP shards (a collective; on CPU on rank 0), or
-    None where the model holds its whole weights (one process, DDP)."""
+def saveable_policy(trainer: Any, policy: Any) -> Any:
+    """What rank 0 saves with `save_pretrained`: `policy` itself where it holds its whole weights (one
+    process, DDP); under FSDP a plain model of the same class holding the full state dict gathered from
+    the shards (a collective: every rank calls it; None on the other ranks). The plain model is built on
+    the meta device and takes the gathered tensors as they are (`assign`): no third copy of the weights.
+    It shares `policy.config`, so what `_restore_dropout_config` puts back is saved."""
     if not getattr(trainer, "is_fsdp_enabled", False):
+        return policy
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # torch's own gather of the FSDP2 shards into plain tensors (on CPU, rank 0 only).
+    state_dict = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_rank():
         return None
-    return trainer.accelerator.get_state_dict(trainer.model)
+    plain_class = next(c for c in type(policy).__mro__ if not c.__name__.startswith("FSDP"))
+    with torch.device("meta"):
+        plain = plain_class(policy.config)
+    plain.load_state_dict(state_dict, assign=True, strict=False)
+    plain.tie_weights()
+    plain.config = policy.config
+    plain.generation_config = policy.generation_config
+    return plain
 
 
 # ---------------------------------------------------------------------------------------------

@@ -856,6 +856,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                                                  first_loss_expected=lambda: expected_first_loss(cfg, trainer)),
                             peft_config=peft_config, pack=spec.packing,
                             text_format=spec.text_format)
+    distributed.fsdp_on_cpu(trainer)
     pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
     if pairs_dropped:
         emit({"event": "info", "phase": "pairs_dropped", "step": spec.index, "pairs": len(pairs),
@@ -942,11 +943,11 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,
     }
-    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from the shards (every rank)
+    to_save = distributed.saveable_policy(trainer, policy)  # FSDP: gathered from the shards (every rank)
 
     def write(tmp: Path):
         _restore_dropout_config(model)
-        policy.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        to_save.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
     written = distributed.on_main_rank(lambda: write_checkpoint_atomically(out_dir, write, manifest))
