@@ -31,8 +31,9 @@ class Pipe:
     as a binary file with `read`, `readline` and `seek(0)` while within its first megabyte (how
     the validator tells Parquet from JSONL by the first four bytes)."""
 
-    def __init__(self, maxsize: int = PIPE_CHUNKS):
+    def __init__(self, maxsize: int = PIPE_CHUNKS, head_limit: int = _HEAD_LIMIT):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize)
+        self._head_limit = head_limit
         self.reader_gone = threading.Event()
         self._buf = b""
         self._pos = 0
@@ -66,7 +67,7 @@ class Pipe:
         if item is _EOF:
             self._eof = True
             return False
-        if self._head and len(self._buf) < _HEAD_LIMIT:
+        if self._head and len(self._buf) < self._head_limit:
             self._buf += item
         else:
             self._head = False
@@ -93,16 +94,16 @@ class Pipe:
         return out
 
     def readline(self, limit: int = -1) -> bytes:
-        scanned = self._pos
+        searched = 0
         while True:
             end = len(self._buf) if limit < 0 else min(len(self._buf), self._pos + limit)
-            found = self._buf.find(b"\n", scanned, end)
+            found = self._buf.find(b"\n", self._pos + searched, end)
             if found >= 0:
                 end = found + 1
                 break
             if limit >= 0 and end - self._pos >= limit:
                 break
-            scanned = end
+            searched = end - self._pos  # _fill may move the unread bytes to the buffer's start
             if not self._fill():
                 end = len(self._buf)
                 break

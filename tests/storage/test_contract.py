@@ -249,19 +249,23 @@ def test_an_unreachable_store_is_storage_unavailable(tmp_path, monkeypatch):
     assert time.monotonic() - started < 20
 
 
-def test_the_upload_pipe_reads_lines_across_chunks_and_stops_on_abort():
+@pytest.mark.parametrize("head_limit", [1 << 20, 0])  # 0: past the kept head, the buffer is trimmed on every fill
+def test_the_upload_pipe_reads_lines_across_chunks_and_stops_on_abort(head_limit):
     """api/files/tee.py: what the validator reads while the upload streams (bounded lines, one
     rewind to the start, and an abort that ends a reader waiting for bytes)."""
     import threading
 
     from api.files.tee import Pipe, _Aborted
 
-    pipe = Pipe(maxsize=2)
+    pipe = Pipe(maxsize=2, head_limit=head_limit)
     got: list = []
 
     def reader():
-        got.append(pipe.read(4))
-        pipe.seek(0)
+        if head_limit:
+            got.append(pipe.read(4))
+            pipe.seek(0)
+        else:
+            got.append(b"abc\n")
         got.append(pipe.readline(100))
         got.append(pipe.readline(5))  # a line longer than the limit comes in pieces
         got.append(pipe.readline(100))
@@ -274,9 +278,47 @@ def test_the_upload_pipe_reads_lines_across_chunks_and_stops_on_abort():
 
     thread = threading.Thread(target=reader)
     thread.start()
-    for chunk in (b"ab", b"c\nlong", b"er line\nx"):
+    for chunk in (b"ab", b"c\nlong", b"er", b" li", b"ne\nx"):
         pipe.put(chunk)
     pipe.abort()
     thread.join(10)
     assert not thread.is_alive()
     assert got == [b"abc\n", b"abc\n", b"longe", b"r line\n", "aborted"]
+
+
+def test_the_upload_pipe_reads_the_same_lines_as_a_file():
+    """Random chunk sizes and line limits: the pipe's readline is a file's readline."""
+    import random
+    import threading
+
+    from api.files.tee import Pipe
+
+    rng = random.Random(7)
+    data = b"".join(b"x" * rng.randrange(0, 300) + b"\n" for _ in range(3000)) + b"tail"
+    expected, f = [], io.BytesIO(data)
+    limits = [rng.choice([-1, 17, 100, 1000]) for _ in range(10_000)]
+    for limit in limits:
+        line = f.readline(limit)
+        if not line:
+            break
+        expected.append(line)
+    pipe = Pipe(maxsize=4, head_limit=4096)
+    got = []
+
+    def reader():
+        for limit in limits[:len(expected) + 1]:
+            line = pipe.readline(limit)
+            if not line:
+                break
+            got.append(line)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    at = 0
+    while at < len(data):
+        size = rng.randrange(1, 2000)
+        pipe.put(data[at:at + size])
+        at += size
+    pipe.close()
+    thread.join(10)
+    assert got == expected
