@@ -80,3 +80,26 @@ def test_a_store_that_is_away_is_503_on_readyz_and_upload(make_client, tmp_path,
         assert count_rows()["files"] == 0
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_file_of_several_megabytes_is_validated_while_it_streams(store, make_client, moto_server, monkeypatch,
+                                                                    user_key, clean_state):
+    """The validator reads the upload through a pipe as it streams (api/files/tee.py): every line
+    of a file far past the pipe's first megabyte is read whole, and a bad one is named by its line."""
+    if store == "s3":
+        for name, value in moto_server.env().items():
+            monkeypatch.setenv(name, value)
+        client = make_client(storage_url=f"s3://{moto_server.new_bucket()}/sdpo")
+    else:
+        client = make_client()
+    rows = preference_rows(20_000)
+    content = jsonl_bytes(rows)
+    assert len(content) > 2 << 20
+    response = _post(client, user_key, content)
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == 20_000
+    bad = content.replace(b'{"prompt": "What is 19000 + 19000?"', b'{"prompt": 7', 1)
+    response = _post(client, user_key, bad)
+    assert response.status_code == 400
+    assert [e["line"] for e in response.json()["error"]["errors"]] == [19_001]
