@@ -403,7 +403,7 @@ def _define_trainer_class():
                 if self.use_weighting:
                     outputs += ("log_sum_sq_probs",)
                 model = self._packed_forward(model, outputs)
-            if "sft" in self.loss_types and self.model.training and self.state.global_step == 0:
+            if "sft" in self.loss_types and getattr(self.model, "training", False) and self.state.global_step == 0:
                 # The first optimizer step's sft term at policy = reference (expected_first_loss).
                 self.first_step_reference_nll.append(self._reference_chosen_nll(inputs))
             return super()._compute_loss(model, inputs, return_outputs)
