@@ -1,0 +1,269 @@
+"""One sDPO step on N ranks (sdpo_engine/distributed.py, issue #15), on this CPU machine: gloo ranks.
+
+The fast tests check the contract (the spec's `distributed`, the per-rank batch, the exit code of the
+launcher, the reference pass's dealing of batches in one process). The slow ones run the real launcher
+(`python -m sdpo_engine step SPEC.json`, which re-runs itself under `torch.distributed.run`) with 2 ranks
+against the one-process step on the same seed and data: DDP and FSDP2, the sharded reference pass with an
+odd number of pairs, and a SIGTERM to the launcher followed by a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdpo_engine.config import ConfigError, StepConfig
+from sdpo_engine.distributed import exit_code_of, reference_pass, trainer_overrides
+from sdpo_engine.manifest import checkpoint_identity, read_manifest
+from sdpo_engine.protocol import ExitCode, SpecError, StepSpec
+from sdpo_engine.sample_data import make_pairs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+HPARAMS = {"learning_rate": 1e-3, "batch_size": 4, "max_length": 96, "beta": 0.1, "seed": 0}
+
+
+def _spec(tiny_model: Path, tmp: Path, **extra) -> dict:
+    return {"index": 1, "policy_init": str(tiny_model), "train_file": str(tmp / "c1.jsonl"),
+            "output_dir": str(tmp / "out"), "work_dir": str(tmp / "work"), "hyperparameters": HPARAMS,
+            "device": "cpu", **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract (fast)
+
+
+def test_spec_distributed_is_checked(tiny_model, tmp_path):
+    write_jsonl(make_pairs(4, seed=1), tmp_path / "c1.jsonl")
+    base = _spec(tiny_model, tmp_path)
+    spec = StepSpec.from_dict({**base, "distributed": {"num_processes": 2, "strategy": "fsdp"}})
+    assert (spec.num_processes, spec.strategy) == (2, "fsdp")
+    assert (StepSpec.from_dict(base).num_processes, StepSpec.from_dict(base).strategy) == (1, None)
+    # One rank is one process whatever the strategy says.
+    assert StepSpec.from_dict({**base, "distributed": {"num_processes": 1}}).strategy is None
+    for bad, field in [({"num_processes": 0}, "num_processes"), ({"num_processes": True}, "num_processes"),
+                       ({"num_processes": 2, "strategy": "zero3"}, "strategy"), ({"ranks": 2}, "ranks"),
+                       ([2], "distributed")]:
+        with pytest.raises(SpecError, match=field):
+            StepSpec.from_dict({**base, "distributed": bad})
+    with pytest.raises(SpecError, match="fsdp"):
+        StepSpec.from_dict({**base, "lora": {"r": 4}, "distributed": {"num_processes": 2, "strategy": "fsdp"}})
+
+
+def test_batch_size_stays_the_global_batch(tiny_model, tmp_path):
+    write_jsonl(make_pairs(4, seed=1), tmp_path / "c1.jsonl")
+    spec = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "distributed": {"num_processes": 2}})
+    assert trainer_overrides(StepConfig.from_dict({"batch_size": 8}), spec)["per_device_train_batch_size"] == 4
+    assert "fsdp" not in trainer_overrides(StepConfig.from_dict({"batch_size": 8}), spec)
+    with pytest.raises(ConfigError) as err:
+        trainer_overrides(StepConfig.from_dict({"batch_size": 3}), spec)
+    assert err.value.param == "batch_size"
+    assert trainer_overrides(StepConfig.from_dict({"batch_size": 3}), StepSpec.from_dict(_spec(tiny_model, tmp_path))) == {}
+    fsdp = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "distributed": {"num_processes": 2, "strategy": "fsdp"}})
+    assert trainer_overrides(StepConfig.from_dict({"batch_size": 2}), fsdp)["fsdp_config"]["version"] == 2
+
+
+def test_launcher_exit_code_follows_rank_zeros_last_line():
+    assert exit_code_of({"event": "result"}) == ExitCode.OK
+    assert exit_code_of({"event": "stopped"}) == ExitCode.STOPPED
+    assert exit_code_of({"event": "error", "code": "non_finite"}) == ExitCode.NON_FINITE
+    assert exit_code_of({"event": "error", "code": "no_trainable_pairs"}) == ExitCode.BAD_INPUT
+    assert exit_code_of({"event": "error", "code": "step_failed"}) == ExitCode.FAILED
+    assert exit_code_of(None) == ExitCode.FAILED  # a rank died before rank 0 printed its last line
+
+
+def test_reference_pass_in_one_process_scores_every_row_once_in_row_order():
+    import torch
+
+    seen: list[list[int]] = []
+
+    def score(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(idx)
+        t = torch.tensor(idx, dtype=torch.float32)
+        return -t, -2 * t
+
+    order = [4, 0, 3, 1, 2]
+    chosen, rejected = reference_pass(5, order, 2, score)
+    assert seen == [[4, 0], [3, 1], [2]]
+    assert chosen.tolist() == [0.0, -1.0, -2.0, -3.0, -4.0]
+    assert rejected.tolist() == [0.0, -2.0, -4.0, -6.0, -8.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real ranks (slow)
+
+
+def _run(spec: dict, path: Path, timeout: float = 300) -> tuple[int, list[dict], str]:
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "sdpo_engine", "step", str(path)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines() if line.strip()], proc.stderr
+
+
+def _two_steps(tiny_model: Path, data: Path, root: Path, distributed: dict | None) -> list[dict]:
+    """Steps 1 and 2 of a job (step 2 starts from, and is referenced to, step 1's output)."""
+    runs = []
+    policy = tiny_model
+    for index in (1, 2):
+        tmp = root / f"step{index}"
+        tmp.mkdir(parents=True)
+        spec = {**_spec(policy, tmp), "index": index, "train_file": str(data / f"c{index}.jsonl")}
+        if distributed:
+            spec["distributed"] = distributed
+        rc, lines, err = _run(spec, tmp / "spec.json")
+        assert rc == 0, err[-3000:]
+        out = tmp / "out"
+        runs.append({"lines": lines, "out": out, "manifest": read_manifest(out),
+                     "losses": [e["loss"] for e in lines if e["event"] == "metrics"],
+                     "result": lines[-1]})
+        policy = out
+    return runs
+
+
+@pytest.fixture(scope="module")
+def step_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("ranks-data")
+    # 16 pairs per chunk: 4 optimizer steps of the global batch 4 (2 pairs per rank on 2 ranks).
+    write_jsonl(make_pairs(8, seed=1), data / "c1.jsonl")
+    write_jsonl(make_pairs(8, seed=2), data / "c2.jsonl")
+    return data
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_model, step_data, tmp_path_factory):
+    return _two_steps(tiny_model, step_data, tmp_path_factory.mktemp("one-rank"), None)
+
+
+def _weights(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def _assert_same_as_one_rank(runs: list[dict], one: list[dict], strategy: str) -> None:
+    for index, (run, ref) in enumerate(zip(runs, one, strict=True), start=1):
+        assert len(run["losses"]) == len(ref["losses"]) > 0
+        for a, b in zip(run["losses"], ref["losses"], strict=True):
+            assert abs(a - b) <= 1e-5, (index, run["losses"], ref["losses"])
+        assert abs(run["losses"][0] - math.log(2)) <= 1e-6
+        assert abs(run["result"]["summary"]["mean_gamma_ref"] - ref["result"]["summary"]["mean_gamma_ref"]) <= 1e-4
+        mine, theirs = _weights(run["out"]), _weights(ref["out"])
+        assert sorted(mine) == sorted(theirs)
+        worst = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+        assert worst <= 1e-4, (index, worst)
+        assert run["manifest"]["distributed"] == {"world_size": 2, "strategy": strategy}
+        assert ref["manifest"]["distributed"] == {"world_size": 1, "strategy": None}
+    # Lineage as in one process: step 2's reference is step 1's output, by sha256.
+    assert runs[1]["manifest"]["reference"]["sha256"] == runs[0]["result"]["summary"]["output"]["sha256"]
+    assert runs[1]["manifest"]["reference"] == checkpoint_identity(runs[0]["out"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process(strategy, tiny_model, step_data, one_rank, tmp_path):
+    runs = _two_steps(tiny_model, step_data, tmp_path, {"num_processes": 2, "strategy": strategy})
+    _assert_same_as_one_rank(runs, one_rank, strategy)
+    # Only rank 0 wrote: one output, one manifest; no rank's temp folder left beside it.
+    for run in runs:
+        assert sorted(p.name for p in run["out"].parent.iterdir() if p.name.startswith((".out", "out"))) == ["out"]
+    # FSDP's checkpoint is the full model, loadable in one process.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(runs[1]["out"])
+    saved = _weights(runs[1]["out"])
+    for name, tensor in model.state_dict().items():
+        if name in saved:
+            assert tensor.equal(saved[name]), name
+
+
+RANK_SCRIPT = r'''
+import json, os, sys
+import torch.distributed as dist
+from sdpo_engine.data import load_pairs
+from sdpo_engine.step import load_policy, pair_logps
+
+dist.init_process_group("gloo")
+tok, model = load_policy(sys.argv[1], "cpu")
+pairs = load_pairs(sys.argv[2])
+kept = []
+chosen, rejected = pair_logps(model, tok, pairs, max_length=96, batch_size=2, kept=kept)
+if dist.get_rank() == 0:
+    with open(sys.argv[3], "w") as fh:
+        json.dump({"chosen": chosen, "rejected": rejected, "kept": kept, "world": dist.get_world_size()}, fh)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_sharded_reference_pass_equals_one_process_pair_for_pair(tiny_model, tmp_path):
+    from sdpo_engine.data import load_pairs
+    from sdpo_engine.step import load_policy, pair_logps
+
+    # 9 pairs in batches of 2: 5 batches, rank 0 scores 3 and rank 1 scores 2 (and repeats one).
+    data = write_jsonl(make_pairs(5, seed=7)[:9], tmp_path / "odd.jsonl")  # make_pairs(n) gives 2n pairs
+    script = tmp_path / "rank_ref.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp_path / "sharded.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tiny_model), str(data), str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                      "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(out.read_text())
+    assert sharded["world"] == 2
+    tok, model = load_policy(tiny_model, "cpu")
+    kept: list[int] = []
+    chosen, rejected = pair_logps(model, tok, load_pairs(data), max_length=96, batch_size=2, kept=kept)
+    assert len(chosen) == 9 and sharded["kept"] == kept
+    for mine, theirs in ((sharded["chosen"], chosen), (sharded["rejected"], rejected)):
+        for a, b in zip(mine, theirs, strict=True):
+            assert abs(a - b) <= 1e-6 * max(1.0, abs(b)), (a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_and_a_rerun_resumes(tiny_model, tmp_path):
+    write_jsonl(make_pairs(16, seed=3), tmp_path / "c1.jsonl")  # 32 pairs
+    hp = {**HPARAMS, "batch_size": 2, "n_epochs": 2}  # 32 optimizer steps: time to stop in between
+    distributed = {"num_processes": 2, "strategy": "ddp"}
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    rc, lines, err = _run({**_spec(tiny_model, whole, hyperparameters=hp, distributed=distributed),
+                           "train_file": str(tmp_path / "c1.jsonl")}, whole / "spec.json")
+    assert rc == 0, err[-3000:]
+    uninterrupted = lines[-1]["summary"]["last_loss"]
+
+    run = tmp_path / "paused"
+    run.mkdir()
+    spec = {**_spec(tiny_model, run, hyperparameters=hp, distributed=distributed), "train_file": str(tmp_path / "c1.jsonl")}
+    (run / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "sdpo_engine", "step", str(run / "spec.json")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    events = []
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "metrics" and events[-1]["global_step"] == 2:
+            os.kill(proc.pid, signal.SIGTERM)  # the launcher only, as the supervisor's pause does
+    assert proc.wait(timeout=120) == ExitCode.STOPPED
+    stopped = events[-1]
+    assert stopped["event"] == "stopped" and 2 <= stopped["global_step"] < 32
+    assert Path(stopped["checkpoint"]).is_dir() and not (run / "out").exists()
+    # Every rank saved its RNG state into the one checkpoint, and no rank is left running.
+    assert sorted(p.name for p in Path(stopped["checkpoint"]).glob("rng_state*")) == ["rng_state_0.pth",
+                                                                                   "rng_state_1.pth"]
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", str(run / "work")], capture_output=True).returncode == 1
+
+    rc, lines, err = _run(spec, run / "spec.json")
+    assert rc == 0, err[-3000:]
+    assert any(e.get("phase") == "resume" for e in lines)
+    assert abs(lines[-1]["summary"]["last_loss"] - uninterrupted) <= 1e-3
