@@ -133,6 +133,17 @@ class Settings(BaseSettings):
     activation_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="Engine: auto turns activation checkpointing on only where the largest batch's "
         "activations would not fit in memory; on/off force it.")
+    # A step on N ranks (sdpo_engine.distributed; docs/SCALING.md): the spec's `distributed`.
+    worker_gpus: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="Worker: the GPUs it owns (indices, comma-separated: 0,1,2,3); each step "
+        "runs on all of them, one rank per GPU (its engine's CUDA_VISIBLE_DEVICES), so several workers on one "
+        "host split the GPUs. Unset: one process on the default device.")
+    worker_ranks: int | None = Field(
+        None, ge=1, le=1024, description="Worker: ranks of each step; on CPU that many gloo ranks. Default: the "
+        "number of worker_gpus, else 1. Must equal that number when both are set.")
+    distributed_strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Worker: how a step's ranks split the model: ddp (a whole copy on every rank) or fsdp "
+        "(FSDP2: weights, gradients and optimizer states sharded across the ranks).")
 
     light_queue: str = "sdpo.light"
     train_queue: str = "sdpo.train"
@@ -150,6 +161,16 @@ class Settings(BaseSettings):
     def _pad_unset(cls, value):
         if isinstance(value, str) and value.strip().lower() in ("", "auto"):
             return None
+        return value
+
+    @field_validator("worker_gpus", mode="before")
+    @classmethod
+    def _split_gpus(cls, value):
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            if not all(part.isdigit() for part in parts):
+                raise ValueError("SDPO_WORKER_GPUS must be GPU indices separated by commas, e.g. 0,1,2,3")
+            return [int(part) for part in parts]
         return value
 
     @field_validator("model_roots", mode="before")
@@ -177,6 +198,11 @@ class Settings(BaseSettings):
         self.home = _home({"home": self.home})
         self.storage_dir = self.storage_dir.expanduser().resolve()
         self.model_roots = [p.expanduser().resolve() for p in self.model_roots]
+        if self.worker_gpus and len(set(self.worker_gpus)) != len(self.worker_gpus):
+            raise ValueError("SDPO_WORKER_GPUS names a GPU twice")
+        if self.worker_gpus and self.worker_ranks is not None and self.worker_ranks != len(self.worker_gpus):
+            raise ValueError(f"SDPO_WORKER_RANKS={self.worker_ranks} but SDPO_WORKER_GPUS names "
+                             f"{len(self.worker_gpus)} GPUs: one rank per GPU")
         if self.api_max_concurrency >= self.db_pool_size + self.db_max_overflow:
             raise ValueError("SDPO_API_MAX_CONCURRENCY must be below SDPO_DB_POOL_SIZE + SDPO_DB_MAX_OVERFLOW: "
                              "a request holds a connection between its thread-pool calls (api/concurrency.py)")
@@ -187,6 +213,23 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"SDPO_ADMIN_KEY must be at least {MIN_PRODUCTION_ADMIN_KEY_LENGTH} characters in production")
         return self
+
+    @property
+    def step_ranks(self) -> int:
+        """Ranks each step of this worker runs on: the GPUs it owns, else `worker_ranks`, else 1."""
+        return len(self.worker_gpus) or self.worker_ranks or 1
+
+    def step_distributed(self) -> dict[str, int | str] | None:
+        """The step spec's `distributed` (sdpo_engine.protocol.DistributedSpec); None for one rank."""
+        if self.step_ranks <= 1:
+            return None
+        return {"num_processes": self.step_ranks, "strategy": self.distributed_strategy}
+
+    def engine_environment(self) -> dict[str, str] | None:
+        """What the worker adds to its engine processes' environment: the GPUs it owns."""
+        if not self.worker_gpus:
+            return None
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(gpu) for gpu in self.worker_gpus)}
 
     @property
     def is_sqlite(self) -> bool:

@@ -208,7 +208,8 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         "save_steps": settings.step_save_steps, "text_format": claim.text_format,
         "chat_template": claim.chat_template, "packing": settings.packing,
         "pad_to_multiple_of": settings.pad_to_multiple_of,
-        "activation_checkpointing": settings.activation_checkpointing})
+        "activation_checkpointing": settings.activation_checkpointing,
+        "distributed": settings.step_distributed()})
 
     stopped_because: list[str] = []
 
@@ -233,7 +234,8 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
                         relay=Relay(job_id, index, attempt, recorded), control=control, heartbeat=heartbeat,
                         heartbeat_seconds=settings.step_heartbeat_seconds,
                         poll_seconds=min(1.0, settings.step_heartbeat_seconds),
-                        flush_seconds=settings.db_retry_seconds, warm=settings.warm_engine)
+                        flush_seconds=settings.db_retry_seconds, warm=settings.warm_engine,
+                        env=settings.engine_environment())
     log.info("step %s of %s: engine process exited %s (%s start)", index, job_id, outcome.returncode,
              "warm" if outcome.warm else "cold")
 
