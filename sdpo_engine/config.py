@@ -174,14 +174,19 @@ def _check(name: str, value, f):
                 raise ConfigError(name, f"must be an integer, got {value}")
             value = int(value)
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a JSON integer beyond float's range
+            raise ConfigError(name, f"a number too large is out of range {_interval(rng)}") from None
     too_low = value < rng.low or (value == rng.low and not rng.low_inclusive)
     too_high = value > rng.high or (value == rng.high and not rng.high_inclusive)
     if too_low or too_high:
-        lo = "[" if rng.low_inclusive else "("
-        hi = "]" if rng.high_inclusive else ")"
-        raise ConfigError(name, f"{value} is out of range {lo}{rng.low:g}, {rng.high:g}{hi}")
+        raise ConfigError(name, f"{value} is out of range {_interval(rng)}")
     return value
+
+
+def _interval(rng: Range) -> str:
+    return f"{'[' if rng.low_inclusive else '('}{rng.low:g}, {rng.high:g}{']' if rng.high_inclusive else ')'}"
 
 
 def _unknown_loss(name) -> ConfigError:
@@ -215,7 +220,8 @@ def _check_loss_weights(value) -> list[float]:
         raise ConfigError("loss_weights", f"must be a list of numbers, got {type(value).__name__}")
     weights = []
     for i, w in enumerate(value):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        # isfinite on floats only: a huge JSON integer would overflow it (and fails the range check).
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or (isinstance(w, float) and not math.isfinite(w)):
             raise ConfigError("loss_weights", f"weight {i} must be a finite number, got {w!r}")
         if not 0 <= w <= MAX_LOSS_WEIGHT:
             raise ConfigError("loss_weights", f"weight {i} = {w} is out of range [0, {MAX_LOSS_WEIGHT:g}]")
@@ -231,7 +237,8 @@ def _apply_rpo_alpha(values: dict) -> None:
     alpha = values.pop("rpo_alpha", "auto")
     if _is_auto(alpha):
         return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+            or (isinstance(alpha, float) and not math.isfinite(alpha))):
         raise ConfigError("rpo_alpha", f"must be a finite number or \"auto\", got {alpha!r}")
     if not 0 <= alpha <= MAX_RPO_ALPHA:
         raise ConfigError("rpo_alpha", f"{alpha} is out of range [0, {MAX_RPO_ALPHA:g}]")
