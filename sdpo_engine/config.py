@@ -276,7 +276,8 @@ def _check_loss_settings(merged: dict, *, defaults_of: dict) -> None:
 
 def learning_rate_from_multiplier(multiplier, base_learning_rate: float) -> float:
     """OpenAI's `learning_rate_multiplier` scales the model's default rate; checked like the rest."""
-    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+    if (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float))
+            or (isinstance(multiplier, float) and not math.isfinite(multiplier))):
         raise ConfigError("learning_rate_multiplier", "must be a finite number or \"auto\"")
     if not 0 < multiplier <= 100:
         raise ConfigError("learning_rate_multiplier", f"{multiplier} is out of range (0, 100]")

@@ -43,6 +43,8 @@ BAD = [
     ("a weight beyond float's range", lambda f: dpo(f, {"loss_weights": [10**400]}), f"{HP}.loss_weights",
      "out of range"),
     ("an ld_alpha beyond float's range", lambda f: dpo(f, {"ld_alpha": 10**400}), f"{HP}.ld_alpha", "too large"),
+    ("a learning_rate_multiplier beyond float's range", lambda f: dpo(f, {"learning_rate_multiplier": 10**400}),
+     f"{HP}.learning_rate_multiplier", "out of range"),
     ("an unknown loss in a list", lambda f: dpo(f, {"loss_type": ["sigmoid", "magic"]}), f"{HP}.loss_type",
      "unknown loss type 'magic'"),
     ("a loss given twice", lambda f: dpo(f, {"loss_type": ["sigmoid", "sigmoid"]}), f"{HP}.loss_type",
