@@ -226,7 +226,8 @@ def write_wandb(job: JobRecord, cfg: dict[str, Any], settings: Settings) -> Path
         run = wandb.init(mode="offline", dir=str(staging), id=job.id, project=cfg["project"], entity=cfg.get("entity"),
                          name=cfg.get("name") or job.id, tags=tags, config=config, reinit="create_new",
                          settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
-                                                 x_disable_meta=True, save_code=False))
+                                                 x_disable_meta=True, save_code=False, symlink=False,
+                                                 x_save_requirements=False))
         try:
             offset = 0
             for step in job.steps:
@@ -242,6 +243,10 @@ def write_wandb(job: JobRecord, cfg: dict[str, Any], settings: Settings) -> Path
             run.summary.update({"status": job.status, "steps_tracked": len(job.steps)})
         finally:
             run.finish()
+        # W&B's convenience links (latest-run, debug logs, one into ~/.cache) would dangle once moved.
+        for path in list(staging.rglob("*")):
+            if path.is_symlink():
+                path.unlink()
         if final_dir.exists():
             old = final_dir.with_name(f".{job.id}.old.{uuid.uuid4().hex[:8]}")
             final_dir.rename(old)
