@@ -80,7 +80,10 @@ class JobCreate(_Strict):
     seed: StrictInt | None = None
     suffix: StrictStr | None = None
     metadata: dict[str, Any] | None = None
-    integrations: list[Any] | None = None
+    integrations: list[Any] | None = Field(
+        None, description="OpenAI's: [{\"type\": \"wandb\", \"wandb\": {\"project\", \"entity\", \"name\", \"tags\"}}], "
+        "or {\"type\": \"mlflow\", \"mlflow\": {\"tracking_uri\", \"experiment_name\", \"run_name\"}}; the worker logs "
+        "each step to them (W&B offline, into the server's storage). See docs/CONTRACTS.md.")
 
     # Invisible characters go before the suffix's own check (api/jobs/spec.py): see core/text.py.
     _clean_suffix = field_validator("suffix")(clean_optional_name)
