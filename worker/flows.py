@@ -247,6 +247,7 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             return Outcome.STOP
         shutil.rmtree(work.parent, ignore_errors=True)  # the job is over: its trainer state goes
         _in_session(lifecycle.step_stopped_by_cancel, job_id, index, what="record a cancel")
+        tracking.job_ended(job_id, settings)
         return Outcome.STOP
     if outcome.returncode == ExitCode.STOPPED:
         # The child saved its trainer state and exited (a pause, or a SIGTERM from elsewhere).
@@ -336,12 +337,14 @@ def _retry_or_fail(job_id: str, index: int, attempt: int, reason: str, *, settin
                    app: Celery) -> Outcome:
     _in_session(lifecycle.attempt_failed, app, job_id, index, attempt, reason,
                 max_attempts=settings.max_step_attempts, what=f"requeue step {index} of {job_id}")
+    tracking.job_ended(job_id, settings)  # when the retries are spent: the job failed
     return Outcome.STOP
 
 
 def _fail_job(job_id: str, index: int | None, code: str, message: str) -> Outcome:
     """The job fails with a readable error; its unfinished steps are cancelled (the failed one failed)."""
     _in_session(lifecycle.fail_job, job_id, index, code, message, what=f"fail {job_id}")
+    tracking.job_ended(job_id)  # closes the job's tracked runs as failed; never raises
     return Outcome.STOP
 
 

@@ -60,7 +60,7 @@ from sqlalchemy.orm import Session
 
 from core.jobs import repository
 from core.jobs.repository import add_event
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from worker import db
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ _STEP_RESULTS = ("first_loss", "last_loss", "mean_gamma_ref", "reward_accuracy",
                  "pairs_used", "train_seconds", "global_steps", "num_tokens")
 _MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                        "MLFLOW_TRACKING_CLIENT_CERT_PATH", "MLFLOW_TRACKING_SERVER_CERT_PATH")
+_ENDED = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}  # job status -> MLflow run status
 _PATH = re.compile(r"(/[^\s:'\"]+){2,}")  # server paths stay out of the events users read
 
 
@@ -151,9 +152,11 @@ def step_succeeded(job_id: str, index: int, settings: Settings) -> None:
     _track(job_id, index, settings)
 
 
-def job_ended(job_id: str, settings: Settings) -> None:
-    """Track the job's end (its final checkpoint once it succeeded)."""
-    _track(job_id, None, settings)
+def job_ended(job_id: str, settings: Settings | None = None) -> None:
+    """Track the job's end: its final checkpoint once it succeeded; a failed or cancelled job's
+    runs are closed as such (MLflow FAILED / KILLED). Nothing for a job that has not ended.
+    `settings`: the worker's (`get_settings()` when not given)."""
+    _track(job_id, None, settings or get_settings())
 
 
 def _track(job_id: str, index: int | None, settings: Settings) -> None:
@@ -163,7 +166,7 @@ def _track(job_id: str, index: int | None, settings: Settings) -> None:
     except Exception:  # the database away: tracking is not worth failing the step for
         log.warning("tracking of %s: the job could not be read", job_id, exc_info=True)
         return
-    if job is None:
+    if job is None or (index is None and job.status not in _ENDED):
         return
     for integration in job.integrations:
         kind = integration.get("type")
@@ -344,7 +347,9 @@ def write_mlflow(job: JobRecord, cfg: dict[str, Any], settings: Settings) -> str
             client.set_terminated(run_id, "FINISHED")
         if job.final:
             client.log_batch(parent_id, tags=[RunTag(f"sdpo.{k}", str(v)) for k, v in job.final.items() if v])
-            client.set_terminated(parent_id, "FINISHED")
+        if job.status in _ENDED:
+            client.set_tag(parent_id, "sdpo.status", job.status)
+            client.set_terminated(parent_id, _ENDED[job.status])
         return parent_id
 
 

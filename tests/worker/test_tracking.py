@@ -202,3 +202,25 @@ def test_check_tracking_address_resolves_names(settings):
     with pytest.raises(ValueError):
         tracking.check_tracking_address("file:///etc/passwd", settings)
     assert socket.gethostbyname("localhost").startswith("127.")
+
+
+def test_a_failed_job_closes_its_runs_as_failed_and_a_running_one_is_left_alone(make_job, settings, tmp_path, db):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = settings.model_copy(update={"mlflow_tracking_uri": store})
+    job, succeed = make_job([{"type": "mlflow", "mlflow": {"tracking_uri": None, "experiment_name": "e",
+                                                           "run_name": "r"}}])
+    succeed(1)
+    tracking.job_ended(job.id, settings)  # still running: not an end
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_experiment_by_name("e") is None
+
+    db.get(Job, job.id).status = "failed"
+    db.commit()
+    tracking.job_ended(job.id, settings)
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id])
+    [parent] = [r for r in runs if r.data.tags["sdpo.kind"] == "job"]
+    assert (parent.info.status, parent.data.tags["sdpo.status"]) == ("FAILED", "failed")
+    assert "sdpo.final_checkpoint" not in parent.data.tags
+    assert [r.data.tags["sdpo.step"] for r in runs if r.data.tags["sdpo.kind"] == "step"] == ["1"]
