@@ -2,7 +2,7 @@
 already recorded, by the worker process, after each step and when the job ends.
 
 The worker calls `step_succeeded` once a step's checkpoint is recorded and `job_ended` when the
-job succeeds (worker/flows.py). Both read the job from the database (the step rows, their
+job ends: it succeeded, failed, or was cancelled while a step ran (worker/flows.py). Both read the job from the database (the step rows, their
 checkpoints and the per-optimizer-step `metrics` events the relay wrote) and send it to each
 integration. So the training child never talks to a tracker (it needs no network to one, and a
 slow tracker never slows training), and what is tracked is exactly what the job's log says,
@@ -32,8 +32,9 @@ was away is written by the next call.
   (`sdpo.reference_checkpoint`, `sdpo.reference_sha256`, `sdpo.policy_init_checkpoint`,
   `sdpo.output_checkpoint`, `sdpo.output_sha256`; step 1 of a job on a registered model has
   `sdpo.reference_model` instead). The parent has the job's params, each step's results as
-  metrics at MLflow step k, and, when the job succeeds, tags `sdpo.final_checkpoint`,
-  `sdpo.final_checkpoint_sha256` and `sdpo.fine_tuned_model` and status FINISHED. The tracking URI
+  metrics at MLflow step k, and, when the job ends, tag `sdpo.status` and status FINISHED (with
+  tags `sdpo.final_checkpoint`, `sdpo.final_checkpoint_sha256` and `sdpo.fine_tuned_model`),
+  FAILED or KILLED. The tracking URI
   is the job's or `SDPO_MLFLOW_TRACKING_URI`. The worker's MLflow credentials
   (`MLFLOW_TRACKING_USERNAME`/`PASSWORD`/`TOKEN`) are sent to the server default only; a
   job-supplied URI is checked again here (every address its host resolves to must be public or
