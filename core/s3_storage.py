@@ -356,8 +356,9 @@ class S3Storage(Storage):
         index = self._find_index(key)
         if index is not None:
             return self._cached_tree(key, index)[0]
-        path = self.cache.root / "objects" / hashlib.sha256(key.encode()).hexdigest()
+        path = self.cache.objects / hashlib.sha256(key.encode()).hexdigest()
         if path.is_file():
+            os.utime(path)  # recently used
             return path  # objects are never rewritten under a key (ids are new every time)
         make_private_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
@@ -367,6 +368,7 @@ class S3Storage(Storage):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        self.cache.evict(keep=path)
         return path
 
     # -- trees (checkpoints)
@@ -546,9 +548,9 @@ def _sha256_file(path: Path) -> str:
 
 
 class TreeCache:
-    """Local copies of stored trees, `root/trees/<tree sha256>/`, at most `max_bytes` in all: the
-    least recently used go first when a new one comes in (a tree in use by this process is never
-    larger than the bound allows, and one that alone exceeds it is still kept until the next)."""
+    """Local copies of stored trees, `root/trees/<tree sha256>/`, and of downloaded files (chunks,
+    uploads), `root/objects/<sha256 of the key>`, at most `max_bytes` in all: the least recently
+    used go first when a new one comes in (one that alone exceeds the bound is kept until the next)."""
 
     hits = 0
     misses = 0
@@ -558,6 +560,7 @@ class TreeCache:
         self.root = root
         self.max_bytes = max_bytes
         self.trees = root / "trees"
+        self.objects = root / "objects"
 
     def _entry(self, index: dict) -> Path:
         return self.trees / index["sha256"]
@@ -591,19 +594,28 @@ class TreeCache:
         self.evict(keep=entry)
 
     def evict(self, keep: Path | None = None) -> None:
-        if not self.trees.is_dir():
-            return
+        """Remove the least recently used trees and downloaded files (chunks, uploads) until the
+        cache holds at most `max_bytes` (`keep`, just used, stays even when alone too large)."""
         entries = []
-        for entry in self.trees.iterdir():
-            if entry.is_dir():
-                size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-                entries.append((entry.stat().st_mtime, entry, size))
+        if self.trees.is_dir():
+            for entry in self.trees.iterdir():
+                if entry.is_dir():
+                    size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                    entries.append((entry.stat().st_mtime, entry, size))
+        if self.objects.is_dir():
+            for entry in self.objects.iterdir():
+                if entry.is_file() and not entry.name.startswith("."):  # not a download in progress
+                    stat = entry.stat()
+                    entries.append((stat.st_mtime, entry, stat.st_size))
         total = sum(size for _, _, size in entries)
         for _, entry, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
                 break
             if entry == keep:
                 continue
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             total -= size
 

@@ -232,6 +232,11 @@ def test_move_tree_seeds_the_cache_and_the_cache_is_bounded(s3, tmp_path):
     assert len(cached) == 1 and sum(p.stat().st_size for p in cached[0].rglob("*") if p.is_file()) <= 5000
     path, hit = store.cached_tree(uris[0])  # evicted: downloaded again
     assert not hit and (path / "w.bin").read_bytes() == b"\0" * 3000
+    # Downloaded files (chunks, uploads) count against the same bound.
+    chunk = store.save_stream("chunks/j/step-1.jsonl", [b"c" * 4000])
+    local = store.local_path(chunk.uri)
+    assert local.read_bytes() == b"c" * 4000
+    assert not list((tmp_path / "small-cache" / "trees").iterdir())  # the tree made room for it
 
 
 def test_an_unreachable_store_is_storage_unavailable(tmp_path, monkeypatch):
