@@ -229,9 +229,15 @@ class S3Storage(Storage):
                  max_attempts: int = 5, client: Any = None):
         self.url = url
         self.bucket, self.prefix = parse_s3_url(url)
-        config = botocore.config.Config(
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            connect_timeout=5, read_timeout=60, max_pool_connections=16)
+        # Standard retry mode (exponential backoff with jitter on throttling, 5xx and connection
+        # errors); AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, when set, win over this default.
+        retries: dict[str, Any] = {}
+        if "AWS_RETRY_MODE" not in os.environ:
+            retries["mode"] = "standard"
+        if "AWS_MAX_ATTEMPTS" not in os.environ:
+            retries["max_attempts"] = max_attempts
+        config = botocore.config.Config(retries=retries or None, connect_timeout=5, read_timeout=60,
+                                        max_pool_connections=16)
         # boto3 reads AWS_ENDPOINT_URL(_S3), the region and the credentials from the environment
         # and ~/.aws: a MinIO or Ceph endpoint needs no code here.
         self.client = client or boto3.session.Session().client("s3", config=config)

@@ -67,6 +67,7 @@ def test_a_store_that_is_away_is_503_on_readyz_and_upload(make_client, tmp_path,
     try:
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the standard variable: fewer retries, a quicker test
         bucket = server.new_bucket()
         client = make_client(storage_url=f"s3://{bucket}/sdpo")
         assert client.get("/readyz").json()["checks"]["storage"] == "ok"
