@@ -327,3 +327,48 @@ def test_the_upload_pipe_reads_the_same_lines_as_a_file():
     pipe.close()
     thread.join(10)
     assert got == expected
+
+
+def test_the_store_killed_in_the_middle_of_a_checkpoint_upload(tmp_path, monkeypatch):
+    """moto is killed while a checkpoint's weights are a multipart upload in flight: move_tree
+    raises an OSError (the worker's `checkpoint_write_failed`) after botocore's retries, and the
+    output folder is left whole. (The index, written last, never was: tests/e2e/test_s3_store.py
+    shows no checkpoint row then.)"""
+    import threading
+
+    from core.s3_storage import S3Storage
+    from tests.s3server import MotoServer
+
+    server = MotoServer(tmp_path).start()
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        bucket = server.new_bucket()
+        store = S3Storage(f"s3://{bucket}/p", tmp_path / "cache")
+        out = tmp_path / "work" / "output"
+        out.mkdir(parents=True)
+        (out / "a-model.safetensors").write_bytes(os.urandom(1 << 20) * 96)  # 12 parts of 8 MiB
+        (out / "sdpo_manifest.json").write_text("{}")
+        watcher = server.client()
+        killed = threading.Event()
+
+        def kill_when_uploading():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if watcher.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+                    server.kill()
+                    killed.set()
+                    return
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=kill_when_uploading)
+        thread.start()
+        with pytest.raises(OSError):
+            store.move_tree(out, "checkpoints/j/ck-1")
+        thread.join()
+        assert killed.is_set(), "the upload ended before the store could be killed"
+        assert sorted(p.name for p in out.iterdir()) == ["a-model.safetensors", "sdpo_manifest.json"]
+        assert not list((tmp_path / "cache").glob("trees/*"))
+    finally:
+        server.stop()
