@@ -238,11 +238,13 @@ def trainer_overrides(cfg: StepConfig, spec: StepSpec) -> dict[str, Any]:
                                  "precompute_ref_batch_size": max(cfg.batch_size, 8)}
     if spec.strategy == "fsdp":
         overrides["fsdp"] = True
-        # FSDP2 with the model's own decoder-layer classes (`_no_split_modules`) as units; the full state
-        # dict is gathered for the checkpoint (rank 0 writes it, one process loads it).
+        # FSDP2 with the model's own decoder-layer classes (`_no_split_modules`) as units. Resumable trainer
+        # checkpoints (stop, save_steps) are sharded: every rank writes its own shard of weights and optimizer
+        # states (torch.distributed.checkpoint), nothing is gathered for them; the step's output is the full
+        # state dict, gathered once at the end (`saveable_policy`).
         overrides["fsdp_config"] = {"version": 2, "reshard_after_forward": True,
                                     "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                    "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}
+                                    "state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": False}
     return overrides
 
 

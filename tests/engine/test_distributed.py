@@ -228,10 +228,11 @@ def test_sharded_reference_pass_equals_one_process_pair_for_pair(tiny_model, tmp
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_stops_every_rank_and_a_rerun_resumes(tiny_model, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigterm_to_the_launcher_stops_every_rank_and_a_rerun_resumes(strategy, tiny_model, tmp_path):
     write_jsonl(make_pairs(16, seed=3), tmp_path / "c1.jsonl")  # 32 pairs
     hp = {**HPARAMS, "batch_size": 2, "n_epochs": 2}  # 32 optimizer steps: time to stop in between
-    distributed = {"num_processes": 2, "strategy": "ddp"}
+    distributed = {"num_processes": 2, "strategy": strategy}
 
     whole = tmp_path / "whole"
     whole.mkdir()
