@@ -67,6 +67,7 @@ __all__ = [
     "init_rank",
     "is_main_rank",
     "is_rank_process",
+    "is_sharded",
     "launch",
     "launch_command",
     "manifest_entry",
@@ -246,6 +247,14 @@ def trainer_overrides(cfg: StepConfig, spec: StepSpec) -> dict[str, Any]:
                                     "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                     "state_dict_type": "SHARDED_STATE_DICT", "cpu_ram_efficient_loading": False}
     return overrides
+
+
+def is_sharded(model: Any) -> bool:
+    """True for a model FSDP2 has sharded (`fully_shard`): its weights are DTensors, and every forward
+    gathers them from the ranks (a collective), so it must go through the model's own forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def fsdp_on_cpu(trainer: Any) -> None:

@@ -394,7 +394,9 @@ def _define_trainer_class():
 
         def _packed_forward(self, model, outputs):
             unwrapped = self.accelerator.unwrap_model(model) is model
-            compact = unwrapped and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+            # A model FSDP2 sharded during training (the held-out pass after it) is sharded here too.
+            compact = (unwrapped and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+                       and not distributed.is_sharded(model))
             return packing.PackedForward(model, outputs=outputs, compact=compact, autocast=self.accelerator.autocast())
 
         def _compute_loss(self, model, inputs, return_outputs):

@@ -114,7 +114,9 @@ def _two_steps(tiny_model: Path, data: Path, root: Path, distributed: dict | Non
     for index in (1, 2):
         tmp = root / f"step{index}"
         tmp.mkdir(parents=True)
-        spec = {**_spec(policy, tmp), "index": index, "train_file": str(data / f"c{index}.jsonl")}
+        spec = {**_spec(policy, tmp), "index": index, "train_file": str(data / f"c{index}.jsonl"),
+                # Held-out metrics after training: under FSDP the pass runs on the sharded policy.
+                "eval_file": str(data / "eval.jsonl"), "eval_reference": str(tiny_model)}
         if distributed:
             spec["distributed"] = distributed
         rc, lines, err = _run(spec, tmp / "spec.json")
@@ -133,6 +135,7 @@ def step_data(tmp_path_factory):
     # 16 pairs per chunk: 4 optimizer steps of the global batch 4 (2 pairs per rank on 2 ranks).
     write_jsonl(make_pairs(8, seed=1), data / "c1.jsonl")
     write_jsonl(make_pairs(8, seed=2), data / "c2.jsonl")
+    write_jsonl(make_pairs(3, seed=3)[:5], data / "eval.jsonl")
     return data
 
 
@@ -154,6 +157,9 @@ def _assert_same_as_one_rank(runs: list[dict], one: list[dict], strategy: str) -
             assert abs(a - b) <= 1e-5, (index, run["losses"], ref["losses"])
         assert abs(run["losses"][0] - math.log(2)) <= 1e-6
         assert abs(run["result"]["summary"]["mean_gamma_ref"] - ref["result"]["summary"]["mean_gamma_ref"]) <= 1e-4
+        held, held_ref = run["result"]["summary"]["eval"], ref["result"]["summary"]["eval"]
+        assert held["pairs"] == held_ref["pairs"] == 5
+        assert abs(held["reward_margin"] - held_ref["reward_margin"]) <= 1e-4
         mine, theirs = _weights(run["out"]), _weights(ref["out"])
         assert sorted(mine) == sorted(theirs)
         worst = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
