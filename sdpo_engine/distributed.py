@@ -204,9 +204,8 @@ def reference_pass(n_rows: int, order: Sequence[int], batch_size: int,
         c, r = score(idx)
         if j < len(mine):
             local.append((idx, c.detach().float().cpu().tolist(), r.detach().float().cpu().tolist()))
-    if n == 1:
-        gathered = [local]
-    else:
+    gathered: list[list[tuple[list[int], list[float], list[float]]] | None] = [local]
+    if n > 1:
         import torch.distributed as dist
 
         gathered = [None] * n
