@@ -73,8 +73,10 @@ __all__ = [
     "manifest_entry",
     "on_main_rank",
     "rank",
+    "ranks_sharing_memory",
     "reference_pass",
     "saveable_policy",
+    "state_shards",
     "trainer_overrides",
     "world_size",
 ]
@@ -277,6 +279,16 @@ def fsdp_on_cpu(trainer: Any) -> None:
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
+
+
+def state_shards(trainer: Any) -> int:
+    """Ranks the trainable state (gradients, optimizer states) is split over: N under FSDP, else 1."""
+    return world_size() if getattr(trainer, "is_fsdp_enabled", False) else 1
+
+
+def ranks_sharing_memory(device: str) -> int:
+    """Ranks of this step that draw on the same memory: every local rank on CPU, one per GPU."""
+    return 1 if device == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", world_size())) if is_rank_process() else 1
 
 
 def manifest_entry(spec: StepSpec) -> dict[str, Any]:

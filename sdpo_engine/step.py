@@ -541,7 +541,9 @@ def plan_activation_checkpointing(trainer, device: str, setting: str = "auto") -
     `setting` (the spec's `activation_checkpointing`) "on" or "off" overrides.
     """
     trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
-    free = free_memory_bytes(device) - 3 * trainable
+    # Per rank on N ranks: FSDP shards gradients and optimizer states, and CPU ranks share the host's memory.
+    trainable //= distributed.state_shards(trainer)
+    free = free_memory_bytes(device) // distributed.ranks_sharing_memory(device) - 3 * trainable
     estimate = activation_bytes(trainer)
     if setting in ("on", "off"):
         needed = setting == "on"
