@@ -164,12 +164,14 @@ def run_step(job_id: str, index: int, *, settings: Settings, app: Celery) -> Out
 def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, settings: Settings,
                         app: Celery) -> Outcome:
     attempt = claim.attempt
-    base = workdir.model_dir(settings, claim.base_model)
-    policy_init = base
-    if claim.policy_init_uri:
+    # The initial checkpoint from the store: the previous step's, or (step 1 of a job from a
+    # fine-tuned model in an S3 store) the job's model itself.
+    from_store = claim.policy_init_uri or (claim.base_model[2] if claim.base_model[2].startswith("s3://") else None)
+    policy_init: Path | None = None
+    if from_store:
         name = claim.reference_id or claim.job_model
         try:
-            policy_init, cache_hit = workdir.checkpoint_dir(claim.policy_init_uri)
+            policy_init, cache_hit = workdir.checkpoint_dir(from_store)
         except (CorruptObject, FileNotFoundError) as exc:
             return _fail_job(job_id, index, "corrupt_checkpoint",
                              f"Step {index} failed: its initial checkpoint {name} is corrupt or missing in the "
@@ -181,6 +183,9 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
                              "(or branch from the last good checkpoint) once the store is back.")
         if cache_hit is not None:
             _record_cache(job_id, index, str(name), policy_init, cache_hit)
+    base = workdir.model_dir(settings, claim.base_model)  # an S3 model: in the cache by now
+    if policy_init is None:
+        policy_init = base
     # A checkpoint handed over through storage is checked against its manifest before it is
     # trained on: a truncated copy or a flipped byte must fail loudly, not train silently.
     if read_manifest(policy_init) is not None:

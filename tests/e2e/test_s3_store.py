@@ -108,6 +108,17 @@ def test_two_workers_without_a_shared_volume_hand_a_checkpoint_over_through_s3(s
     metrics = client.get("/metrics").text
     assert 'sdpo_checkpoint_cache_total{result="miss"} 1' in metrics
 
+    # The fine-tuned model (an s3:// checkpoint) starts a new job: its worker reads it from the bucket.
+    r = client.post("/v1/fine_tuning/jobs", json={
+        "model": job["fine_tuned_model"], "training_file": file_id,
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}}})
+    assert r.status_code == 200, r.text
+    follow_up = wait_job(client, r.json()["id"], timeout=300)
+    assert follow_up["status"] == "succeeded", (follow_up.get("error"), service.logs())
+    # Only w2 trains now, and it wrote that checkpoint: a cache hit, no download.
+    cached = [e["message"] for e in _events(client, follow_up["id"]) if e["message"].startswith("Checkpoint cache")]
+    assert len(cached) == 1 and cached[0].startswith("Checkpoint cache hit"), cached
+
 
 @pytest.mark.slow
 def test_the_store_killed_while_a_step_stores_its_checkpoint(service, tmp_path):
