@@ -32,6 +32,7 @@ from pathlib import Path
 from . import distributed
 from .config import ConfigError, StepConfig
 from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
+from .drift import drift_metrics
 from .manifest import checkpoint_identity, write_checkpoint_atomically
 
 # StepSpec, LoraSpec and SpecError are the contract's (protocol.py); re-exported for callers.
@@ -464,7 +465,8 @@ def _define_trainer_class():
 
 def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 8,
                device: str = "cpu", text_format: str = "chat", kept: list[int] | None = None,
-               pack: bool = True, pad_to: int | None = None) -> tuple[list[float], list[float]]:
+               pack: bool = True, pad_to: int | None = None,
+               lengths: list[tuple[int, int]] | None = None) -> tuple[list[float], list[float]]:
     """Summed completion log-probs (chosen, rejected) of each pair under `model`.
 
     Computed by TRL's own reference pass (same tokenization, truncation and masking as training),
@@ -472,6 +474,8 @@ def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_si
     signal (tokens.no_signal_reason) are left out, as in training; pass a list as `kept` to receive
     the indices into `pairs` of the pairs that were scored, in the order of the returned lists.
     `pack` and `pad_to` are the spec's `packing` and `pad_to_multiple_of` (the numbers do not depend on them).
+    Pass a list as `lengths` to receive each scored pair's (chosen, rejected) token counts after
+    truncation (the tokens the sums run over; drift.drift_metrics divides by them).
     """
     with tempfile.TemporaryDirectory(prefix="sdpo-logps-") as tmp:
         cfg = StepConfig(max_length=max_length, batch_size=batch_size)
@@ -485,6 +489,12 @@ def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_si
         if "ref_chosen_logps" not in ds.column_names:  # every pair dropped: no reference pass ran
             return [], []
         chosen, rejected = list(ds["ref_chosen_logps"]), list(ds["ref_rejected_logps"])
+        if lengths is not None:
+            from .packing import truncated_lengths
+
+            for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True):
+                _, n_c, n_r = truncated_lengths({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}, max_length)
+                lengths.append((n_c, n_r))
     return chosen, rejected
 
 
@@ -828,6 +838,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
     # Held-out reference log-probs first, so at most one model is in memory at any time.
     eval_pairs, eval_ref = None, None
+    eval_lengths: list[tuple[int, int]] = []  # scored answer tokens per held-out pair (drift per token)
     if spec.eval_file:
         eval_pairs = load_pairs(spec.eval_file, source_field=spec.source_field)
         ref_tok, ref_model = load_policy(spec.eval_reference, device)
@@ -835,7 +846,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
             ref_tok.chat_template = spec.chat_template
         eval_ref = pair_logps(ref_model, ref_tok, eval_pairs, max_length=cfg.max_length,
                               batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format,
-                              pack=spec.packing, pad_to=spec.pad_to_multiple_of)
+                              pack=spec.packing, pad_to=spec.pad_to_multiple_of, lengths=eval_lengths)
         del ref_model
         check_finite_logps(*eval_ref, "held-out reference log-prob", _held_out_labels(eval_ref, eval_pairs))
         emit({"event": "info", "phase": "eval_reference", "step": spec.index, "pairs": len(eval_pairs)})
@@ -924,7 +935,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                                  pack=spec.packing, pad_to=spec.pad_to_multiple_of)
         check_finite_logps(*eval_policy, "held-out policy log-prob", _held_out_labels(eval_policy, eval_pairs))
         summary["eval"] = preference_metrics(eval_policy, eval_ref, cfg.beta)
-        emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"]})
+        summary["drift"] = drift_metrics(eval_policy, eval_ref, eval_lengths, cfg.beta)  # eval_ref: the base
+        emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"], "drift": summary["drift"]})
 
     manifest = {
         "format": "sdpo-checkpoint/1",
