@@ -13,7 +13,9 @@ policy with those base log-probs:
 - ``reward_margin``: β · mean((log-ratio chosen) − (log-ratio rejected)), the implicit reward margin
   against the base (equal to ``eval.reward_margin``, which is computed against the same base);
 - ``max_abs_per_token``: max(|chosen per token|, |rejected per token|), what a gate's ``max_drift``
-  bounds.
+  bounds;
+- ``base_preference_accuracy``: share of pairs the base itself prefers chosen on (gamma > 0), the
+  base's ``eval.preference_accuracy`` (a gate's step-0 value for that metric).
 
 Before any training the policy is the base and every number is exactly 0. Source of the
 log-probs and token counts: ``step.pair_logps`` (TRL's reference pass: same tokenization,
@@ -28,7 +30,7 @@ LogProbs = tuple[Sequence[float], Sequence[float]]  # (chosen, rejected) summed 
 Lengths = Sequence[tuple[int, int]]  # (chosen, rejected) scored completion tokens per pair
 
 DRIFT_KEYS = ("chosen_logratio", "rejected_logratio", "chosen_logratio_per_token", "rejected_logratio_per_token",
-              "reward_margin", "max_abs_per_token")
+              "reward_margin", "max_abs_per_token", "base_preference_accuracy")
 
 
 def drift_metrics(policy: LogProbs, base: LogProbs, lengths: Lengths, beta: float) -> dict[str, float | int]:
@@ -60,4 +62,5 @@ def drift_metrics(policy: LogProbs, base: LogProbs, lengths: Lengths, beta: floa
         "rejected_logratio_per_token": per_token_r,
         "reward_margin": beta * sum(c - r for c, r in zip(dc, dr, strict=True)) / n,
         "max_abs_per_token": max(abs(per_token_c), abs(per_token_r)),
+        "base_preference_accuracy": sum(c > r for c, r in zip(bc, br, strict=True)) / n,
     }

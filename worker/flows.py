@@ -273,7 +273,8 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             return _fail_job(job_id, index, code, f"Step {index} failed: {message}")
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
-    done = _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work)
+    done = _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work,
+                      settings)
     if done is Outcome.CONTINUE:
         tracking.step_succeeded(job_id, index, settings)  # the job's integrations; never raises
     return done
@@ -302,7 +303,7 @@ def _exit_description(returncode: int) -> str:
 
 
 def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: dict[str, Any],
-               last_metrics: dict[str, Any], work: Path) -> Outcome:
+               last_metrics: dict[str, Any], work: Path, settings: Settings) -> Outcome:
     """The engine exited 0 with its result (`summary`) and the checkpoint in `out_dir`: store it,
     then record the step as succeeded; the trainer state in `work` goes."""
     manifest = read_manifest(out_dir)
@@ -320,7 +321,7 @@ def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: di
                          f"({describe_os_error(exc)}). Nothing was registered; free space or fix the store, then "
                          "start a new job (or branch from the last good checkpoint).")
     metrics = {k: summary.get(k) for k in ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy",
-                                           "reward_margin", "eval", "pairs", "pairs_used", "pairs_dropped",
+                                           "reward_margin", "eval", "drift", "pairs", "pairs_used", "pairs_dropped",
                                            "train_seconds", "global_steps")}
     metrics["num_tokens"] = last_metrics.get("num_tokens")
     try:
@@ -335,6 +336,11 @@ def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: di
         return Outcome.STOP
     # The trainer checkpoints (optimizer state included) are of no use once the step is done.
     shutil.rmtree(work, ignore_errors=True)
+    if recorded == lifecycle.ENDED_BY_GATE:  # the job's gate ended it here: as after finalize_job
+        shutil.rmtree(work.parent, ignore_errors=True)
+        tracking.step_succeeded(job_id, index, settings)
+        tracking.job_ended(job_id, settings)
+        return Outcome.STOP
     return Outcome.CONTINUE
 
 

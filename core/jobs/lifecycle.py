@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from sqlalchemy.orm import Session
 
 from core.clock import utcnow
 from core.errors import Conflict
+from core.jobs import gates
 from core.jobs.repository import (
     add_event,
     claim_step_row,
@@ -259,20 +260,30 @@ def claim_step(session: Session, job_id: str, index: int, worker: str) -> StepCl
     return claim
 
 
+ENDED_BY_GATE: Literal["ended_by_gate"] = "ended_by_gate"
+
+
 def step_succeeded(session: Session, job_id: str, index: int, attempt: int, *, checkpoint_id: str, uri: str,
-                   sha256: str, size: int, metrics: dict[str, Any], event_id: str) -> bool | None:
+                   sha256: str, size: int, metrics: dict[str, Any],
+                   event_id: str) -> bool | Literal["ended_by_gate"] | None:
     """Attempt `attempt` of step `index` wrote its checkpoint (files already in the store at `uri`,
     `size` bytes, `sha256` from its manifest): the checkpoint row is added, the step succeeds with
     `metrics`, the next step is queued ("Step i succeeded: …"). True also when an earlier try
     committed this; None when the step was cancelled or handed to another attempt meanwhile (the
-    caller deletes the stored files; the chain stops)."""
+    caller deletes the stored files; the chain stops).
+
+    A job with a gate (core.jobs.gates) has it checked here, in the same transaction: when it fails
+    the job ends `succeeded` with the gate's result (`end_by_gate`) and ENDED_BY_GATE is returned
+    (also for a retry of a commit that did so): the chain stops, the caller finishes the job as
+    after finalize_job."""
     job = get_job(session, job_id, for_update=True)
     if job is None:
         return None
     steps = {st.index: st for st in get_steps(session, job_id, for_update=True)}
     step = steps[index]
     if step.output_checkpoint_id == checkpoint_id:
-        return True  # an earlier try committed, its answer was lost
+        # An earlier try committed, its answer was lost.
+        return ENDED_BY_GATE if (job.gate or {}).get("status") == "failed" else True
     if step.status != StepStatus.RUNNING or step.attempt != attempt:
         return None
     session.add(Checkpoint(id=checkpoint_id, owner=job.owner, job_id=job_id, step_index=index, uri=uri,
@@ -290,7 +301,51 @@ def step_succeeded(session: Session, job_id: str, index: int, attempt: int, *, c
               f"{format_metric(metrics['first_loss'])}, last loss {format_metric(metrics['last_loss'])}, mean "
               f"gamma_ref {format_metric(metrics['mean_gamma_ref'])}.", step_index=index,
               data={"checkpoint": checkpoint_id, **metrics}, event_id=event_id)
+    gate = gates.gate_of(job.method)
+    if gate is not None and job.status in (JobStatus.RUNNING, JobStatus.PAUSING):
+        history = [(st.index, st.output_checkpoint_id or "", st.metrics) for _, st in sorted(steps.items())
+                   if st.status == StepStatus.SUCCEEDED and st.index <= index]
+        outcome = gates.check_gate(gate, history)
+        if outcome is not None:
+            end_by_gate(session, job, list(steps.values()), outcome)
+            return ENDED_BY_GATE
     return True
+
+
+def end_by_gate(session: Session, job: Job, steps: list[JobStep], outcome: dict[str, Any]) -> str:
+    """The gate failed after step `outcome["failed_step"]` (gates.check_gate): the later steps are
+    cancelled, the checkpoint of `outcome["result_step"]` is registered as the job's
+    fine_tuned_model, the outcome is stored in `job.gate` and the job succeeds (a warn event "Gate
+    failed after step k: …", then "Job succeeded: …"; the job.succeeded webhook carries the gate).
+    `job` and `steps` are locked by the caller. Returns the model's name."""
+    for st in steps:
+        if st.status not in STEP_TERMINAL:
+            transition(st, StepStatus.CANCELLED)
+    final = session.get_one(Checkpoint, outcome["result_checkpoint"])
+    name = _register_result(session, job, final, steps)
+    job.current_step = outcome["failed_step"]
+    job.gate = {**outcome, "fine_tuned_model": name}
+    transition(job, JobStatus.SUCCEEDED)
+    add_event(session, job.id, gates.describe(outcome), level="warn", step_index=outcome["failed_step"],
+              data={"gate": job.gate})
+    add_event(session, job.id, f"Job succeeded: {name} (checkpoint {final.id}, step {outcome['result_step']}); "
+              f"ended by its gate after step {outcome['failed_step']}.",
+              data={"fine_tuned_model": name, "checkpoint": final.id, "gate": job.gate})
+    return name
+
+
+def _register_result(session: Session, job: Job, final: Checkpoint, steps: list[JobStep]) -> str:
+    """Register `final` as the model `fine_tuned_model_name(job)` (once) and set the job's
+    fine_tuned_model and trained_tokens (the tokens of the steps that ran). Returns the name."""
+    base = session.get_one(RegisteredModel, job.model_id)
+    name = fine_tuned_model_name(job)
+    if session.get(RegisteredModel, name) is None:
+        session.add(RegisteredModel(id=name, owner=job.owner, source="checkpoint", uri=final.uri,
+                                    default_hyperparameters=dict(base.default_hyperparameters or {}),
+                                    job_id=job.id, checkpoint_id=final.id))
+    job.fine_tuned_model = name
+    job.trained_tokens = sum(int((st.metrics or {}).get("num_tokens") or 0) for st in steps) or None
+    return name
 
 
 def step_paused(session: Session, app: Celery, job_id: str, step_id: str, attempt: int,
@@ -437,15 +492,13 @@ def finalize_job(session: Session, job_id: str) -> str | None:
             st.status != StepStatus.SUCCEEDED for st in steps):
         return None
     final = session.get_one(Checkpoint, steps[-1].output_checkpoint_id)
-    base = session.get_one(RegisteredModel, job.model_id)
-    name = fine_tuned_model_name(job)
-    if session.get(RegisteredModel, name) is None:
-        session.add(RegisteredModel(id=name, owner=job.owner, source="checkpoint", uri=final.uri,
-                                    default_hyperparameters=dict(base.default_hyperparameters or {}),
-                                    job_id=job.id, checkpoint_id=final.id))
-    job.fine_tuned_model = name
-    job.trained_tokens = sum(int((st.metrics or {}).get("num_tokens") or 0) for st in steps) or None
+    name = _register_result(session, job, final, steps)
     job.current_step = job.n_steps
+    gate = gates.gate_of(job.method)
+    if gate is not None:  # every step passed it
+        job.gate = {"status": "passed", "metric": gate["metric"], "min_delta": gate.get("min_delta", 0.0),
+                    "max_drift": gate.get("max_drift"), "on_fail": gate.get("on_fail", "stop"),
+                    "steps_checked": job.n_steps}
     transition(job, JobStatus.SUCCEEDED)
     add_event(session, job_id, f"Job succeeded: {name} (checkpoint {final.id}).",
               data={"fine_tuned_model": name, "checkpoint": final.id})

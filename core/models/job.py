@@ -46,6 +46,9 @@ class Job(Base):
     # OpenAI's `integrations`, normalised by api/jobs/integrations.py: [{"type": "wandb"|"mlflow", …}].
     integrations: Mapped[list | None]
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255))
+    # A gated job's outcome (core/jobs/gates.py): {"status": "failed", "failed_step", "value", …} when
+    # its gate stopped the chain, {"status": "passed", …} when every step passed; None without a gate.
+    gate: Mapped[dict | None]
     trained_tokens: Mapped[int | None]
     estimated_finish: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
