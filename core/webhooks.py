@@ -149,7 +149,7 @@ def job_payload(job: Job) -> dict[str, Any]:
     return {"id": job.id, "object": "fine_tuning.job", "status": job.status, "model": job.model,
             "fine_tuned_model": job.fine_tuned_model, "n_steps": job.n_steps, "current_step": job.current_step,
             "error": job.error, "metadata": job.metadata_, "created_at": to_unix(job.created_at),
-            "finished_at": to_unix(job.finished_at)}
+            "finished_at": to_unix(job.finished_at), "gate": job.gate}
 
 
 def step_payload(step: JobStep) -> dict[str, Any]:

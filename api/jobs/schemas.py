@@ -53,12 +53,28 @@ class PartitionSpec(_Strict):
     sizes: list[StrictInt] | None = Field(None, description="Rows per chunk (random/stratified), summing to rows.")
 
 
+class GateSpec(_Strict):
+    """What must hold after each step on the validation file (core/jobs/gates.py)."""
+
+    metric: StrictStr = Field(description="eval.reward_accuracy, eval.preference_accuracy or eval.reward_margin: "
+                                          "the step's held-out value (against the base model) compared with the "
+                                          "previous step's (step 1: with the base's).")
+    min_delta: float = Field(0.0, description="The gate fails when value − previous < min_delta.")
+    on_fail: StrictStr = Field("stop", description="stop: the failing step is the job's result; rollback: the "
+                                                   "best step so far by the metric is.")
+    max_drift: float | None = Field(None, description="Also fail when the step's drift from the base, "
+                                                      "drift.max_abs_per_token (nats per token), exceeds this.")
+
+
 class SdpoSpec(_Strict):
     hyperparameters: dict[str, Any] | None = None
     steps: list[SdpoStepSpec] | None = Field(None, description="One uploaded file per step (as in the paper).")
     partition: PartitionSpec | None = Field(None, description="Or: split training_file into n_steps chunks.")
     text_format: StrictStr | None = Field(None, description=_TEXT_FORMAT)
     chat_template: StrictStr | None = Field(None, description=_CHAT_TEMPLATE)
+    gate: GateSpec | None = Field(None, description="Step gate (needs validation_file): after each step the "
+                                                    "held-out metric must not regress; on a failure the chain "
+                                                    "stops and the job succeeds with the gate's result.")
 
 
 class MethodSpec(_Strict):
@@ -144,6 +160,11 @@ class JobObject(BaseModel):
     started_at: int | None
     updated_at: int | None
     progress: JobProgress | None = None
+    gate: dict[str, Any] | None = Field(None, description="A gated job's outcome: {status: failed, failed_step, "
+                                                          "reason, metric, value, previous, delta, drift, "
+                                                          "on_fail, result_step, result_checkpoint, rolled_back, "
+                                                          "fine_tuned_model} or {status: passed, …}; null "
+                                                          "without a gate or before the job ends.")
 
     @classmethod
     def from_row(cls, job: Job, progress: dict[str, Any] | JobProgress | None = None) -> JobObject:
@@ -163,7 +184,7 @@ class JobObject(BaseModel):
             integrations=job.integrations or [],
             metadata=job.metadata_, method=job.method, user_provided_suffix=job.suffix, n_steps=job.n_steps,
             current_step=job.current_step, started_at=to_unix(job.started_at), updated_at=to_unix(job.updated_at),
-            progress=progress)
+            progress=progress, gate=job.gate)
 
 
 class JobList(BaseModel):
@@ -266,6 +287,12 @@ class StepMetrics(BaseModel):
     eval: dict[str, Any] | None = Field(None, description="Held-out metrics on the validation file "
                                                           "(pairs, reward_accuracy, reward_margin, "
                                                           "preference_accuracy, mean_gamma), when one was given.")
+    drift: dict[str, Any] | None = Field(None, description="Drift from the base model on the validation pairs "
+                                                           "(sdpo_engine/drift.py): pairs, chosen_logratio, "
+                                                           "rejected_logratio (mean nats per answer), "
+                                                           "chosen_logratio_per_token, rejected_logratio_per_token "
+                                                           "(nats per token), reward_margin (β-scaled, vs the "
+                                                           "base), max_abs_per_token, base_preference_accuracy.")
 
 
 class ChunkSummary(BaseModel):

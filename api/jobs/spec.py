@@ -21,6 +21,7 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from dataclasses import dataclass, fields
@@ -30,9 +31,10 @@ from sqlalchemy.orm import Session
 
 from api.files import repository as files_repository
 from api.jobs import repository
-from api.jobs.schemas import JobCreate, MethodSpec, PartitionSpec
+from api.jobs.schemas import GateSpec, JobCreate, MethodSpec, PartitionSpec
 from api.models import repository as models_repository
 from core.errors import InvalidRequest
+from core.jobs.gates import GATE_ACTIONS, GATE_METRICS
 from core.models import Checkpoint, File, FileStatus, ModelSource, RegisteredModel
 from core.settings import Settings
 from core.storage import LOCAL_SCHEME, make_storage
@@ -122,6 +124,8 @@ def build_plan(db: Session, owner: str, body: JobCreate, settings: Settings) -> 
             partition = _check_partition(sdpo.partition, training_file, settings)
             steps = [StepPlan(k, None, method_cfg) for k in range(1, partition["n_steps"] + 1)]
             echo_sdpo["partition"] = partition
+        if sdpo.gate is not None:
+            echo_sdpo["gate"] = _check_gate(sdpo.gate, body.validation_file)
         echo = {"type": "sdpo", "sdpo": echo_sdpo}
 
     validation_file = None
@@ -213,6 +217,26 @@ def _hyperparameters_of(body: JobCreate, method: MethodSpec) -> dict[str, tuple[
         return _Resolver.given(body.hyperparameters, "hyperparameters")
     spec = method.dpo if method.type == "dpo" else method.sdpo
     return _Resolver.given(spec.hyperparameters if spec else None, f"method.{method.type}.hyperparameters")
+
+
+def _check_gate(gate: GateSpec, validation_file: str | None) -> dict[str, Any]:
+    """The gate as stored in the method echo (core/jobs/gates.py reads it there). It compares
+    held-out metrics, so it needs a validation file."""
+    p = "method.sdpo.gate"
+    if gate.metric not in GATE_METRICS:
+        raise bad(f"{p}.metric must be one of {', '.join(GATE_METRICS)}; got {gate.metric!r}.", f"{p}.metric",
+                  "invalid_value")
+    if gate.on_fail not in GATE_ACTIONS:
+        raise bad(f"{p}.on_fail must be one of {', '.join(GATE_ACTIONS)}; got {gate.on_fail!r}.", f"{p}.on_fail",
+                  "invalid_value")
+    if not math.isfinite(gate.min_delta):
+        raise bad(f"{p}.min_delta must be a finite number.", f"{p}.min_delta", "invalid_value")
+    if gate.max_drift is not None and not (math.isfinite(gate.max_drift) and gate.max_drift > 0):
+        raise bad(f"{p}.max_drift must be a positive number of nats per token.", f"{p}.max_drift", "invalid_value")
+    if validation_file is None:
+        raise bad(f"{p} compares held-out metrics after each step and needs a validation_file.",
+                  "validation_file", "missing_validation_file")
+    return {"metric": gate.metric, "min_delta": gate.min_delta, "on_fail": gate.on_fail, "max_drift": gate.max_drift}
 
 
 def _check_text_options(method: MethodSpec) -> dict[str, Any]:
