@@ -81,10 +81,11 @@ class StepConfig:
         "range": Range(0.0, 0.1, low_inclusive=False)})
     n_epochs: int = field(default=1, metadata={"help": "Passes over this step's chunk.",
                                                "range": Range(1, 100, integer=True)})
-    batch_size: int = field(default=2, metadata={"help": "Pairs per device per optimizer micro-step.",
+    batch_size: int = field(default=2, metadata={"help": "Pairs per optimizer micro-step over all ranks (on N ranks each "
+                                                         "takes batch_size / N).",
                                                  "range": Range(1, 1024, integer=True)})
     gradient_accumulation_steps: int = field(default=1, metadata={
-        "help": "Micro-steps per optimizer step (global batch = batch_size x this x devices).",
+        "help": "Micro-steps per optimizer step (global batch = batch_size x this, on any number of ranks).",
         "range": Range(1, 1024, integer=True)})
     max_length: int = field(default=512, metadata={
         "help": "Tokens of prompt + answer kept per sequence (TRL truncates keeping the start).",
