@@ -108,46 +108,84 @@ def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_len
     return prompt, chosen[:room], rejected[:room]
 
 
+def _rows_for(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
+    """Pair indices per row: one pair per row (`row_tokens` None or 0), else whole pairs first-fit by
+    decreasing length into rows of at most `row_tokens` tokens (a longer pair gets a row of its own)."""
+    if not row_tokens:
+        return [[i] for i in range(len(lengths))]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for k, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[k].append(i)
+                room[k] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - lengths[i])
+    return rows
+
+
 def pack_examples(examples: list[dict[str, Any]], *, pad_token_id: int, max_length: int | None,
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+                  pad_to_multiple_of: int | None = None, row_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors of a batch.
 
-    packed_input_ids / packed_position_ids / packed_segments: (B, L); segment 0 = shared prompt,
-    1 = chosen branch, 2 = rejected branch, -1 = padding.
+    row_tokens: None or 0 puts one pair per row (rows padded to the longest pair); N > 0 puts several
+    whole pairs in a row of at most N tokens, back to back (padding-free but for each row's tail),
+    each pair under its own block of the attention mask and its positions restarting at 0.
+
+    packed_input_ids / packed_position_ids / packed_segments: (R, L); the segment of a token is
+    3 * k + kind for the k-th pair of its row, kind 0 = shared prompt, 1 = chosen branch, 2 = rejected
+    branch; -1 = padding.
     packed_src_row / packed_src_col: for every scored token, in the order of TRL's two-sequence
     layout (chosen rows first, then rejected rows, each left to right), the packed position whose
     hidden state predicts it; the token itself sits one position later.
     """
+    pairs = [_truncate(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length) for ex in examples]
+    lengths = [len(p) + len(c) + len(r) + min(len(p), 1) for p, c, r in pairs]
     ids_rows: list[list[int]] = []
     pos_rows: list[list[int]] = []
     seg_rows: list[list[int]] = []
-    src_chosen: list[tuple[int, int]] = []
-    src_rejected: list[tuple[int, int]] = []
-    for row, ex in enumerate(examples):
-        prompt, chosen, rejected = _truncate(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], max_length)
-        p, c, r = len(prompt), len(chosen), len(rejected)
-        shared = max(p - 1, 0)
-        anchor = prompt[shared:]  # the last prompt token, copied at the start of each branch
-        a = len(anchor)
-        ids_rows.append(list(prompt) + list(chosen) + list(anchor) + list(rejected))
-        pos_rows.append(list(range(p + c)) + list(range(shared, shared + a + r)))
-        seg_rows.append([0] * shared + [1] * (a + c) + [2] * (a + r))
-        # chosen token at t (t >= p) is predicted by packed position t - 1, as in TRL's prompt+chosen
-        src_chosen += [(row, t - 1) for t in range(max(p, 1), p + c)]
-        # rejected token k sits at p + c + a + k; the position before it is the anchor copy or the previous token
-        base = p + c + a
-        src_rejected += [(row, base + k - 1) for k in range(r) if p + k >= 1]
+    # per pair: (row, offset in the row, first token index, end) of its chosen and of its rejected tokens
+    src_chosen: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(pairs)
+    src_rejected: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(pairs)
+    for row, members in enumerate(_rows_for(lengths, row_tokens)):
+        ids_row: list[int] = []
+        pos_row: list[int] = []
+        seg_row: list[int] = []
+        for k, j in enumerate(members):
+            prompt, chosen, rejected = pairs[j]
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            shared = max(p - 1, 0)
+            anchor = prompt[shared:]  # the last prompt token, copied at the start of each branch
+            a = len(anchor)
+            o = len(ids_row)  # where this pair starts in its row
+            ids_row += list(prompt) + list(chosen) + list(anchor) + list(rejected)
+            pos_row += list(range(p + c)) + list(range(shared, shared + a + r))
+            seg_row += [3 * k] * shared + [3 * k + 1] * (a + c) + [3 * k + 2] * (a + r)
+            # chosen token at t (t >= p) is predicted by packed position t - 1, as in TRL's prompt+chosen
+            src_chosen[j] = (row, o, max(p, 1), p + c)
+            # rejected token k sits at p + c + a + k; the position before it is the anchor copy or the previous token
+            src_rejected[j] = (row, o + p + c + a, 0 if p >= 1 else 1, r)
+        ids_rows.append(ids_row)
+        pos_rows.append(pos_row)
+        seg_rows.append(seg_row)
+    src: list[tuple[int, int]] = []
+    for spans in (src_chosen, src_rejected):  # TRL's order: chosen rows first, pair by pair
+        for row, base, start, stop in spans:
+            src += [(row, base + t - 1) for t in range(start, stop)]
     length = max(len(x) for x in ids_rows)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    pos = torch.zeros((len(examples), length), dtype=torch.long)
-    seg = torch.full((len(examples), length), -1, dtype=torch.int8)
+    n_rows = len(ids_rows)
+    ids = torch.full((n_rows, length), pad_token_id, dtype=torch.long)
+    pos = torch.zeros((n_rows, length), dtype=torch.long)
+    seg = torch.full((n_rows, length), -1, dtype=torch.int32)
     for i, (ids_row, pos_row, seg_row) in enumerate(zip(ids_rows, pos_rows, seg_rows, strict=True)):
         ids[i, : len(ids_row)] = torch.tensor(ids_row, dtype=torch.long)
         pos[i, : len(pos_row)] = torch.tensor(pos_row, dtype=torch.long)
-        seg[i, : len(seg_row)] = torch.tensor(seg_row, dtype=torch.int8)
-    src = src_chosen + src_rejected
+        seg[i, : len(seg_row)] = torch.tensor(seg_row, dtype=torch.int32)
     return {
         "packed_input_ids": ids,
         "packed_position_ids": pos,
@@ -176,16 +214,18 @@ class SharedPromptCollator:
     are cheap, TRL's loss code reads their masks, and its token count stays comparable)."""
 
     base: Any  # trl.trainer.dpo_trainer.DataCollatorForPreference
+    row_tokens: int | None = None  # pack_examples' row_tokens: None/0 one pair per row, N several pairs per row
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = self.base(examples)
         out.update(pack_examples(examples, pad_token_id=self.base.pad_token_id, max_length=self.base.max_length,
-                                 pad_to_multiple_of=self.base.pad_to_multiple_of))
+                                 pad_to_multiple_of=self.base.pad_to_multiple_of, row_tokens=self.row_tokens))
         return out
 
 
 def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, L, L) mask: causal, no padding keys, and a branch never sees the other branch.
+    """(R, 1, L, L) mask: causal, no padding keys, a pair never sees another pair of its row
+    (block-diagonal), and a branch never sees the other branch of its pair (segments: pack_examples').
 
     Each padding query sees itself, so no softmax row is empty (its output is never used).
     """
@@ -194,7 +234,8 @@ def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dt
     causal = idx[None, :] <= idx[:, None]
     seg_q = segments[:, :, None]
     seg_k = segments[:, None, :]
-    allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    same_pair = torch.div(seg_k, 3, rounding_mode="floor") == torch.div(seg_q, 3, rounding_mode="floor")
+    allowed = causal & (seg_k >= 0) & same_pair & ((seg_k % 3 == 0) | (seg_k == seg_q))
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
     allowed = allowed[:, None]
     if attn_implementation == "eager":  # eager adds the mask to the scores

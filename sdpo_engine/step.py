@@ -269,10 +269,11 @@ def pad_to_multiple_of(on_gpu: bool, setting: int | None = None) -> int | None:
 
 
 def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool = True,
-                  text_format: str = "chat"):
+                  text_format: str = "chat", pack_tokens: int | None = None):
     """TRL's trainer for `rows` (`to_trl_rows`). Pairs without training signal are dropped while TRL
     prepares the dataset, before the reference pass: `trainer.pairs_dropped` = {reason: [row indices]}.
-    `pack`: the spec's `packing` (shared-prompt packing where proven identical)."""
+    `pack`: the spec's `packing` (shared-prompt packing where proven identical); `pack_tokens`: the
+    spec's (several pairs per packed row, at most that many tokens; 0: one pair per row)."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
@@ -286,6 +287,7 @@ def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), pef
         callbacks=list(callbacks),
         peft_config=peft_config,
         pack=pack,
+        pack_tokens=pack_tokens,
     )
     # Our Relay callback reports every log as a JSON line; the printer would repeat it on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -332,8 +334,10 @@ def _define_trainer_class():
           not depend on its batch), kept in memory instead of TRL's cache file.
         """
 
-        def __init__(self, *args, pack: bool = True, text_format: str = "chat", **kwargs):
+        def __init__(self, *args, pack: bool = True, text_format: str = "chat", pack_tokens: int | None = None,
+                     **kwargs):
             self._pack_requested = pack
+            self._pack_tokens = pack_tokens
             self._text_format = text_format
             self.pairs_dropped: dict[str, list[int]] = {}
             self.first_step_reference_nll: list[float | None] = []
@@ -360,7 +364,7 @@ def _define_trainer_class():
                 reason = packing.packing_unsupported(self.model, self.args)
             self.packing = reason
             if reason is None:
-                self.data_collator = packing.SharedPromptCollator(self.data_collator)
+                self.data_collator = packing.SharedPromptCollator(self.data_collator, row_tokens=self._pack_tokens)
 
         @property
         def packed(self) -> bool:

@@ -81,8 +81,8 @@ def _two_sequence_logps64(model, examples, max_length):
     return logp.masked_fill(~mask, 0), mask
 
 
-def _packed_logps64(model, examples, max_length, two_seq_mask):
-    packed = packing.pack_examples(examples, pad_token_id=0, max_length=max_length)
+def _packed_logps64(model, examples, max_length, two_seq_mask, row_tokens=None):
+    packed = packing.pack_examples(examples, pad_token_id=0, max_length=max_length, row_tokens=row_tokens)
     ids = packed["packed_input_ids"]
     mask4d = packing.block_mask(packed["packed_segments"], model.config._attn_implementation, model.dtype)
     hidden = model.base_model(input_ids=ids, attention_mask=mask4d, position_ids=packed["packed_position_ids"]).last_hidden_state
@@ -101,11 +101,17 @@ def test_packed_log_probs_are_the_two_sequence_log_probs_in_float64(family, attn
                                                                                   attn=attn)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation=attn).eval()
     assert packing.packing_unsupported(model, dpo_config(StepConfig(), str(family_root / "x"), "cpu")) is None
-    for max_length in (None, 12):
+    # row_tokens None: one pair per row; 25: several pairs in some rows, one alone (a pair longer than
+    # the budget); 1000: every pair in one row
+    for max_length, row_tokens in ((None, None), (12, None), (None, 25), (12, 25), (None, 1000)):
         with torch.no_grad():
             two_seq, mask = _two_sequence_logps64(model, EDGE_EXAMPLES, max_length)
-            packed_lp, packed = _packed_logps64(model, EDGE_EXAMPLES, max_length, mask)
+            packed_lp, packed = _packed_logps64(model, EDGE_EXAMPLES, max_length, mask, row_tokens)
         assert int(mask.sum()) == packed["packed_src_row"].numel() > 0
+        if row_tokens:
+            rows = packed["packed_input_ids"].shape[0]
+            assert rows < len(EDGE_EXAMPLES) and (rows == 1) == (row_tokens == 1000)
+            assert packed["packed_segments"].ge(0).sum(1).max() <= max(row_tokens, 18)
         # eager attention takes its softmax in float32 even for a float64 model: float32 rounding there
         assert (two_seq - packed_lp).abs().max().item() < (1e-9 if attn == "sdpa" else 1e-6)
         # the prompt is computed once: fewer tokens than the two sequences
@@ -113,7 +119,7 @@ def test_packed_log_probs_are_the_two_sequence_log_probs_in_float64(family, attn
                                                               + len(e["rejected_ids"]) for e in EDGE_EXAMPLES)
 
 
-def _trainer(path, rows_file, tmp_path, *, pack, lora=False, **cfg_overrides):
+def _trainer(path, rows_file, tmp_path, *, pack, lora=False, pack_tokens=None, **cfg_overrides):
     from transformers import set_seed
 
     cfg = StepConfig.from_dict({"batch_size": 4, "max_length": 48, "learning_rate": 1e-3, "seed": 0})
@@ -125,7 +131,8 @@ def _trainer(path, rows_file, tmp_path, *, pack, lora=False, **cfg_overrides):
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     args = dpo_config(cfg, str(tmp_path / f"t-{pack}"), "cpu", **cfg_overrides)
-    return build_trainer(model, tok, to_trl_rows(load_pairs(rows_file), tok), args, peft_config=peft_config, pack=pack)
+    return build_trainer(model, tok, to_trl_rows(load_pairs(rows_file), tok), args, peft_config=peft_config, pack=pack,
+                         pack_tokens=pack_tokens)
 
 
 def _loss_metrics_grads(trainer, rows):
@@ -207,6 +214,31 @@ def test_packed_training_equals_two_sequence_training_eager_and_lora(tiny_model,
                           _trainer(eager, pairs_file, tmp_path, pack=False))
     _assert_same_training(_trainer(tiny_model, pairs_file, tmp_path, pack=True, lora=True),
                           _trainer(tiny_model, pairs_file, tmp_path, pack=False, lora=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_several_pairs_per_row_train_like_two_sequences(family, tiny_model, family_root, pairs_file, tmp_path):
+    """Padding-free packing of several pairs per row (block-diagonal mask, positions restarting per
+    pair): the same reference log-probs, loss, metrics and gradients as TRL's two sequences, with rows
+    holding every pair of the batch (4096) and with a budget that splits the batch over rows (70)."""
+    path = tiny_model if family == "llama" else _family_model(family_root, family, tiny_model)
+    plain = _trainer(path, pairs_file, tmp_path / "plain", pack=False)
+    for budget in (4096, 70):
+        multi = _trainer(path, pairs_file, tmp_path / f"multi-{budget}", pack=True, pack_tokens=budget)
+        batch = multi.data_collator([multi.train_dataset[i] for i in range(4)])
+        rows, width = batch["packed_input_ids"].shape
+        assert rows == 1 if budget == 4096 else 1 < rows < 4
+        assert width <= max(budget, int(batch["packed_segments"].ge(0).sum(1).max()))
+        _assert_same_training(multi, plain)
+        plain = _trainer(path, pairs_file, tmp_path / f"plain-{budget}", pack=False)  # _move_policy moved it
+
+
+def test_several_pairs_per_row_eager_and_lora(tiny_model, family_root, pairs_file, tmp_path):
+    eager = _family_model(family_root, "llama", tiny_model, attn="eager")
+    _assert_same_training(_trainer(eager, pairs_file, tmp_path / "e1", pack=True, pack_tokens=4096),
+                          _trainer(eager, pairs_file, tmp_path / "e2", pack=False))
+    _assert_same_training(_trainer(tiny_model, pairs_file, tmp_path / "l1", pack=True, lora=True, pack_tokens=4096),
+                          _trainer(tiny_model, pairs_file, tmp_path / "l2", pack=False, lora=True))
 
 
 def test_rounded_batch_length_trains_the_same(tiny_model, pairs_file, tmp_path):
