@@ -114,6 +114,12 @@ def prepare_job(job_id: str, *, settings: Settings) -> Outcome:
         # message lists without a chat template), so a job that cannot train as asked fails here.
         try:
             base = workdir.model_dir(settings, found.base_model)
+        except CorruptObject as e:  # a checkpoint in an S3 store whose download failed its sha256 check
+            return _fail_job(job_id, None, "corrupt_checkpoint", f"The model {model_id} is corrupt in the "
+                             f"checkpoint store ({_PATH.sub('<path>', str(e))[:300]})")
+        except StorageUnavailable as e:
+            return _fail_job(job_id, None, "storage_unavailable", f"The model {model_id} could not be read from "
+                             f"the checkpoint store after retries ({_PATH.sub('<path>', str(e))[:300]}).")
         except (OSError, RuntimeError) as e:
             return _fail_job(job_id, None, "invalid_model", f"The model {model_id} could not be "
                              f"prepared for training: {_PATH.sub('<path>', str(e))[:500]}")

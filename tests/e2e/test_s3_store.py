@@ -151,3 +151,41 @@ def test_the_store_killed_while_a_step_stores_its_checkpoint(service, tmp_path):
         assert (s1["status"], s2["status"]) == ("succeeded", "failed")
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_changed_in_the_bucket_fails_the_next_host_with_corrupt_checkpoint(service, tmp_path,
+                                                                                        moto_server):
+    """Another host downloads a checkpoint whose weights were changed in the bucket after they
+    were stored: the sha256 check (when the job is prepared, or its first step starts) fails the
+    job with corrupt_checkpoint, naming the file; nothing is trained or registered."""
+    bucket = _use_s3(service, moto_server)
+    service.start_api()
+    _start_worker(service, "w1")
+    client = service.client()
+    train, _ = sample_files(tmp_path)
+    file_id = upload(client, train)
+    first = client.post("/v1/fine_tuning/jobs", json={
+        "model": "sdpo-tiny", "training_file": file_id,
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}}}).json()
+    first = wait_job(client, first["id"])
+    assert first["status"] == "succeeded", service.logs()
+    ckpt = client.get(f"/v1/fine_tuning/jobs/{first['id']}/checkpoints").json()["data"][0]
+    raw = moto_server.client()
+    key = f"sdpo/checkpoints/{first['id']}/{ckpt['id']}/model.safetensors"
+    data = bytearray(raw.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[-100:] = b"\0" * 100
+    raw.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    # w1 holds the checkpoint in its cache: only w2 (an empty cache) may train the next job.
+    app = Celery(broker=service.broker_url)
+    assert app.control.cancel_consumer(service.env["SDPO_TRAIN_QUEUE"], destination=[f"w1@{socket.gethostname()}"],
+                                       reply=True, timeout=10)
+    _start_worker(service, "w2")
+    r = client.post("/v1/fine_tuning/jobs", json=sdpo_job(ckpt["id"], file_id))
+    assert r.status_code == 200, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "failed", service.logs()
+    assert job["error"]["code"] == "corrupt_checkpoint", job["error"]
+    assert "model.safetensors" in job["error"]["message"]
+    assert not list((service.home / "w2-local" / "cache" / "trees").glob("*"))
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
