@@ -5,6 +5,7 @@
   run …                           a whole sDPO job in this process
   step SPEC.json                  one step (what a worker runs in a child process)
   score-sources --model --file    the easy-to-hard scores of a file's sources (JSON)
+  score-pairs --model --file      every pair's gamma under a model, the pair-level curriculum (JSON)
   validate FILE                   the validation report as JSON (exit 0 only when valid)
 
 The command names and flags are a contract (see docs/CONTRACTS.md): the worker, the README and
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", choices=list(PARTITION_STRATEGIES))
     r.add_argument("--steps", type=int, help="number of steps T for --partition")
     r.add_argument("--sizes", help="comma-separated chunk sizes for --partition random")
+    r.add_argument("--rescore", action="store_true",
+                   help="pair_easy_to_hard: before step t, order the pairs not yet trained by M_{t-1}'s gamma")
     r.add_argument("--eval-file", help="held-out pairs; metrics against the base model after every step")
     r.add_argument("--out", required=True, help="output directory (re-running continues where it stopped)")
     r.add_argument("--beta", type=float)
@@ -90,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="auto", choices=list(DEVICES))
     sc.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat")
     sc.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
+
+    sp = sub.add_parser("score-pairs", help="every pair's gamma under the model, for pair_easy_to_hard (JSON)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--file", required=True)
+    sp.add_argument("--max-length", type=int, default=512)
+    sp.add_argument("--source-field", default="source")
+    sp.add_argument("--device", default="auto", choices=list(DEVICES))
+    sp.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat")
+    sp.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
 
     v = sub.add_parser("validate", help="validate a preference file; prints the report as JSON")
     v.add_argument("file")
@@ -209,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0 if report["valid"] else 1
 
-    if args.command == "score-sources":
+    if args.command in ("score-sources", "score-pairs"):
+        from .curriculum import score_pairs
         from .data import load_pairs
         from .sdpo import score_sources
 
@@ -218,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.chat_template_file:
             with open(args.chat_template_file, encoding="utf-8") as fh:
                 template = fh.read()
-        scores = score_sources(args.model, pairs, max_length=args.max_length, device=args.device,
-                               text_format=args.text_format, chat_template=template)
+        score = score_sources if args.command == "score-sources" else score_pairs
+        scores = score(args.model, pairs, max_length=args.max_length, device=args.device,
+                       text_format=args.text_format, chat_template=template)
         print(json.dumps(scores))
         return 0
 
@@ -269,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {event['step']} [{event['global_step']}/{event.get('max_steps')}] "
                   f"loss={event.get('loss', float('nan')):.4f} acc={event.get('rewards/accuracies', 0):.2f} "
                   f"margin={event.get('rewards/margins', 0):.3f}", file=sys.stderr)
-        elif event.get("event") == "info" and event.get("phase") in ("reference_logps", "eval", "source_scores"):
+        elif event.get("event") == "info" and event.get("phase") in ("reference_logps", "eval", "source_scores",
+                                                                          "pair_scores"):
             print(json.dumps(event), file=sys.stderr)
         elif event.get("event") == "warning":
             print(f"warning: step {event.get('step')}: {event.get('code')}: {event.get('message')}", file=sys.stderr)
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_sdpo(
             args.model, args.out, step_files=args.step_files, train_file=args.train_file, strategy=args.partition,
-            n_steps=args.steps, sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None,
+            n_steps=args.steps, rescore=args.rescore, sizes=[int(x) for x in args.sizes.split(",")] if args.sizes else None,
             eval_file=args.eval_file, hyperparameters=hyper, seed=args.seed, source_field=args.source_field,
             lora={"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None, device=args.device,
             text_format=args.text_format, chat_template=chat_template, packing=args.packing,

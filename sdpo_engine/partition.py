@@ -14,6 +14,9 @@ Strategies:
   the share of the source's pairs that the initial model already prefers the chosen answer for) to
   hardest, and each chunk is a run of whole sources in that order.
 - ``hard_to_easy``: the exact reverse order, as an ablation.
+- ``pair_easy_to_hard``: a curriculum over *pairs*, not sources: every pair is scored by its gamma
+  (log p(chosen) - log p(rejected) under the initial model, nats; higher = easier), pairs are
+  sorted easiest first and cut into chunks of equal size (or the given `sizes`). Needs no source.
 
 The ``files`` strategy (one uploaded file per step) needs no partitioning: the caller builds one
 chunk per file, and `partition` refuses it.
@@ -36,12 +39,14 @@ __all__ = [
     "PartitionError",
     "describe",
     "equal_sizes",
+    "pair_order",
     "partition",
     "source_order",
 ]
 
 STRATEGIES = PARTITION_STRATEGIES
 _CURRICULUM = ("easy_to_hard", "hard_to_easy")
+_PAIR_CURRICULUM = "pair_easy_to_hard"
 
 
 class PartitionError(ValueError):
@@ -56,6 +61,7 @@ def partition(
     seed: int = 0,
     sizes: Sequence[int] | None = None,
     source_scores: dict[str, float] | None = None,
+    pair_scores: Sequence[float | None] | None = None,
 ) -> list[list[int]]:
     """Return `n_steps` chunks of indices into `pairs`; every index appears exactly once.
 
@@ -72,6 +78,8 @@ def partition(
       sources than steps, consecutive sources (in the order of `source_order`) are grouped so that
       the chunks' row counts are as even as possible (least sum of squares). Fewer sources than
       steps is an error: a source is never split across steps.
+    - ``pair_easy_to_hard`` needs `pair_scores`, one gamma per pair (None: the pair has no training
+      signal, it sorts last); chunk k holds the k-th run of `pair_order` (see `pair_order`).
 
     Raises `PartitionError` for any invalid argument or impossible request.
     """
@@ -102,9 +110,12 @@ def partition(
         chunk_sizes = (
             _check_sizes(sizes, n_steps, n_pairs) if sizes is not None else equal_sizes(n_pairs, n_steps)
         )
-        if strategy == "random":
-            order = list(range(n_pairs))
-            rng.shuffle(order)
+        if strategy in ("random", _PAIR_CURRICULUM):
+            if strategy == _PAIR_CURRICULUM:
+                order = pair_order(pair_scores, n_pairs)
+            else:
+                order = list(range(n_pairs))
+                rng.shuffle(order)
             chunks = []
             start = 0
             for size in chunk_sizes:
@@ -145,6 +156,24 @@ def source_order(source_scores: dict[str, float], strategy: str) -> list[str]:
     if strategy == "hard_to_easy":
         order.reverse()
     return order
+
+
+def pair_order(pair_scores: Sequence[float | None] | None, n_pairs: int) -> list[int]:
+    """Indices of the pairs easiest first: gamma descending, a pair without a score (None: no
+    training signal at the step's max_length) last, ties by index ascending.
+
+    Raises `PartitionError` unless there is exactly one finite number (or None) per pair.
+    """
+    if pair_scores is None:
+        raise PartitionError(f"{_PAIR_CURRICULUM} needs pair_scores: one gamma per pair")
+    scores = list(pair_scores)
+    if len(scores) != n_pairs:
+        raise PartitionError(f"pair_scores has {len(scores)} entries but there are {n_pairs} pairs")
+    for k, score in enumerate(scores):
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)
+                                  or not math.isfinite(score)):
+            raise PartitionError(f"the score of pair {k} must be a finite number or null, got {score!r}")
+    return sorted(range(n_pairs), key=lambda k: (scores[k] is None, -(scores[k] or 0.0), k))
 
 
 def describe(

@@ -10,11 +10,12 @@ text formats). docs/CONTRACTS.md describes the same contract in prose.
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any, Literal, Required, TypedDict
+from typing import Any, Literal, NotRequired, Required, TypedDict
 
 __all__ = [
     "ACTIVATION_CHECKPOINTING",
     "CURRICULUM_STRATEGIES",
+    "PAIR_CURRICULUM_STRATEGIES",
     "DEVICES",
     "DISTRIBUTED_STRATEGIES",
     "DistributedSpec",
@@ -60,8 +61,11 @@ class ExitCode(IntEnum):
 
 # How one file is split into T steps (sdpo_engine.partition); the last two rank sources by the base
 # model's difficulty scores (the paper's easy-to-hard curriculum).
-PARTITION_STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy")
+PARTITION_STRATEGIES = ("random", "stratified", "easy_to_hard", "hard_to_easy", "pair_easy_to_hard")
 CURRICULUM_STRATEGIES = ("easy_to_hard", "hard_to_easy")
+# Orders pairs (not sources) by their gamma under the model: the initial one, or with `rescore`
+# M_{t-1} for the pairs not yet trained before step t. Needs no source field.
+PAIR_CURRICULUM_STRATEGIES = ("pair_easy_to_hard",)
 
 
 class PartitionPlan(TypedDict):
@@ -72,6 +76,7 @@ class PartitionPlan(TypedDict):
     n_steps: int  # T, the number of chunks
     source_field: str  # the field naming each pair's source
     sizes: list[int] | None  # rows per chunk (random/stratified), summing to the file's rows; None: even
+    rescore: NotRequired[bool]  # pair_easy_to_hard: rescore the remaining pairs with M_{t-1} before step t
 
 # "chat": message lists through the chat template, markup inside text refused (sdpo_engine.markup);
 # "raw": strings already formatted, trained exactly as given (sdpo_engine.tokens).

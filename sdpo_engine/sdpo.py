@@ -22,8 +22,8 @@ from pathlib import Path
 from .config import StepConfig
 from .data import load_pairs, write_pairs
 from .manifest import read_manifest
-from .partition import partition, source_order
-from .protocol import PARTITION_STRATEGIES, check_training_settings
+from .partition import PartitionError, pair_order, partition, source_order
+from .protocol import PAIR_CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, check_training_settings
 
 STRATEGIES = PARTITION_STRATEGIES
 
@@ -77,7 +77,19 @@ def plan_chunks(out_dir: Path, base: Path, *, step_files, train_file, strategy, 
         info["source_scores"] = scores
         info["source_order"] = source_order(scores, strategy)
         emit({"event": "info", "phase": "source_scores", "scores": scores, "order": info["source_order"]})
-    index_chunks = partition(pairs, strategy, n_steps, seed=seed, sizes=sizes, source_scores=scores)
+    pair_scores = None
+    if strategy in PAIR_CURRICULUM_STRATEGIES:
+        from .curriculum import score_pairs
+
+        scored = score_pairs(base, pairs, max_length=max_length, device=device, text_format=text_format,
+                             chat_template=chat_template)
+        pair_scores = scored["scores"]
+        _write_scores(data_dir / "step-1.scores.json", scored, list(range(len(pairs))))
+        emit({"event": "info", "phase": "pair_scores", "step": 1, "model": scored["model"],
+              "pairs": len(pairs), "unscored": pair_scores.count(None)})
+    index_chunks = partition(pairs, strategy, n_steps, seed=seed, sizes=sizes, source_scores=scores,
+                             pair_scores=pair_scores)
+    info["chunk_indices"] = index_chunks
     chunks = []
     for k, idx in enumerate(index_chunks, start=1):
         target = data_dir / f"step-{k}.jsonl"
@@ -87,8 +99,48 @@ def plan_chunks(out_dir: Path, base: Path, *, step_files, train_file, strategy, 
     return chunks, info
 
 
+def _write_scores(path: Path, scored: dict, indices: list[int]) -> None:
+    """The scores that ordered a chunk: {"model": identity, "indices": into the train file, "scores"}."""
+    path.write_text(json.dumps({"model": scored["model"], "indices": indices, "scores": scored["scores"]}))
+
+
+def rescore_chunk(out_dir: Path, k: int, previous: Path, plan: dict, *, max_length: int, device: str,
+                  source_field: str, text_format: str, chat_template: str | None, emit) -> Path:
+    """`rescore`: step k's chunk made of the easiest pairs (by M_{k-1}'s gamma) not in steps 1..k-1.
+
+    Chunk sizes stay those of the first partition; chunks k+1.. are rewritten too (the remaining
+    pairs in M_{k-1}'s order) so that every pair is still trained once. The scores and the identity
+    of the model that gave them go to data/step-k.scores.json.
+    """
+    from .curriculum import score_pairs
+
+    data_dir = out_dir / "data"
+    pairs = load_pairs(plan["train_file"], source_field=source_field)
+    chunk_indices: list[list[int]] = plan["chunk_indices"]
+    trained = {i for chunk in chunk_indices[: k - 1] for i in chunk}
+    remaining = [i for i in range(len(pairs)) if i not in trained]
+    scored = score_pairs(previous, [pairs[i] for i in remaining], max_length=max_length, device=device,
+                         text_format=text_format, chat_template=chat_template)
+    order = [remaining[j] for j in pair_order(scored["scores"], len(remaining))]
+    _write_scores(data_dir / f"step-{k}.scores.json", scored, remaining)
+    start = 0
+    for later in range(k, len(chunk_indices) + 1):
+        size = len(chunk_indices[later - 1])
+        chunk_indices[later - 1] = order[start : start + size]
+        start += size
+        write_pairs([pairs[i] for i in chunk_indices[later - 1]], data_dir / f"step-{later}.jsonl")
+    if start != len(remaining):  # pragma: no cover - the sizes partition the pairs
+        raise PartitionError("rescoring lost pairs")
+    # A re-run of the command partitions afresh from the base's scores; this keeps the rescored chunks.
+    (data_dir / "chunk-indices.json").write_text(json.dumps(chunk_indices))
+    emit({"event": "info", "phase": "pair_scores", "step": k, "model": scored["model"], "pairs": len(remaining),
+          "unscored": scored["scores"].count(None)})
+    return data_dir / f"step-{k}.jsonl"
+
+
 def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = None, train_file: str | None = None,
              strategy: str | None = None, n_steps: int | None = None, sizes: list[int] | None = None,
+             rescore: bool = False,
              eval_file: str | None = None, hyperparameters: dict | None = None, seed: int = 0,
              source_field: str = "source", lora: dict | None = None, device: str = "auto",
              text_format: str = "chat", chat_template: str | None = None, packing: bool = True,
@@ -112,6 +164,8 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
         raise ValueError("give either step files (one per step) or a train file with a partition strategy")
     if train_file and strategy not in STRATEGIES:
         raise ValueError(f"partition strategy must be one of {', '.join(STRATEGIES)}")
+    if rescore and strategy not in PAIR_CURRICULUM_STRATEGIES:
+        raise ValueError(f"rescore applies to {', '.join(PAIR_CURRICULUM_STRATEGIES)} only")
     hyperparameters = {**(hyperparameters or {})}
     hyperparameters.setdefault("seed", seed)
     cfg = StepConfig.from_dict(hyperparameters)  # fail before any work on a bad value
@@ -143,11 +197,21 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
                                    n_steps=n_steps, seed=seed, sizes=sizes, source_field=source_field,
                                    max_length=cfg.max_length, device=device, emit=relay,
                                    text_format=text_format, chat_template=chat_template)
+        kept_chunks = out_dir / "data" / "chunk-indices.json"
+        if rescore and train_file and kept_chunks.is_file():  # rescored in an earlier run of the same command
+            plan["chunk_indices"] = json.loads(kept_chunks.read_text())
+            all_pairs = load_pairs(train_file, source_field=source_field)
+            for k, idx in enumerate(plan["chunk_indices"], start=1):
+                write_pairs([all_pairs[i] for i in idx], chunks[k - 1])
         steps = []
         previous = base
         for k, chunk in enumerate(chunks, start=1):
             output = out_dir / f"step-{k}"
             manifest = read_manifest(output)
+            if manifest is None and rescore and k > 1:
+                chunk = rescore_chunk(out_dir, k, previous, plan, max_length=cfg.max_length, device=device,
+                                      source_field=source_field, text_format=text_format,
+                                      chat_template=chat_template, emit=relay)
             if manifest is None:
                 summary = run_step({
                     "index": k, "policy_init": str(previous), "train_file": str(chunk),
@@ -163,6 +227,9 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
                            "output": {"path": str(output), "sha256": manifest["checkpoint_sha256"]}}
                 relay({"event": "info", "phase": "skip_finished_step", "step": k})
             steps.append(_step_row(k, chunk, summary))
+            scores_file = out_dir / "data" / f"step-{k}.scores.json"
+            if plan.get("strategy") in PAIR_CURRICULUM_STRATEGIES and scores_file.is_file():
+                steps[-1]["scored_with"] = json.loads(scores_file.read_text())["model"]
             previous = output
             gc.collect()
     finally:
@@ -171,7 +238,7 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     result = {
         "model": model,
         "base": str(base),
-        "partition": plan,
+        "partition": {**plan, "rescore": rescore} if train_file else plan,
         "hyperparameters": cfg.to_dict(),
         "eval_file": str(Path(eval_file).resolve()) if eval_file else None,
         "steps": steps,

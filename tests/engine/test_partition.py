@@ -45,7 +45,8 @@ SCORES = {"easy": 0.9, "medium": 0.6, "hard": 0.2}
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_pair_lands_in_exactly_one_chunk(strategy):
     pairs = _pairs({"easy": 7, "medium": 5, "hard": 9})
-    chunks = partition(pairs, strategy, 3, seed=3, source_scores=SCORES)
+    chunks = partition(pairs, strategy, 3, seed=3, source_scores=SCORES,
+                       pair_scores=[float(k % 5) for k in range(len(pairs))])
     assert len(chunks) == 3
     _assert_cover(chunks, len(pairs))
 
