@@ -26,6 +26,9 @@ claims. Columns:
                   answers after truncation, no padding): TRL runs the prompt twice, the engine once
                   plus one token per pair; padding comes on top of both
 With --unpacked, (b2) is the engine with packing off (the spec's `packing: false`) (two sequences per pair, as TRL).
+With --one-per-row, (b3) is the engine packing one pair per row (the spec's `pack_tokens: 0`, the layout
+before issue #21's multi-pair rows): column `wall b3/b`. --pack-tokens N sets (b)'s `pack_tokens`
+(default: the engine's, packing.DEFAULT_PACK_TOKENS).
 
 Data shapes (--shapes; default: the prompt ratios of --prompt-ratio): `short` (prompt and answers of
 about 10-20 tokens), `prompt3x` (prompts about 3x the answers), `multiturn` (three-turn prompts with
@@ -134,12 +137,15 @@ def child(args) -> None:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     hp = json.loads(args.hparams)
     reference_seconds = None
-    if args.child in ("engine", "engine-unpacked"):
+    if args.child in ("engine", "engine-unpacked", "engine-rows1"):
         events = []
+        bench_tokens = os.environ.get("SDPO_BENCH_PACK_TOKENS")  # --pack-tokens, from the parent
+        pack_tokens = 0 if args.child == "engine-rows1" else (int(bench_tokens) if bench_tokens else None)
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_step({"index": 1, "policy_init": args.model_dir, "train_file": args.data,
                                 "output_dir": f"{tmp}/out", "work_dir": f"{tmp}/work", "hyperparameters": hp,
-                                "device": "cpu", "packing": args.child == "engine"}, emit=events.append)
+                                "device": "cpu", "packing": args.child != "engine-unpacked",
+                                "pack_tokens": pack_tokens}, emit=events.append)
             wall = time.perf_counter() - t0
         losses = [e["loss"] for e in events if e["event"] == "metrics"]
         tokens = max((e.get("num_tokens") or 0) for e in events if e["event"] == "metrics")
@@ -174,7 +180,8 @@ def model_dir_for(name: str, cache: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--child", choices=["plain", "tuned", "engine", "engine-unpacked"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["plain", "tuned", "engine", "engine-unpacked", "engine-rows1"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--hparams", help=argparse.SUPPRESS)
@@ -187,6 +194,8 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--repeats", type=int, default=1, help="a/b pairs per setting (alternated)")
     p.add_argument("--unpacked", action="store_true", help="also run b2: the engine without shared-prompt packing")
+    p.add_argument("--one-per-row", action="store_true", help="also run b3: the engine packing one pair per row")
+    p.add_argument("--pack-tokens", type=int, default=None, help="(b)'s pack_tokens (default: the engine's)")
     p.add_argument("--tuned", action="store_true", help="also run a': TRL tuned by hand (precompute, no checkpointing)")
     p.add_argument("--no-plain", action="store_true", help="skip (a), TRL's defaults (with --tuned)")
     p.add_argument("--shapes", nargs="+", choices=["short", "prompt3x", "multiturn", "skewed"],
@@ -208,6 +217,8 @@ def main() -> None:
                    f" {'floor a`':>8} {'floor b':>8}")
     if args.unpacked:
         header += f" {'wall a/b2':>10} {'mem b2/a':>9}"
+    if args.one_per_row:
+        header += f" {'wall b3/b':>10} {'cpu b3/b':>9} {'mem b/b3':>9}"
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes or args.prompt_ratio:
@@ -227,9 +238,12 @@ def main() -> None:
                         run["a"] = run_child(__file__, "plain", model_dir, data, hp)
                     if args.tuned:
                         run["t"] = run_child(__file__, "tuned", model_dir, data, hp)
-                    run["b"] = run_child(__file__, "engine", model_dir, data, hp)
+                    run["b"] = run_child(__file__, "engine", model_dir, data, hp, env=(
+                        {"SDPO_BENCH_PACK_TOKENS": str(args.pack_tokens)} if args.pack_tokens is not None else None))
                     if args.unpacked:
                         run["b2"] = run_child(__file__, "engine-unpacked", model_dir, data, hp)
+                    if args.one_per_row:
+                        run["b3"] = run_child(__file__, "engine-rows1", model_dir, data, hp)
                     runs.append(run)
 
                 def med(f, runs=runs):
@@ -262,6 +276,10 @@ def main() -> None:
                 if args.unpacked:
                     line += (f" {med(lambda r: r['a']['wall'] / r['b2']['wall']):>10.2f} "
                              f"{med(lambda r: r['b2']['peak_mb'] / r['a']['peak_mb']):>9.2f}")
+                if args.one_per_row:
+                    line += (f" {med(lambda r: r['b3']['wall'] / r['b']['wall']):>10.2f} "
+                             f"{med(lambda r: r['b3']['cpu'] / r['b']['cpu']):>9.2f} "
+                             f"{med(lambda r: r['b']['peak_mb'] / r['b3']['peak_mb']):>9.2f}")
                 print(line, flush=True)
 
 

@@ -47,6 +47,10 @@ PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
+# Packed row budget when the step spec leaves `pack_tokens` null: several pairs per row, at most this
+# many tokens (bench/README.md, issue #21: measured against one pair per row).
+DEFAULT_PACK_TOKENS = 2048
+
 try:  # TRL's chunked log-prob kernel: the fused LM head without materialising the logits
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput

@@ -28,6 +28,7 @@ __all__ = [
     "InfoEvent",
     "InfoPhase",
     "LoraSpec",
+    "MAX_PACK_TOKENS",
     "MAX_PAD_TO_MULTIPLE_OF",
     "MemoryInfo",
     "MetricsEvent",
@@ -90,6 +91,8 @@ MAX_PROCESSES = 1024
 # "auto": on only where the largest batch's activations would not fit (step.plan_activation_checkpointing).
 ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
 MAX_PAD_TO_MULTIPLE_OF = 4096
+# Largest packed row (pack_tokens): the block mask of a row is rows x tokens^2 booleans.
+MAX_PACK_TOKENS = 65536
 
 # Codes of data that validated as a file but cannot be trained as asked on the model (exit 2); the
 # worker makes them the job's error code.
@@ -256,7 +259,7 @@ class SpecError(ValueError):
 
 
 def check_training_settings(*, device: str = "auto", packing: bool = True, pad_to_multiple_of: int | None = None,
-                            activation_checkpointing: str = "auto") -> None:
+                            activation_checkpointing: str = "auto", pack_tokens: int | None = None) -> None:
     """Raise SpecError naming the first of the operator's training settings (StepSpec's fields of the same
     names) that is out of range. `sdpo_engine run` checks them before any work."""
     if device not in DEVICES:
@@ -268,6 +271,9 @@ def check_training_settings(*, device: str = "auto", packing: bool = True, pad_t
         raise SpecError(f"pad_to_multiple_of must be null or a whole number from 0 to {MAX_PAD_TO_MULTIPLE_OF}")
     if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
         raise SpecError(f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}")
+    if pack_tokens is not None and (isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int)
+                                    or not 0 <= pack_tokens <= MAX_PACK_TOKENS):
+        raise SpecError(f"pack_tokens must be null or a whole number from 0 to {MAX_PACK_TOKENS}")
 
 
 @dataclass
@@ -338,6 +344,10 @@ class StepSpec:
                 "null: 64 on a GPU, none on CPU. The padding is masked: the loss is unchanged."})
     activation_checkpointing: str = field(default="auto", metadata={
         "help": "auto: on only where the largest batch's activations would not fit in memory; on; off."})
+    pack_tokens: int | None = field(default=None, metadata={
+        "help": "With packing: several whole pairs per packed row, back to back under a block-diagonal mask, "
+                f"rows of at most this many tokens (at most {MAX_PACK_TOKENS}); 0: one pair per row; null: "
+                "the engine's default (step.pack_tokens_for). The batch's pairs and the loss are the same."})
     distributed: DistributedSpec | None = field(default=None, metadata={
         "help": "Null (one process) or {\"num_processes\": N, \"strategy\": \"ddp\" | \"fsdp\"}: the step on N "
                 "ranks; hyperparameters.batch_size stays the global batch and must be a multiple of N."})
@@ -382,13 +392,13 @@ class StepSpec:
         if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
             raise SpecError("chat_template must be a non-empty Jinja template string")
         check_training_settings(device=spec.device, packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
-                                activation_checkpointing=spec.activation_checkpointing)
+                                activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens)
         return spec
 
     def training_settings(self) -> dict[str, Any]:
         """The operator's settings that change how the step trains (recorded in the manifest)."""
         return {"device": self.device, "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
-                "activation_checkpointing": self.activation_checkpointing}
+                "activation_checkpointing": self.activation_checkpointing, "pack_tokens": self.pack_tokens}
 
     @property
     def num_processes(self) -> int:

@@ -337,7 +337,8 @@ def _define_trainer_class():
         def __init__(self, *args, pack: bool = True, text_format: str = "chat", pack_tokens: int | None = None,
                      **kwargs):
             self._pack_requested = pack
-            self._pack_tokens = pack_tokens
+            # None: the engine's default layout (packing.DEFAULT_PACK_TOKENS); 0: one pair per row
+            self._pack_tokens = packing.DEFAULT_PACK_TOKENS if pack_tokens is None else pack_tokens
             self._text_format = text_format
             self.pairs_dropped: dict[str, list[int]] = {}
             self.first_step_reference_nll: list[float | None] = []
@@ -369,6 +370,11 @@ def _define_trainer_class():
         @property
         def packed(self) -> bool:
             return self.packing is None
+
+        @property
+        def pack_tokens(self) -> int | None:
+            """Tokens per packed row (0: one pair per row); None when not packed."""
+            return self._pack_tokens if self.packed else None
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             """TRL's tokenisation ("chat") or the strings exactly as given ("raw", tokens.py), then every
@@ -873,7 +879,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
                             callbacks=_callbacks(spec.index, emit, stop,
                                                  first_loss_expected=lambda: expected_first_loss(cfg, trainer)),
-                            peft_config=peft_config, pack=spec.packing,
+                            peft_config=peft_config, pack=spec.packing, pack_tokens=spec.pack_tokens,
                             text_format=spec.text_format)
     distributed.fsdp_on_cpu(trainer)
     pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
@@ -959,6 +965,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "training_settings": {**spec.training_settings(), "device": device},
         "training_applied": {"packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
                              "pad_to_multiple_of": args.pad_to_multiple_of,
+                             "pack_tokens": trainer.pack_tokens,
                              "activation_checkpointing": memory["activation_checkpointing"]},
         "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,

@@ -119,7 +119,7 @@ def test_packed_log_probs_are_the_two_sequence_log_probs_in_float64(family, attn
                                                               + len(e["rejected_ids"]) for e in EDGE_EXAMPLES)
 
 
-def _trainer(path, rows_file, tmp_path, *, pack, lora=False, pack_tokens=None, **cfg_overrides):
+def _trainer(path, rows_file, tmp_path, *, pack, lora=False, pack_tokens=0, **cfg_overrides):
     from transformers import set_seed
 
     cfg = StepConfig.from_dict({"batch_size": 4, "max_length": 48, "learning_rate": 1e-3, "seed": 0})
