@@ -30,6 +30,11 @@ __all__ = [
     "LoraSpec",
     "MAX_PACK_TOKENS",
     "MAX_PAD_TO_MULTIPLE_OF",
+    "MAX_SAMPLE_NEW_TOKENS",
+    "MAX_SAMPLE_PROMPTS",
+    "PairScoresInfo",
+    "SamplesInfo",
+    "SamplesSpec",
     "MemoryInfo",
     "MetricsEvent",
     "PARTITION_STRATEGIES",
@@ -125,6 +130,8 @@ class InfoPhase(StrEnum):
     EVAL = "eval"
     SOURCE_SCORES = "source_scores"
     SKIP_FINISHED_STEP = "skip_finished_step"
+    SAMPLES = "samples"  # seconds of the held-out samples' generation (samples.py), after eval
+    PAIR_SCORES = "pair_scores"  # run with pair_easy_to_hard: the model that ordered step t's chunk
 
 
 class MetricsEvent(TypedDict, total=False):
@@ -216,8 +223,28 @@ class EvalInfo(TypedDict, total=False):
     mean_gamma: float
 
 
+class SamplesInfo(TypedDict):
+    event: Literal["info"]
+    phase: Literal["samples"]
+    step: int
+    prompts: int  # K held-out prompts answered
+    seconds: float  # generation after training (in the step's time)
+    base_seconds: float | None  # generation before training (samples.base), else None
+
+
+class PairScoresInfo(TypedDict):
+    """`python -m sdpo_engine run` with pair_easy_to_hard: the pairs left before step t were ordered by `model`."""
+
+    event: Literal["info"]
+    phase: Literal["pair_scores"]
+    step: int
+    model: dict[str, Any]  # manifest.checkpoint_identity: {"path", "sha256", "step"}
+    pairs: int
+    unscored: int  # pairs without a training signal (sorted last)
+
+
 InfoEvent = (StartInfo | EvalReferenceInfo | PairsDroppedInfo | ReferenceLogpsInfo | MemoryInfo | ResumeInfo
-             | TrainEndInfo | EvalInfo)
+             | TrainEndInfo | EvalInfo | SamplesInfo | PairScoresInfo)
 
 
 class WarningEvent(TypedDict, total=False):
@@ -298,6 +325,22 @@ class DistributedSpec:
                                                            "weights, gradients and optimizer states sharded)."})
 
 
+MAX_SAMPLE_PROMPTS = 32
+MAX_SAMPLE_NEW_TOKENS = 512
+
+
+@dataclass
+class SamplesSpec:
+    """Greedy answers to held-out prompts after the step (sdpo_engine.samples): the prompts of the
+    first `n_prompts` pairs of the spec's eval_file."""
+
+    n_prompts: int = field(default=4, metadata={"help": f"K held-out prompts, 1 to {MAX_SAMPLE_PROMPTS}."})
+    max_new_tokens: int = field(default=48, metadata={"help": f"Answer length, 1 to {MAX_SAMPLE_NEW_TOKENS} tokens."})
+    seed: int = field(default=0, metadata={"help": "torch's seed before decoding (greedy: same text every time)."})
+    base: bool = field(default=False, metadata={
+        "help": "Also answer before training, with policy_init (step 1: the job's base model)."})
+
+
 @dataclass
 class StepSpec:
     """What one step needs: the JSON object of ``python -m sdpo_engine step SPEC.json``.
@@ -351,6 +394,9 @@ class StepSpec:
     distributed: DistributedSpec | None = field(default=None, metadata={
         "help": "Null (one process) or {\"num_processes\": N, \"strategy\": \"ddp\" | \"fsdp\"}: the step on N "
                 "ranks; hyperparameters.batch_size stays the global batch and must be a multiple of N."})
+    samples: SamplesSpec | None = field(default=None, metadata={
+        "help": "Null or {\"n_prompts\", \"max_new_tokens\", \"seed\", \"base\"}: greedy answers to the eval_file's "
+                "first prompts after training (and before, with base), in the summary and the manifest."})
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepSpec":
@@ -376,6 +422,8 @@ class StepSpec:
                 raise SpecError(f"lora: {e}") from None
         if d.get("distributed") is not None:
             d["distributed"] = _distributed_from(d["distributed"])
+        if d.get("samples") is not None:
+            d["samples"] = _samples_from(d["samples"], d.get("eval_file"))
         spec = cls(**d)
         if spec.distributed is not None and spec.distributed.strategy == "fsdp" and spec.lora is not None:
             raise SpecError("distributed.strategy fsdp cannot train a LoRA adapter yet; use ddp or lora null")
@@ -409,6 +457,26 @@ class StepSpec:
     def strategy(self) -> str | None:
         """`distributed.strategy` of a step on more than one rank, else None."""
         return self.distributed.strategy if self.distributed and self.distributed.num_processes > 1 else None
+
+
+def _samples_from(value: Any, eval_file: Any) -> SamplesSpec:
+    if not isinstance(value, dict):
+        raise SpecError("samples must be null or an object {\"n_prompts\", \"max_new_tokens\", \"seed\", \"base\"}")
+    unknown = sorted(set(value) - {f.name for f in fields(SamplesSpec)})
+    if unknown:
+        raise SpecError(f"unknown samples keys: {', '.join(unknown)}")
+    spec = SamplesSpec(**value)
+    for name, top in (("n_prompts", MAX_SAMPLE_PROMPTS), ("max_new_tokens", MAX_SAMPLE_NEW_TOKENS)):
+        v = getattr(spec, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise SpecError(f"samples.{name} must be a whole number from 1 to {top}")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
+        raise SpecError("samples.seed must be a whole number")
+    if not isinstance(spec.base, bool):
+        raise SpecError("samples.base must be true or false")
+    if not eval_file:
+        raise SpecError("samples needs eval_file: the prompts are the held-out pairs' first prompts")
+    return spec
 
 
 def _distributed_from(value: Any) -> DistributedSpec:

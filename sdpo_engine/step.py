@@ -867,6 +867,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     if spec.chat_template:
         # Saved with the checkpoint's tokenizer: the next step, and inference, use the same template.
         tokenizer.chat_template = spec.chat_template
+    sample_prompts, base_samples = _samples_before(spec, model, tokenizer, device)
     peft_config = None
     if spec.lora:
         from peft import LoraConfig
@@ -948,6 +949,9 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         summary["drift"] = drift_metrics(eval_policy, eval_ref, eval_lengths, cfg.beta)  # eval_ref: the base
         emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"], "drift": summary["drift"]})
 
+    if sample_prompts is not None:  # after training, with the policy in memory (samples.py)
+        summary["samples"] = _samples_after(spec, policy, tokenizer, device, sample_prompts, base_samples, emit)
+
     manifest = {
         "format": "sdpo-checkpoint/1",
         "step": spec.index,
@@ -969,6 +973,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                              "activation_checkpointing": memory["activation_checkpointing"]},
         "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,
+        "samples": summary.get("samples"),
     }
     to_save = distributed.saveable_policy(trainer, policy)  # FSDP: gathered from the shards (every rank)
 
@@ -983,6 +988,33 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     summary["seconds"] = time.perf_counter() - t_start
     emit({"event": "result", "step": spec.index, "summary": summary})
     return summary
+
+
+def _samples_before(spec: StepSpec, model, tokenizer, device: str):
+    """The held-out prompts of `spec.samples` and, with `base`, policy_init's answers before training."""
+    # On N ranks a sharded policy would need every rank in the decode loop: samples are a one-process feature.
+    if spec.samples is None or spec.eval_file is None or spec.num_processes > 1:
+        return None, None
+    from . import samples
+
+    prompts = samples.prompt_messages(spec.eval_file, spec.samples.n_prompts, spec.source_field)
+    if not spec.samples.base:
+        return prompts, None
+    return prompts, samples.generate_answers(model, tokenizer, prompts, max_new_tokens=spec.samples.max_new_tokens,
+                                             seed=spec.samples.seed, device=device, text_format=spec.text_format)
+
+
+def _samples_after(spec: StepSpec, policy, tokenizer, device: str, prompts, base, emit: Emit) -> dict:
+    from . import samples
+
+    assert spec.samples is not None
+    answers, seconds = samples.generate_answers(policy, tokenizer, prompts, max_new_tokens=spec.samples.max_new_tokens,
+                                                seed=spec.samples.seed, device=device, text_format=spec.text_format)
+    result = samples.result(samples.texts(tokenizer, prompts, spec.text_format), answers, base, seconds,
+                            vars(spec.samples))
+    emit({"event": "info", "phase": "samples", "step": spec.index, "prompts": len(prompts),
+          "seconds": result["seconds"], "base_seconds": result["base_seconds"]})
+    return result
 
 
 def main_step(spec_path: str) -> int:
