@@ -13,7 +13,7 @@ from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.errors import from_validation_errors
 from api.idempotency import respond
 from api.jobs import service
-from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList
+from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList, StepSamples
 from api.openapi import json_body_doc
 from api.stream import EventStreamResponse, job_event_stream, open_streams
 
@@ -131,3 +131,10 @@ def checkpoint_content(
 @router.get("/{job_id}/steps", response_model=StepList, summary="Per-step lineage, status and metrics (sDPO)")
 def list_steps(job_id: str, principal: Principal = Depends(get_principal), db: Session = Depends(get_db)):
     return StepList.from_rows(service.list_steps(db, principal, job_id))
+
+
+@router.get("/{job_id}/steps/{index}/samples", response_model=StepSamples,
+            summary="A step's greedy answers to held-out prompts (method.<type>.samples), beside the base's")
+def step_samples(job_id: str, index: int, principal: Principal = Depends(get_principal),
+                 db: Session = Depends(get_db)):
+    return StepSamples.from_row(service.step_samples(db, principal, job_id, index))

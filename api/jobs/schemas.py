@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from core.clock import to_unix
 from core.jobs import fine_tuned_model_name
@@ -32,6 +32,16 @@ _CHAT_TEMPLATE = ("A Jinja chat template used instead of the model's own (needed
                   "without one); saved with every checkpoint of the job.")
 
 
+class SamplesSettings(_Strict):
+    n_prompts: StrictInt = Field(description="K: answer the first K prompts of the validation file (1 to 32).")
+    max_new_tokens: StrictInt = Field(48, description="Longest answer, in tokens (1 to 512).")
+
+
+_SAMPLES = ("Per-step samples: after every step, greedy answers (seeded) to the validation file's first n_prompts "
+            "prompts, generated in the step's process; step 1 also answers with the base model before training. "
+            "Read them at GET /v1/fine_tuning/jobs/{id}/steps/{index}/samples. Needs validation_file.")
+
+
 class DpoSpec(_Strict):
     hyperparameters: dict[str, Any] | None = Field(
         None, description="beta, learning_rate or learning_rate_multiplier, n_epochs, batch_size, max_length, "
@@ -39,6 +49,7 @@ class DpoSpec(_Strict):
                           "rpo_alpha, label_smoothing, ld_alpha, discopop_tau (docs/CONTRACTS.md).")
     text_format: StrictStr | None = Field(None, description=_TEXT_FORMAT)
     chat_template: StrictStr | None = Field(None, description=_CHAT_TEMPLATE)
+    samples: SamplesSettings | None = Field(None, description=_SAMPLES)
 
 
 class SdpoStepSpec(_Strict):
@@ -47,10 +58,14 @@ class SdpoStepSpec(_Strict):
 
 
 class PartitionSpec(_Strict):
-    strategy: StrictStr = Field(description="random, stratified, easy_to_hard or hard_to_easy.")
+    strategy: StrictStr = Field(description="random, stratified, easy_to_hard, hard_to_easy or pair_easy_to_hard "
+                                            "(pairs ordered by gamma under the model, no source needed).")
     n_steps: StrictInt = Field(description="T: the number of chunks (steps).")
     source_field: StrictStr | None = Field(None, description="Field naming each pair's source (default source).")
-    sizes: list[StrictInt] | None = Field(None, description="Rows per chunk (random/stratified), summing to rows.")
+    sizes: list[StrictInt] | None = Field(None, description="Rows per chunk (random/stratified/pair_easy_to_hard), "
+                                                            "summing to rows.")
+    rescore: StrictBool | None = Field(None, description="pair_easy_to_hard: before step t > 1, order the pairs not yet "
+                                                   "trained by M_{t-1}'s gamma (default false).")
 
 
 class GateSpec(_Strict):
@@ -75,6 +90,7 @@ class SdpoSpec(_Strict):
     gate: GateSpec | None = Field(None, description="Step gate (needs validation_file): after each step the "
                                                     "held-out metric must not regress; on a failure the chain "
                                                     "stops and the job succeeds with the gate's result.")
+    samples: SamplesSettings | None = Field(None, description=_SAMPLES)
 
 
 class MethodSpec(_Strict):
@@ -328,9 +344,41 @@ class StepObject(BaseModel):
             index=step.index, status=step.status, training_file=step.training_file_id, chunk=chunk,
             reference_checkpoint=step.reference_checkpoint_id, policy_init_checkpoint=step.policy_init_checkpoint_id,
             output_checkpoint=step.output_checkpoint_id, hyperparameters=dict(step.hyperparameters or {}),
-            metrics=StepMetrics.model_validate(step.metrics or {}), attempt=step.attempt, error=step.error,
+            metrics=StepMetrics.model_validate(_without_samples(step.metrics)), attempt=step.attempt, error=step.error,
             created_at=to_unix(step.created_at), started_at=to_unix(step.started_at),
             finished_at=to_unix(step.finished_at))
+
+
+def _without_samples(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """A step's metrics with the samples' generation time only (the texts: the samples endpoint)."""
+    metrics = dict(metrics or {})
+    samples = metrics.pop("samples", None)
+    if isinstance(samples, dict):
+        metrics["samples_seconds"] = samples.get("seconds")
+    return metrics
+
+
+class StepSamples(BaseModel):
+    """GET /v1/fine_tuning/jobs/{id}/steps/{index}/samples: the step's greedy answers to the validation
+    file's first prompts (sdpo_engine/samples.py), and step 1's base-model answers before training."""
+
+    object: Literal["fine_tuning.job.step.samples"] = "fine_tuning.job.step.samples"
+    index: int
+    output_checkpoint: str | None
+    prompts: list[str]
+    answers: list[str]
+    base_answers: list[str] | None = Field(description="The base model's answers (step 1 only), before training.")
+    max_new_tokens: int
+    seed: int
+    seconds: float = Field(description="Generation after training, in the step's time.")
+    base_seconds: float | None
+
+    @classmethod
+    def from_row(cls, step: JobStep) -> StepSamples:
+        s = (step.metrics or {})["samples"]
+        return cls(index=step.index, output_checkpoint=step.output_checkpoint_id, prompts=s["prompts"],
+                   answers=s["answers"], base_answers=s.get("base_answers"), max_new_tokens=s["max_new_tokens"],
+                   seed=s["seed"], seconds=s["seconds"], base_seconds=s.get("base_seconds"))
 
 
 class StepList(BaseModel):

@@ -185,3 +185,22 @@ def list_steps(db: Session, principal: Principal, job_id: str) -> list[JobStep]:
     """The owner's job's steps, in order."""
     job = find_job(db, principal, job_id)
     return get_steps(db, job.id)
+
+
+def step_samples(db: Session, principal: Principal, job_id: str, index: int) -> JobStep:
+    """The owner's job's step `index` with its samples; 404 (param ``index``) when the job has no such
+    step or the step has none yet (not finished, or the job asked for no samples)."""
+    job = find_job(db, principal, job_id)
+    step = next((s for s in get_steps(db, job.id) if s.index == index), None)
+    if step is None:
+        raise NotFound(f"Job {job_id} has no step {index}.", param="index", code="step_not_found")
+    if not isinstance((step.metrics or {}).get("samples"), dict):
+        raise NotFound(f"Step {index} of job {job_id} has no samples" + (
+            ": the job asked for none (method.<type>.samples)." if not _asks_samples(job)
+            else f" yet (the step is {step.status})."), param="index", code="samples_not_found")
+    return step
+
+
+def _asks_samples(job: Job) -> bool:
+    method = job.method or {}
+    return bool((method.get(method.get("type") or "") or {}).get("samples"))

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from api.files import repository as files_repository
 from api.jobs import repository
-from api.jobs.schemas import GateSpec, JobCreate, MethodSpec, PartitionSpec
+from api.jobs.schemas import GateSpec, JobCreate, MethodSpec, PartitionSpec, SamplesSettings
 from api.models import repository as models_repository
 from core.errors import InvalidRequest
 from core.jobs.gates import GATE_ACTIONS, GATE_METRICS
@@ -46,7 +46,15 @@ from sdpo_engine.config import (
     learning_rate_from_multiplier,
 )
 from sdpo_engine.markup import read_tokenizer_files
-from sdpo_engine.protocol import CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, TEXT_FORMATS, PartitionPlan
+from sdpo_engine.protocol import (
+    CURRICULUM_STRATEGIES,
+    MAX_SAMPLE_NEW_TOKENS,
+    MAX_SAMPLE_PROMPTS,
+    PAIR_CURRICULUM_STRATEGIES,
+    PARTITION_STRATEGIES,
+    TEXT_FORMATS,
+    PartitionPlan,
+)
 
 SUPPORTED_METHODS = ("dpo", "sdpo")
 OPENAI_ONLY_METHODS = ("supervised", "reinforcement")
@@ -127,6 +135,10 @@ def build_plan(db: Session, owner: str, body: JobCreate, settings: Settings) -> 
         if sdpo.gate is not None:
             echo_sdpo["gate"] = _check_gate(sdpo.gate, body.validation_file)
         echo = {"type": "sdpo", "sdpo": echo_sdpo}
+    samples_spec = method.dpo.samples if method.type == "dpo" and method.dpo else (
+        method.sdpo.samples if method.sdpo else None)
+    if samples_spec is not None:
+        echo[method.type]["samples"] = _check_samples(samples_spec, method.type, body.validation_file)
 
     validation_file = None
     if body.validation_file is not None:
@@ -217,6 +229,20 @@ def _hyperparameters_of(body: JobCreate, method: MethodSpec) -> dict[str, tuple[
         return _Resolver.given(body.hyperparameters, "hyperparameters")
     spec = method.dpo if method.type == "dpo" else method.sdpo
     return _Resolver.given(spec.hyperparameters if spec else None, f"method.{method.type}.hyperparameters")
+
+
+def _check_samples(samples: SamplesSettings, method_type: str, validation_file: str | None) -> dict[str, Any]:
+    """Per-step samples as stored in the method echo (the worker reads them there, core.jobs.lifecycle).
+    The prompts are the validation file's first n_prompts, so a validation file is needed."""
+    p = f"method.{method_type}.samples"
+    for name, top in (("n_prompts", MAX_SAMPLE_PROMPTS), ("max_new_tokens", MAX_SAMPLE_NEW_TOKENS)):
+        value = getattr(samples, name)
+        if not 1 <= value <= top:
+            raise bad(f"{p}.{name} must be from 1 to {top}; got {value}.", f"{p}.{name}", "invalid_value")
+    if validation_file is None:
+        raise bad(f"{p} answers the validation file's first prompts after each step and needs a validation_file.",
+                  "validation_file", "missing_validation_file")
+    return {"n_prompts": samples.n_prompts, "max_new_tokens": samples.max_new_tokens}
 
 
 def _check_gate(gate: GateSpec, validation_file: str | None) -> dict[str, Any]:
@@ -415,8 +441,15 @@ def _check_partition(spec: PartitionSpec, file: File, settings: Settings) -> Par
         if n_sources < n:
             raise bad(f"{spec.strategy} keeps each source in one step, so n_steps ({n}) cannot exceed the "
                       f"number of sources ({n_sources}).", f"{p}.n_steps", "too_many_steps")
-    return PartitionPlan(strategy=spec.strategy, n_steps=n, source_field=source_field,
+    if spec.rescore and spec.strategy not in PAIR_CURRICULUM_STRATEGIES:
+        raise bad(f"rescore orders the remaining pairs by the previous step's model; it applies to "
+                  f"{', '.join(PAIR_CURRICULUM_STRATEGIES)}, not {spec.strategy}.", f"{p}.rescore",
+                  "conflicting_parameters")
+    plan = PartitionPlan(strategy=spec.strategy, n_steps=n, source_field=source_field,
                          sizes=list(sizes) if sizes is not None else None)
+    if spec.strategy in PAIR_CURRICULUM_STRATEGIES:
+        plan["rescore"] = bool(spec.rescore)
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
