@@ -11,7 +11,8 @@ from sdpo_engine.protocol import PartitionPlan
 from tests.conftest import bearer, preference_rows
 
 JOBS = "/v1/fine_tuning/jobs"
-STEP_METRIC_KEYS = ["first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "eval"]
+STEP_METRIC_KEYS = ["first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy", "reward_margin", "eval",
+                    "drift"]
 
 
 @pytest.fixture
@@ -68,7 +69,8 @@ def test_step_metrics_have_their_declared_keys_first_then_the_rest_as_recorded(c
     assert list(step["metrics"]) == [*STEP_METRIC_KEYS, "pairs", "train_seconds"]
     assert step["metrics"] == {"first_loss": 0.6931, "mean_gamma_ref": None, "last_loss": 0.25,
                                "reward_accuracy": None, "reward_margin": None,
-                               "eval": {"pairs": 2, "reward_accuracy": 1.0}, "pairs": 10, "train_seconds": 1.5}
+                               "eval": {"pairs": 2, "reward_accuracy": 1.0}, "drift": None, "pairs": 10,
+                               "train_seconds": 1.5}
     assert step["chunk"] == {"stats": {"rows": 10, "sources": {"easy": 5, "hard": 5}}, "rows": 10}
 
 

@@ -352,11 +352,13 @@ function makeChart(canvas, title, yLabel, kind) {
   return new Chart(canvas, {
     type: kind === "bar" ? "bar" : "line",
     data: kind === "bar" ? { labels: [], datasets: [{ label: title, data: [], backgroundColor: COLORS }] }
-                         : { datasets: [] },
+      : kind === "steps" ? { labels: [], datasets: DRIFT_SERIES.map(([, label], i) => (
+        { label, data: [], borderColor: COLORS[i], backgroundColor: COLORS[i] })) }
+      : { datasets: [] },
     options: {
-      animation: false, responsive: true, maintainAspectRatio: false, parsing: kind === "bar",
+      animation: false, responsive: true, maintainAspectRatio: false, parsing: kind === "bar" || kind === "steps",
       plugins: { legend: { display: kind !== "bar", labels: { boxWidth: 12 } } },
-      scales: kind === "bar"
+      scales: kind === "bar" || kind === "steps"
         ? { x: { title: { display: true, text: "sDPO step" } }, y: { title: { display: true, text: yLabel } } }
         : { x: { type: "linear", ticks: { precision: 0 },
                  title: { display: true, text: "optimizer step (all sDPO steps)" } },
@@ -365,6 +367,11 @@ function makeChart(canvas, title, yLabel, kind) {
     },
   });
 }
+
+// Drift from the base per sDPO step (StepMetrics.drift, sdpo_engine/drift.py); M0 is the base itself: 0.
+const DRIFT_SERIES = [["chosen_logratio_per_token", "chosen log-ratio / token"],
+                      ["rejected_logratio_per_token", "rejected log-ratio / token"],
+                      ["reward_margin", "reward margin vs base"]];
 
 class MetricCharts {
   constructor(root) {
@@ -376,7 +383,8 @@ class MetricCharts {
     this.gamma = {};
     const spec = [["loss", "DPO loss", "loss"], ["margin", "Reward margin", "chosen − rejected reward"],
                   ["accuracy", "Reward accuracy", "share of pairs preferred"],
-                  ["gamma", "Mean γ_ref per step", "mean reference log-ratio", "bar"]];
+                  ["gamma", "Mean γ_ref per step", "mean reference log-ratio", "bar"],
+                  ["drift", "Drift from the base (validation pairs)", "nats per token · reward vs base", "steps"]];
     for (const [name, title, yLabel, kind] of spec) {
       const canvas = h("canvas", { "aria-label": title, role: "img" });
       const box = h("div", { class: "chart", id: `chart-${name}`, "data-points": 0 }, h("h3", {}, title),
@@ -423,6 +431,17 @@ class MetricCharts {
     this.schedule();
   }
 
+  setDrift(step, drift) {
+    if (!drift || drift.chosen_logratio_per_token === undefined) return;
+    this.drift = this.drift || { 0: Object.fromEntries(DRIFT_SERIES.map(([key]) => [key, 0])) };
+    this.drift[step] = drift;
+    const chart = this.charts.drift;
+    const steps = Object.keys(this.drift).map(Number).sort((a, b) => a - b);
+    chart.data.labels = steps.map((s) => (s === 0 ? "M0 (base)" : `M${s}`));
+    DRIFT_SERIES.forEach(([key], i) => { chart.data.datasets[i].data = steps.map((s) => this.drift[s][key]); });
+    this.schedule();
+  }
+
   schedule() {
     if (this.pending) return;
     this.pending = true;
@@ -437,6 +456,13 @@ class MetricCharts {
   }
 
   destroy() { Object.values(this.charts).forEach((c) => c.destroy()); }
+}
+
+function gateText(g) {
+  if (g.status === "passed") return `passed (${g.metric}, ${g.steps_checked} step(s))`;
+  const why = g.reason === "max_drift" ? `drift ${fmt(g.drift, 4)} > max_drift ${fmt(g.max_drift, 4)}`
+    : `${g.metric} ${fmt(g.previous.value, 4)} → ${fmt(g.value, 4)}`;
+  return `failed after step ${g.failed_step} (${why}); ${g.on_fail}: result is step ${g.result_step}`;
 }
 
 function lineageView(job, steps) {
@@ -479,6 +505,7 @@ async function jobPage(jobId) {
                                           api(`/v1/fine_tuning/jobs/${jobId}/steps`)]);
     job = j;
     for (const s of steps.data) charts.setGamma(s.index, (s.metrics || {}).mean_gamma_ref);
+    for (const s of steps.data) charts.setDrift(s.index, (s.metrics || {}).drift);
     const actions = [];
     const act = (label, action) => h("button", { type: "button", class: "secondary", id: `job-${action}`, onclick: async () => {
       await api(`/v1/fine_tuning/jobs/${jobId}/${action}`, { method: "POST" }).catch((e) => alert(e.message));
@@ -499,6 +526,8 @@ async function jobPage(jobId) {
           h("dt", {}, "fine-tuned model"), h("dd", { class: "mono", id: "fine-tuned-model" }, job.fine_tuned_model || "–"),
           h("dt", {}, "created"), h("dd", {}, when(job.created_at)),
           h("dt", {}, "finished"), h("dd", {}, when(job.finished_at)),
+          job.gate ? h("dt", {}, "gate") : null, job.gate ? h("dd", { id: "gate", "data-status": job.gate.status },
+            gateText(job.gate)) : null,
           job.error ? h("dt", {}, "error") : null, job.error ? h("dd", { class: "error" }, job.error.message) : null)),
       h("div", {}, actions)));
     lineageBox.replaceChildren(lineageView(job, steps.data));
