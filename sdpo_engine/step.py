@@ -940,7 +940,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "train_seconds": train_seconds,
         "resumed_from": resume_from,
     }
-    if eval_pairs is not None:
+    if eval_pairs is not None and eval_ref is not None:  # both or neither (mypy: eval_ref is set with them)
         eval_policy = pair_logps(policy, tokenizer, eval_pairs, max_length=cfg.max_length,
                                  batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format,
                                  pack=spec.packing, pad_to=spec.pad_to_multiple_of)
