@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     packing: bool = Field(
         True, description="Engine: shared-prompt packing where proven identical for the model (auto/on); "
         "off: TRL's two sequences per pair (same loss, slower).")
+    pack_tokens: int | None = Field(
+        None, ge=0, le=65536, description="Engine: with packing, several whole pairs per packed row of at most this "
+        "many tokens (block-diagonal attention, no padding between pairs); unset: the engine's default "
+        "(sdpo_engine.packing.DEFAULT_PACK_TOKENS); 0: one pair per row. Same loss either way.")
     pad_to_multiple_of: int | None = Field(
         None, ge=0, le=4096, description="Engine: round each batch's length up to this (fewer tensor shapes for "
         "the GPU's attention kernels); unset: 64 on a GPU, none on CPU; 0: no rounding.")
@@ -156,7 +160,7 @@ class Settings(BaseSettings):
             return True
         return value
 
-    @field_validator("pad_to_multiple_of", mode="before")
+    @field_validator("pad_to_multiple_of", "pack_tokens", mode="before")
     @classmethod
     def _pad_unset(cls, value):
         if isinstance(value, str) and value.strip().lower() in ("", "auto"):

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="TRL's two sequences per pair instead of shared-prompt packing (same loss, slower)")
     r.add_argument("--pad-to-multiple-of", type=int, metavar="N",
                    help="round each batch's length up to N (0: no rounding; default 64 on a GPU, none on CPU)")
+    r.add_argument("--pack-tokens", type=int, metavar="N",
+                   help="several pairs per packed row of at most N tokens (0: one pair per row; default: the engine's)")
     r.add_argument("--activation-checkpointing", choices=list(ACTIVATION_CHECKPOINTING), default="auto",
                    help="auto (default): only where a batch's activations would not fit in memory")
     r.add_argument("--quiet", action="store_true", help="print only the final table")
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             lora={"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None, device=args.device,
             text_format=args.text_format, chat_template=chat_template, packing=args.packing,
             pad_to_multiple_of=args.pad_to_multiple_of, activation_checkpointing=args.activation_checkpointing,
-            emit=emit)
+            pack_tokens=args.pack_tokens, emit=emit)
     except (ConfigError, DataError, ModelError, PartitionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, DataError) and e.report:

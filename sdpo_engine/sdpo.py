@@ -145,10 +145,10 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
              source_field: str = "source", lora: dict | None = None, device: str = "auto",
              text_format: str = "chat", chat_template: str | None = None, packing: bool = True,
              pad_to_multiple_of: int | None = None, activation_checkpointing: str = "auto",
-             emit: Callable[[dict], None] | None = None) -> dict:
+             pack_tokens: int | None = None, emit: Callable[[dict], None] | None = None) -> dict:
     """Run a whole sDPO job in this process and return the summary (also written to summary.json).
 
-    `packing`, `pad_to_multiple_of` and `activation_checkpointing` go into every step's spec
+    `packing`, `pack_tokens`, `pad_to_multiple_of` and `activation_checkpointing` go into every step's spec
     (protocol.StepSpec, which says what they do).
 
     Every input file is checked against the base model's tokenizer first (markup.check_pairs,
@@ -170,7 +170,7 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     hyperparameters.setdefault("seed", seed)
     cfg = StepConfig.from_dict(hyperparameters)  # fail before any work on a bad value
     check_training_settings(device=device, packing=packing, pad_to_multiple_of=pad_to_multiple_of,
-                            activation_checkpointing=activation_checkpointing)
+                            activation_checkpointing=activation_checkpointing, pack_tokens=pack_tokens)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     user_emit = emit or (lambda e: None)
@@ -220,7 +220,7 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
                     "eval_reference": str(base) if eval_file else None, "lora": lora, "device": device,
                     "source_field": source_field, "text_format": text_format, "chat_template": chat_template,
                     "packing": packing, "pad_to_multiple_of": pad_to_multiple_of,
-                    "activation_checkpointing": activation_checkpointing,
+                    "activation_checkpointing": activation_checkpointing, "pack_tokens": pack_tokens,
                 }, emit=relay)
             else:  # finished in an earlier run of the same command
                 summary = {**manifest["metrics"], "reference": manifest["reference"],

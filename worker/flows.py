@@ -218,7 +218,7 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         "device": settings.device, "source_field": claim.source_field,
         "save_steps": settings.step_save_steps, "text_format": claim.text_format,
         "chat_template": claim.chat_template, "packing": settings.packing,
-        "pad_to_multiple_of": settings.pad_to_multiple_of,
+        "pad_to_multiple_of": settings.pad_to_multiple_of, "pack_tokens": settings.pack_tokens,
         "activation_checkpointing": settings.activation_checkpointing,
         "distributed": settings.step_distributed()})
 

@@ -102,13 +102,13 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
         assert all(env.get(name) for name in ENGINE_NEEDS), sorted(env)
         # The worker's SDPO_DEVICE=cpu reaches the engine in the step spec (core.settings), not the environment.
         assert not any(name in env for name in ("SDPO_DEVICE", "SDPO_PACKING", "SDPO_PAD_TO_MULTIPLE_OF",
-                                                "SDPO_ACTIVATION_CHECKPOINTING"))
+                                                "SDPO_ACTIVATION_CHECKPOINTING", "SDPO_PACK_TOKENS"))
     manifests = [json.loads(path.read_text()) for path in (service.home / "storage").rglob("sdpo_manifest.json")]
     trained_here = [m for m in manifests if "training_settings" in m]  # the base model's has none
     assert trained_here, f"no step checkpoint under {service.home / 'storage'}"
     for manifest in trained_here:
         assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": None,
-                                                 "activation_checkpointing": "auto"}
+                                                 "activation_checkpointing": "auto", "pack_tokens": None}
         assert manifest["training_applied"]["packing"].startswith("two_sequences: disabled")
 
 

@@ -91,9 +91,10 @@ def test_training_settings_come_from_the_spec_and_reach_the_manifest(spec_dict, 
         _assert_has_its_declared_shape(event)
     manifest = read_manifest(spec_dict["output_dir"])
     assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": 16,
-                                             "activation_checkpointing": "on"}
+                                             "activation_checkpointing": "on", "pack_tokens": None}
+    # not packed: no packed rows, whatever pack_tokens says
     assert manifest["training_applied"] == {"packing": reference["packing"], "pad_to_multiple_of": 16,
-                                            "activation_checkpointing": True}
+                                            "activation_checkpointing": True, "pack_tokens": None}
 
 
 def _assert_has_its_declared_shape(event: dict) -> None:
@@ -134,6 +135,13 @@ def test_run_checks_the_training_settings_before_any_work(tmp_path, tiny_model, 
     assert main([*argv, "--pad-to-multiple-of", "-1"]) == 2
     assert "pad_to_multiple_of must be null or a whole number from 0 to 4096" in capsys.readouterr().err
     assert not out.exists()
+    assert main([*argv, "--pack-tokens", "-1"]) == 2
+    assert "pack_tokens must be null or a whole number from 0 to 65536" in capsys.readouterr().err
+    assert not out.exists()
     assert main([*argv, "--no-packing", "--pad-to-multiple-of", "8", "--activation-checkpointing", "off"]) == 0
     assert read_manifest(out / "step-1")["training_settings"] == {
-        "device": "cpu", "packing": False, "pad_to_multiple_of": 8, "activation_checkpointing": "off"}
+        "device": "cpu", "packing": False, "pad_to_multiple_of": 8, "activation_checkpointing": "off",
+        "pack_tokens": None}
+    assert main([*argv, "--out", str(tmp_path / "rows"), "--pack-tokens", "256"]) == 0
+    manifest = read_manifest(tmp_path / "rows" / "step-1")
+    assert manifest["training_settings"]["pack_tokens"] == manifest["training_applied"]["pack_tokens"] == 256

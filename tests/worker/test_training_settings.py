@@ -12,17 +12,22 @@ from core.settings import Settings
 from sdpo_engine.protocol import (
     ACTIVATION_CHECKPOINTING,
     DEVICES,
+    MAX_PACK_TOKENS,
     MAX_PAD_TO_MULTIPLE_OF,
     SpecError,
     StepSpec,
     check_training_settings,
 )
 
-TRAINING_SETTINGS = ("device", "packing", "pad_to_multiple_of", "activation_checkpointing")
+TRAINING_SETTINGS = ("device", "packing", "pad_to_multiple_of", "activation_checkpointing", "pack_tokens")
 
 
 @pytest.mark.parametrize(("env", "expected"), [
-    ({}, {"device": "auto", "packing": True, "pad_to_multiple_of": None, "activation_checkpointing": "auto"}),
+    ({}, {"device": "auto", "packing": True, "pad_to_multiple_of": None, "activation_checkpointing": "auto",
+          "pack_tokens": None}),
+    ({"SDPO_PACK_TOKENS": "0"}, {"pack_tokens": 0}),
+    ({"SDPO_PACK_TOKENS": "auto"}, {"pack_tokens": None}),
+    ({"SDPO_PACK_TOKENS": "4096"}, {"pack_tokens": 4096}),
     # "auto" was SDPO_PACKING's documented default; off/0/false/no turned packing off.
     ({"SDPO_PACKING": "auto"}, {"packing": True}),
     ({"SDPO_PACKING": "off"}, {"packing": False}),
@@ -43,6 +48,7 @@ def test_settings_read_the_training_variables(monkeypatch, tmp_path, env, expect
 
 @pytest.mark.parametrize(("name", "value"), [
     ("SDPO_PAD_TO_MULTIPLE_OF", "sixty"), ("SDPO_PAD_TO_MULTIPLE_OF", "-1"), ("SDPO_PAD_TO_MULTIPLE_OF", "4097"),
+    ("SDPO_PACK_TOKENS", "-1"), ("SDPO_PACK_TOKENS", "65537"), ("SDPO_PACK_TOKENS", "many"),
     ("SDPO_PACKING", "sometimes"), ("SDPO_ACTIVATION_CHECKPOINTING", "always"), ("SDPO_DEVICE", "tpu"),
 ])
 def test_a_bad_training_variable_stops_the_process_at_start_up(monkeypatch, tmp_path, name, value):
@@ -63,3 +69,10 @@ def test_settings_and_the_step_spec_agree_on_names_and_choices():
         Settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF + 1)
     with pytest.raises(SpecError, match="pad_to_multiple_of"):
         check_training_settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF + 1)
+    Settings(pack_tokens=MAX_PACK_TOKENS)
+    check_training_settings(pack_tokens=MAX_PACK_TOKENS)
+    with pytest.raises(ValidationError):
+        Settings(pack_tokens=MAX_PACK_TOKENS + 1)
+    for bad in (MAX_PACK_TOKENS + 1, -1, True, "2048"):
+        with pytest.raises(SpecError, match="pack_tokens"):
+            check_training_settings(pack_tokens=bad)
