@@ -870,5 +870,9 @@ def write_report(results: dict, out: str | Path) -> dict:
         L.append(per_seed_table(smol))
     L.append("")
     report = out / "paper-reproduction.md"
-    report.write_text("\n".join(L))
+    # The pair-level curriculum's section comes from another command (experiments/curriculum.py): kept.
+    old = report.read_text(encoding="utf-8") if report.is_file() else ""
+    start, end = "<!-- pair-curriculum:start -->", "<!-- pair-curriculum:end -->"
+    kept = old[old.index(start): old.index(end) + len(end)] if start in old and end in old else None
+    report.write_text("\n".join(L) + (f"\n\n{kept}\n" if kept else ""))
     return {"report": report, "plots": plots}
