@@ -58,7 +58,12 @@ from core.states import JobStatus, StepStatus
 from core.storage import CorruptObject, StorageUnavailable
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.partition import PartitionError
-from sdpo_engine.protocol import CURRICULUM_STRATEGIES, TRAINING_DATA_CODES, ExitCode
+from sdpo_engine.protocol import (
+    CURRICULUM_STRATEGIES,
+    PAIR_CURRICULUM_STRATEGIES,
+    TRAINING_DATA_CODES,
+    ExitCode,
+)
 from worker import broker, db, tracking, workdir
 from worker.checks import check_text
 from worker.relay import Relay, backfill_metrics
@@ -129,7 +134,8 @@ def prepare_job(job_id: str, *, settings: Settings) -> Outcome:
             return _fail_job(job_id, None, *refused)
     written: list[tuple[str, dict]] = []
     if found.needs_chunks:
-        scored = plan.get("strategy") in CURRICULUM_STRATEGIES  # the sources are scored with the model
+        # the sources (or, pair_easy_to_hard, the pairs) are scored with the model
+        scored = plan.get("strategy") in CURRICULUM_STRATEGIES + PAIR_CURRICULUM_STRATEGIES
         if scored and base is None:
             base = workdir.model_dir(settings, found.base_model)
         try:
@@ -208,9 +214,15 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
     if resume_from is not None:
         recorded = db.retrying(lambda: backfill_metrics(job_id, index, resume_from, recorded),
                                what=f"backfill metrics of step {index} of {job_id}")
+    train_uri = claim.train_uri
+    if claim.rescore and index > 1:  # pair_easy_to_hard + rescore: the pairs left, ordered by M_{index-1}
+        train_uri = _rescore(job_id, index, attempt, policy_init, claim, settings) or train_uri
     eval_file = local_path(claim.eval_uri) if claim.eval_uri else None
+    # Held-out samples (sdpo_engine/samples.py): step 1 also answers with the base, before training.
+    samples = ({**claim.samples, "seed": int(claim.hyperparameters.get("seed") or 0), "base": index == 1}
+               if claim.samples and eval_file else None)
     spec_path = workdir.write_step_spec(attempt_dir, {
-        "index": index, "policy_init": str(policy_init), "train_file": str(local_path(claim.train_uri)),
+        "index": index, "samples": samples, "policy_init": str(policy_init), "train_file": str(local_path(train_uri)),
         "output_dir": str(out_dir), "work_dir": str(attempt_dir / "trainer"),
         "hyperparameters": claim.hyperparameters,
         "eval_file": str(eval_file) if eval_file else None,
@@ -308,6 +320,20 @@ def _exit_description(returncode: int) -> str:
     return f"the training process exited with {returncode}"
 
 
+def _rescore(job_id: str, index: int, attempt: int, model: Path, claim: lifecycle.StepClaim,
+             settings: Settings) -> str | None:
+    """Reorder the chunks of steps index.. by `model`'s gamma (workdir.rescore_chunks) and record them;
+    returns step `index`'s new chunk URI (None: this attempt was superseded meanwhile)."""
+    remaining = _in_session(lifecycle.chunks_from, job_id, index, what=f"chunks of {job_id} from step {index}")
+    max_length = int(claim.hyperparameters.get("max_length") or 512)
+    written, record = workdir.rescore_chunks(settings, job_id, index, model, remaining, source_field=claim.source_field,
+                                             max_length=max_length, text=(claim.text_format, claim.chat_template))
+    if not _in_session(lifecycle.replace_chunks, job_id, index, attempt, written, record,
+                       what=f"rescored chunks of {job_id} from step {index}"):
+        return None
+    return written[0][1]
+
+
 def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: dict[str, Any],
                last_metrics: dict[str, Any], work: Path, settings: Settings) -> Outcome:
     """The engine exited 0 with its result (`summary`) and the checkpoint in `out_dir`: store it,
@@ -327,7 +353,7 @@ def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: di
                          f"({describe_os_error(exc)}). Nothing was registered; free space or fix the store, then "
                          "start a new job (or branch from the last good checkpoint).")
     metrics = {k: summary.get(k) for k in ("first_loss", "mean_gamma_ref", "last_loss", "reward_accuracy",
-                                           "reward_margin", "eval", "drift", "pairs", "pairs_used", "pairs_dropped",
+                                           "reward_margin", "eval", "drift", "samples", "pairs", "pairs_used", "pairs_dropped",
                                            "train_seconds", "global_steps")}
     metrics["num_tokens"] = last_metrics.get("num_tokens")
     try:

@@ -18,7 +18,8 @@ from typing import Any
 from core.settings import Settings
 from core.storage import LOCAL_SCHEME
 from sdpo_engine.data import load_pairs, pair_rows
-from sdpo_engine.partition import partition, source_order
+from sdpo_engine.partition import pair_order, partition, source_order
+from sdpo_engine.protocol import PAIR_CURRICULUM_STRATEGIES
 from worker import db
 from worker.supervisor import child_environment, engine_command
 
@@ -84,6 +85,7 @@ def write_chunks(settings: Settings, job_id: str, train_path: Path, plan: dict[s
     source_field = plan.get("source_field") or "source"
     pairs = load_pairs(train_path, source_field=source_field)
     scores = None
+    pair_scores = None
     if base is not None:
         text_format, chat_template = text
         extra = ["--text-format", text_format]
@@ -92,16 +94,25 @@ def write_chunks(settings: Settings, job_id: str, train_path: Path, plan: dict[s
             template_file.parent.mkdir(parents=True, exist_ok=True)
             template_file.write_text(chat_template, encoding="utf-8")
             extra += ["--chat-template-file", str(template_file)]
-        done = subprocess.run(engine_command("score-sources", "--model", str(base), "--file", str(train_path),
+        by_pair = plan["strategy"] in PAIR_CURRICULUM_STRATEGIES
+        done = subprocess.run(engine_command("score-pairs" if by_pair else "score-sources", "--model", str(base),
+                                             "--file", str(train_path),
                                              "--max-length", str(max_length), "--source-field", source_field,
                                              "--device", settings.device, *extra),
                               capture_output=True, text=True, env=child_environment())
         if done.returncode != 0:
-            raise ValueError(f"scoring the sources failed: {done.stderr.strip().splitlines()[-1:]}")
-        scores = json.loads(done.stdout.strip().splitlines()[-1])
-        plan = {**plan, "source_scores": scores, "source_order": source_order(scores, plan["strategy"])}
+            raise ValueError(f"scoring the {'pairs' if by_pair else 'sources'} failed: "
+                             f"{done.stderr.strip().splitlines()[-1:]}")
+        scored = json.loads(done.stdout.strip().splitlines()[-1])
+        if by_pair:
+            pair_scores = scored["scores"]
+            # the model that ordered the chunks (the lineage of a pair-level curriculum); per step with rescore
+            plan = {**plan, "pair_scores": {"1": _scores_record(scored)}}
+        else:
+            scores = scored
+            plan = {**plan, "source_scores": scores, "source_order": source_order(scores, plan["strategy"])}
     chunks = partition(pairs, plan["strategy"], plan["n_steps"], seed=seed, sizes=plan.get("sizes"),
-                       source_scores=scores)
+                       source_scores=scores, pair_scores=pair_scores)
     out = []
     for k, idx in enumerate(chunks, start=1):
         rows = [pairs[i] for i in idx]
@@ -112,6 +123,58 @@ def write_chunks(settings: Settings, job_id: str, train_path: Path, plan: dict[s
         out.append((stored.uri, {"rows": len(rows), "sources": dict(sorted(sources.items())),
                                  "sha256": stored.sha256, "bytes": stored.bytes}))
     return out, plan
+
+
+def rescore_chunks(settings: Settings, job_id: str, index: int, model: Path, remaining: list[tuple[int, str, int]],
+                   *, source_field: str, max_length: int,
+                   text: tuple[str, str | None] = ("chat", None)) -> tuple[list[tuple[int, str, dict]], dict[str, Any]]:
+    """``rescore`` before step `index`: the pairs of the chunks `remaining` [(step, URI, rows)] (steps
+    index.., not trained yet) scored by `model` (M_{index-1}) with `python -m sdpo_engine score-pairs`,
+    ordered easiest first (partition.pair_order) and cut again into chunks of the same sizes, stored
+    under chunks/<job>/rescored-<index>/. Returns ([(step, URI, stats)], the model's record). Raises
+    ValueError when scoring fails."""
+    pairs: list[dict] = []
+    for _, uri, _ in remaining:
+        pairs.extend(load_pairs(local_path(uri), source_field=source_field))
+    work = job_work_dir(settings, job_id)
+    work.mkdir(parents=True, exist_ok=True)
+    pool = work / f"rescore-{index}.jsonl"
+    pool.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in pair_rows(pairs)))
+    extra = ["--text-format", text[0]]
+    if text[1]:
+        template_file = work / "chat_template.jinja"
+        template_file.write_text(text[1], encoding="utf-8")
+        extra += ["--chat-template-file", str(template_file)]
+    done = subprocess.run(engine_command("score-pairs", "--model", str(model), "--file", str(pool),
+                                         "--max-length", str(max_length), "--source-field", source_field,
+                                         "--device", settings.device, *extra),
+                          capture_output=True, text=True, env=child_environment())
+    if done.returncode != 0:
+        raise ValueError(f"rescoring the pairs before step {index} failed: {done.stderr.strip().splitlines()[-1:]}")
+    scored = json.loads(done.stdout.strip().splitlines()[-1])
+    order = pair_order(scored["scores"], len(pairs))
+    out, start = [], 0
+    for k, _, rows in remaining:
+        chunk = [pairs[i] for i in order[start : start + rows]]
+        start += rows
+        out.append((k, *_store_chunk(f"chunks/{job_id}/rescored-{index}/step-{k}.jsonl", chunk)))
+    return out, _scores_record(scored)
+
+
+def _store_chunk(key: str, rows: list[dict]) -> tuple[str, dict]:
+    body = (json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in pair_rows(rows))
+    stored = db.storage().save_stream(key, body)
+    sources = Counter(r.get("source") or "(none)" for r in rows)
+    return stored.uri, {"rows": len(rows), "sources": dict(sorted(sources.items())), "sha256": stored.sha256,
+                        "bytes": stored.bytes}
+
+
+def _scores_record(scored: dict[str, Any]) -> dict[str, Any]:
+    """What the plan keeps of a `score-pairs` answer: the model's identity (sha256, step) and how many
+    pairs it scored; the scores themselves stay in the chunks' order."""
+    model = scored.get("model") or {}
+    return {"sha256": model.get("sha256"), "step": model.get("step"), "pairs": len(scored["scores"]),
+            "unscored": sum(s is None for s in scored["scores"])}
 
 
 def new_attempt_dir(work: Path, attempt: int) -> Path:

@@ -129,6 +129,44 @@ def text_options(job: Job) -> tuple[str, str | None]:
     return options.get("text_format") or "chat", options.get("chat_template")
 
 
+def chunks_from(session: Session, job_id: str, index: int) -> list[tuple[int, str, int]]:
+    """[(step index, chunk URI, rows)] of a partitioned job's steps from `index` on, in order: the pairs
+    not yet trained before step `index` (what rescoring reorders)."""
+    steps = sorted((s for s in get_steps(session, job_id) if s.index >= index), key=lambda s: s.index)
+    return [(s.index, s.chunk_uri or "", int((s.chunk_stats or {}).get("rows") or 0)) for s in steps]
+
+
+def replace_chunks(session: Session, job_id: str, index: int, attempt: int,
+                   written: list[tuple[int, str, dict[str, Any]]], record: dict[str, Any]) -> bool:
+    """Rescoring before step `index` (attempt `attempt`, still running): steps index.. train on the
+    reordered chunks `written` [(step index, URI, stats)]; the model that ordered them goes into the
+    job's partition plan as ``pair_scores[index]`` and an event. False (nothing changed) when the
+    attempt is no longer the running one."""
+    job = session.get(Job, job_id, with_for_update=True)
+    steps = get_steps(session, job_id)
+    step = next((s for s in steps if s.index == index), None)
+    if job is None or step is None or step.status != StepStatus.RUNNING or step.attempt != attempt:
+        return False
+    by_index = {k: (uri, stats) for k, uri, stats in written}
+    for s in steps:
+        if s.index in by_index:
+            s.chunk_uri, s.chunk_stats = by_index[s.index]
+    plan = dict(job.partition or {})
+    plan["pair_scores"] = {**(plan.get("pair_scores") or {}), str(index): record}
+    job.partition = plan
+    add_event(session, job_id, f"Step {index}: the {sum(st['rows'] for _, _, st in written)} pairs not yet trained "
+              f"were reordered easiest first by the previous step's model (sha256 {str(record.get('sha256'))[:12]}).",
+              step_index=index, data={"pair_scores": record})
+    return True
+
+
+def samples_option(job: Job) -> dict[str, Any] | None:
+    """``method.<type>.samples`` of a job (per-step samples, sdpo_engine/samples.py), or None."""
+    method = job.method or {}
+    samples = (method.get(method.get("type") or "") or {}).get("samples")
+    return dict(samples) if isinstance(samples, dict) else None
+
+
 def format_metric(x: Any) -> str:
     """A number as event messages show it (4 decimals), "-" when there is none."""
     return f"{x:.4f}" if isinstance(x, (int, float)) else "-"
@@ -213,6 +251,8 @@ class StepClaim:
     recorded_global_step: int  # metrics of earlier attempts of this step go up to here
     text_format: str = "chat"
     chat_template: str | None = None
+    samples: dict[str, Any] | None = None  # method.<type>.samples: {"n_prompts", "max_new_tokens"}
+    rescore: bool = False  # partition pair_easy_to_hard with rescore: the chunks of steps >= index get reordered
 
 
 def claim_step(session: Session, job_id: str, index: int, worker: str) -> StepClaim | bool:
@@ -253,7 +293,8 @@ def claim_step(session: Session, job_id: str, index: int, worker: str) -> StepCl
         hyperparameters=dict(step.hyperparameters),
         source_field=(job.partition or {}).get("source_field") or "source",
         recorded_global_step=latest_metrics_global_step(session, job_id, index),
-        text_format=text_format, chat_template=chat_template)
+        text_format=text_format, chat_template=chat_template, samples=samples_option(job),
+        rescore=bool((job.partition or {}).get("rescore")))
     add_event(session, job_id, f"Step {index}/{job.n_steps} started (attempt {claim.attempt}) on {worker}; "
               f"reference and initial policy: {reference_id or job.model}.", step_index=index,
               data={"reference_checkpoint": reference_id, "attempt": claim.attempt, "worker": worker})

@@ -488,13 +488,40 @@ function lineageView(job, steps) {
   return h("div", { class: "lineage", id: "lineage" }, nodes);
 }
 
+// Per-step samples (method.<type>.samples, sdpo_engine/samples.py): the validation file's first prompts
+// answered by the base (step 1, before training) and by every finished step, side by side base → M1 → … → MT.
+async function showSamples(box, job, steps) {
+  const asked = (job.method[job.method.type] || {}).samples;
+  const done = steps.filter((s) => s.status === "succeeded" && (s.metrics || {}).samples_seconds != null);
+  const key = done.map((s) => s.index).join(",");
+  if (!asked || box.dataset.steps === key) return;  // fetched once per finished step
+  const got = await Promise.all(done.map((s) => api(`/v1/fine_tuning/jobs/${job.id}/steps/${s.index}/samples`)));
+  box.dataset.steps = key;
+  if (!got.length) {
+    box.replaceChildren(h("h2", {}, "Samples"), h("p", { class: "muted small" },
+      `Greedy answers to ${asked.n_prompts} validation prompt(s) appear here after each step.`));
+    return;
+  }
+  const base = got.find((g) => g.base_answers);
+  const columns = [...(base ? [["base", base.base_answers, base.base_seconds]] : []),
+                   ...got.map((g) => [`M${g.index}`, g.answers, g.seconds])];
+  const table = h("table", { class: "samples", id: "samples", "data-columns": columns.length },
+    h("thead", {}, h("tr", {}, h("th", {}, "prompt"),
+      columns.map(([name, , secs]) => h("th", {}, name, h("div", { class: "muted small" }, `${fmt(secs, 2)} s`))))),
+    h("tbody", {}, got[0].prompts.map((prompt, i) => h("tr", {}, h("td", { class: "prompt" }, prompt),
+      columns.map(([name, answers]) => h("td", { "data-model": name, class: "mono small" }, answers[i]))))));
+  box.replaceChildren(h("h2", {}, "Samples (greedy, seeded; generation seconds under each model)"),
+    h("div", { class: "samples-scroll" }, table));
+}
+
 async function jobPage(jobId) {
   const header = h("div", { class: "card", id: "job-header" });
   const lineageBox = h("div", { id: "lineage-box" });
+  const samplesBox = h("div", { id: "samples-box" });
   const chartsBox = h("div", { class: "charts", id: "charts" });
   const log = h("div", { class: "log", id: "events", "data-count": 0 });
   setPage(jobId, "jobs", h("h1", {}, "Job ", h("span", { class: "mono" }, jobId)), header,
-    h("h2", {}, "Reference lineage"), lineageBox, h("h2", {}, "Per-step metrics (live)"), chartsBox,
+    h("h2", {}, "Reference lineage"), lineageBox, samplesBox, h("h2", {}, "Per-step metrics (live)"), chartsBox,
     h("h2", {}, "Events"), log);
   const charts = new MetricCharts(chartsBox);
   cleanup.push(() => charts.destroy());
@@ -531,6 +558,7 @@ async function jobPage(jobId) {
           job.error ? h("dt", {}, "error") : null, job.error ? h("dd", { class: "error" }, job.error.message) : null)),
       h("div", {}, actions)));
     lineageBox.replaceChildren(lineageView(job, steps.data));
+    await showSamples(samplesBox, job, steps.data);
   }
 
   function addLog(e) {
