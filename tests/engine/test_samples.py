@@ -35,6 +35,7 @@ def test_samples_need_an_eval_file(spec_dict):
         StepSpec.from_dict({**spec_dict, "eval_file": None, "eval_reference": None})
 
 
+@pytest.mark.slow  # a step and two more model loads: 30-80 s on 2 busy cores
 def test_a_step_answers_held_out_prompts_before_and_after_training_the_same_every_time(spec_dict, tiny_model):
     from sdpo_engine import samples
     from sdpo_engine.data import load_pairs
