@@ -509,7 +509,8 @@ async function showSamples(box, job, steps) {
     h("thead", {}, h("tr", {}, h("th", {}, "prompt"),
       columns.map(([name, , secs]) => h("th", {}, name, h("div", { class: "muted small" }, `${fmt(secs, 2)} s`))))),
     h("tbody", {}, got[0].prompts.map((prompt, i) => h("tr", {}, h("td", { class: "prompt" }, prompt),
-      columns.map(([name, answers]) => h("td", { "data-model": name, class: "mono small" }, answers[i]))))));
+      columns.map(([name, answers]) => h("td", { "data-model": name, class: "mono small" },
+        answers[i] || h("span", { class: "muted" }, "(empty answer)")))))));
   box.replaceChildren(h("h2", {}, "Samples (greedy, seeded; generation seconds under each model)"),
     h("div", { class: "samples-scroll" }, table));
 }
