@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 from . import distributed
 from .config import ConfigError, StepConfig
@@ -120,8 +121,11 @@ def load_policy(path: str | Path, device: str):
     # float32 weights: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
     # mixed precision while the optimizer keeps float32 master weights.
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
-    model.sdpo_dropout_disabled = {"config": config_keys, **_zero_dropout_in_modules(model)}
-    return tokenizer, model.to(device)
+    # torch types Module.__setattr__'s value as Tensor | Module, though a plain attribute is allowed
+    model.sdpo_dropout_disabled = {"config": config_keys, **_zero_dropout_in_modules(model)}  # type: ignore[assignment]
+    # transformers wraps PreTrainedModel.to with functools.wraps, typed as unbound (_Wrapped): the
+    # device would be checked against `self`
+    return tokenizer, model.to(device)  # type: ignore[arg-type]
 
 
 def _is_dropout_name(name: str) -> bool:
@@ -206,7 +210,7 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
     from trl import DPOConfig
 
     on_gpu = device == "cuda"
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         output_dir=output_dir,
         beta=cfg.beta,
         learning_rate=cfg.learning_rate,
@@ -319,7 +323,7 @@ def preload() -> None:
 def _define_trainer_class():
     import torch
     from datasets import Dataset, concatenate_datasets
-    from trl import DPOTrainer
+    from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from . import packing
@@ -357,6 +361,7 @@ def _define_trainer_class():
             if self._packing_checked:
                 return
             self._packing_checked = True
+            reason: str | None
             if not self._pack_requested:
                 reason = "disabled (packing=false in the step spec; the worker's SDPO_PACKING=off)"
             elif type(self.data_collator) is not DataCollatorForPreference:
@@ -412,7 +417,7 @@ def _define_trainer_class():
 
         def _compute_loss(self, model, inputs, return_outputs):
             if "packed_input_ids" in inputs:
-                outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+                outputs: tuple[str, ...] = ("log_probs", "entropy", "mean_logits", "is_top1")
                 if self.use_weighting:
                     outputs += ("log_sum_sq_probs",)
                 model = self._packed_forward(model, outputs)
@@ -446,7 +451,7 @@ def _define_trainer_class():
                     self._precompute_model_hash = real_hash_module(self.ref_model or self.model)
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
-            max_length = self.args.max_length
+            max_length = cast(DPOConfig, self.args).max_length  # Trainer types args as TrainingArguments
 
             def length(row):
                 if self.packed:
@@ -851,6 +856,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     eval_lengths: list[tuple[int, int]] = []  # scored answer tokens per held-out pair (drift per token)
     if spec.eval_file:
         eval_pairs = load_pairs(spec.eval_file, source_field=spec.source_field)
+        assert spec.eval_reference is not None  # StepSpec refuses an eval_file without it
         ref_tok, ref_model = load_policy(spec.eval_reference, device)
         if spec.chat_template:
             ref_tok.chat_template = spec.chat_template
@@ -1055,7 +1061,7 @@ def main_step(spec_path: str) -> int:
         payload = {"event": "error", "code": getattr(e, "code", None) or "invalid_input", "message": str(e)}
         if isinstance(e, ConfigError):
             payload["param"] = e.param
-        if isinstance(e, DataError) and getattr(e, "report", None):
+        if isinstance(e, DataError) and e.report:
             payload["errors"] = e.report.get("errors", [])[:20]
         emit(payload)
         return EXIT_BAD_INPUT
