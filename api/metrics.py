@@ -38,7 +38,6 @@ from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,7 +49,6 @@ from core.db import read_only_session
 from core.errors import AuthenticationError
 from core.jobs import repository as jobs_repository
 from core.logging import log_context
-from core.models import Event
 from core.states import JobStatus, StepStatus
 
 router = APIRouter(tags=["health"])
@@ -164,14 +162,6 @@ def _status_label(status: int) -> str:
 # Scrape
 
 
-def _checkpoint_cache_counts(db: Session) -> dict[str, int]:
-    """{"hit": n, "miss": n} from the steps' cache events (worker/flows.py `_record_cache`): the
-    workers' own counters would die with them; the events are what every API process can read."""
-    return {word: db.scalar(select(func.count()).select_from(Event).where(
-        Event.message.like(f"Checkpoint cache {word}:%"), Event.step_index.is_not(None))) or 0
-        for word in ("hit", "miss")}
-
-
 def _collect(db: Session, stats: _HttpStats) -> str:
     out = _Exposition()
     jobs = jobs_repository.count_jobs_by_status(db)
@@ -202,7 +192,7 @@ def _collect(db: Session, stats: _HttpStats) -> str:
     out.family("sdpo_tokens_per_second", "gauge", "Training throughput: latest tokens/s summed over running steps.",
                [("", {}, round(tokens, 3))])
 
-    cache = _checkpoint_cache_counts(db)
+    cache = jobs_repository.count_checkpoint_cache_events(db)
     out.family("sdpo_checkpoint_cache_total", "counter",
                "Steps whose initial checkpoint was on their worker already (hit) or downloaded from the object "
                "store (miss); S3 store only.", [("", {"result": r}, cache.get(r, 0)) for r in ("hit", "miss")])

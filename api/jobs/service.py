@@ -10,14 +10,14 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.deps import AppServices, Principal
-from api.jobs import repository, spec
+from api.jobs import spec
 from api.jobs.integrations import check_integrations
 from api.jobs.progress import job_progress
 from api.jobs.schemas import JobCreate, JobObject
 from api.pagination import check_limit
 from core import ids
 from core.errors import InvalidRequest, NotFound, TooManyRequests
-from core.jobs import cancel_job, get_job, get_steps, pause_job, resume_job
+from core.jobs import cancel_job, get_job, get_steps, pause_job, repository, resume_job
 from core.jobs.lifecycle import create_job as create_job_row
 from core.models import Checkpoint, Event, Job, JobStep
 from core.states import JobStatus, StepStatus

@@ -30,10 +30,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.files import repository as files_repository
-from api.jobs import repository
 from api.jobs.schemas import GateSpec, JobCreate, MethodSpec, PartitionSpec, SamplesSettings
 from api.models import repository as models_repository
 from core.errors import InvalidRequest
+from core.jobs import repository
 from core.jobs.gates import GATE_ACTIONS, GATE_METRICS
 from core.models import Checkpoint, File, FileStatus, ModelSource, RegisteredModel
 from core.settings import Settings
