@@ -79,9 +79,10 @@ def model_dir(settings: Settings, base_model: tuple[str, str, str]) -> Path:
 def write_chunks(settings: Settings, job_id: str, train_path: Path, plan: dict[str, Any], base: Path | None,
                  max_length: int, seed: int,
                  text: tuple[str, str | None] = ("chat", None)) -> tuple[list[tuple[str, dict]], dict[str, Any]]:
-    """Partition the training file into `plan["n_steps"]` chunks in storage, scoring the sources with
-    the `base` model first for the difficulty-ordered strategies. Returns ([(uri, stats)], the plan
-    with `source_scores`/`source_order` added). Raises PartitionError or ValueError (scoring failed)."""
+    """Partition the training file into `plan["n_steps"]` chunks in storage, scoring the sources (or,
+    for pair_easy_to_hard, every pair: `score-pairs`) with the `base` model first for the
+    difficulty-ordered strategies. Returns ([(uri, stats)], the plan with `source_scores`/`source_order`
+    or `pair_scores: {"1": the base's record}` added). Raises PartitionError or ValueError (scoring failed)."""
     source_field = plan.get("source_field") or "source"
     pairs = load_pairs(train_path, source_field=source_field)
     scores = None
