@@ -37,12 +37,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import boto3  # type: ignore[import-untyped]
-import botocore.config  # type: ignore[import-untyped]
-import botocore.exceptions  # type: ignore[import-untyped]
-from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
 
 from core.errors import PayloadTooLarge
 from core.permissions import make_private_dir
@@ -54,6 +54,10 @@ from core.storage import (
     _check_key,
     _tar_header,
 )
+
+if TYPE_CHECKING:  # boto3-stubs (the dev extra): the shapes of botocore's and S3's arguments
+    from botocore.config import _RetryDict
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +235,7 @@ class S3Storage(Storage):
         self.bucket, self.prefix = parse_s3_url(url)
         # Standard retry mode (exponential backoff with jitter on throttling, 5xx and connection
         # errors); AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, when set, win over this default.
-        retries: dict[str, Any] = {}
+        retries: _RetryDict = {}
         if "AWS_RETRY_MODE" not in os.environ:
             retries["mode"] = "standard"
         if "AWS_MAX_ATTEMPTS" not in os.environ:
@@ -352,7 +356,7 @@ class S3Storage(Storage):
                 "Objects": [{"Key": f"{key}/{TREE_INDEX}"}, {"Key": key}], "Quiet": True})
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=key + "/"):
-                batch = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                batch: list[ObjectIdentifierTypeDef] = [{"Key": o["Key"]} for o in page.get("Contents", [])]
                 if batch:
                     self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
@@ -448,7 +452,9 @@ class S3Storage(Storage):
                 size = 0
                 with open(path, "rb") as f, _Translate(f"uploading {base}/{rel}"):
                     hashing = _FileHasher(f, digest)
-                    self.client.upload_fileobj(hashing, self.bucket, f"{base}/{rel}", Config=self.transfer)
+                    # boto3-stubs types Fileobj as IO | StreamingBody; boto3 reads any object with read()
+                    self.client.upload_fileobj(hashing, self.bucket, f"{base}/{rel}",  # type: ignore[arg-type]
+                                               Config=self.transfer)
                     size = hashing.size
                 index_files[rel] = {"bytes": size, "sha256": digest.hexdigest()}
             index = {"files": index_files, "sha256": tree_sha256(index_files)}
