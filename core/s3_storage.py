@@ -305,8 +305,8 @@ class S3Storage(Storage):
                     if len(running) >= _PARTS_IN_FLIGHT:
                         concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                     for done in parts:
-                        if done.done() and done.exception() is not None:
-                            raise done.exception()  # type: ignore[misc]
+                        if done.done() and (failure := done.exception()) is not None:
+                            raise failure
                     parts.append(pool.submit(self._upload_part, object_key, upload_id, number, data))
                     number += 1
                     data = reader.read(_PART_BYTES)
