@@ -42,7 +42,10 @@ def test_first_loss_is_ln2_with_zero_rewards_and_output_is_atomic_with_manifest(
     assert metrics, "no metrics lines emitted"
     first = metrics[0]
     assert abs(first["loss"] - LN2) < 1e-4
-    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+    # Policy = reference at the first step, so the rewards are 0 up to float32 rounding: with several pairs
+    # per packed row (the default) a pair shares its row with different neighbours in the reference pass
+    # (length-sorted batches) than in training, which changes the summation order (seen: 9.5e-08).
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
     assert abs(summary["first_loss"] - LN2) < 1e-4
     assert summary["last_loss"] < LN2, "the step did not learn anything"
     for m in metrics:
