@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, TextIO
 
@@ -13,7 +12,7 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_table(steps: list[dict[str, Any]], job: dict[str, Any], out: TextIO = sys.stdout) -> None:
+def print_table(steps: list[dict[str, Any]], job: dict[str, Any], out: TextIO | None = None) -> None:
     """The per-step table: reference -> output checkpoint, first and last loss, mean gamma of the
     reference, reward accuracy and margin, held-out reward accuracy (`-` where a step has none)."""
     print(f"\n{'step':>4}  {'reference':<31} {'output':<31} {'first_loss':>10} {'gamma_ref':>10} {'last_loss':>9} "
@@ -28,7 +27,7 @@ def print_table(steps: list[dict[str, Any]], job: dict[str, Any], out: TextIO = 
               f"{_fmt(held, '.3f'):>11}", file=out)
 
 
-def follow(client: SDPOClient, job: dict[str, Any], *, timeout: float, out: TextIO = sys.stdout) -> dict[str, Any]:
+def follow(client: SDPOClient, job: dict[str, Any], *, timeout: float, out: TextIO | None = None) -> dict[str, Any]:
     """Print the job's events live (server-sent events) until it ends: lifecycle messages as
     `- message`, training metrics as one line per change. Returns the finished job. Raises
     TimeoutError when it is still running after `timeout` seconds (checked as events arrive)."""

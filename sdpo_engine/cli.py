@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 from .protocol import ACTIVATION_CHECKPOINTING, DEVICES, PARTITION_STRATEGIES, TEXT_FORMATS
 
@@ -140,8 +141,12 @@ def _fmt(v, spec=".4f"):
     return "-" if v is None else format(v, spec)
 
 
-def print_table(summary: dict, file=sys.stdout) -> None:
-    """The per-step table a person reads: lineage and the numbers the method predicts."""
+def print_table(summary: dict, file: TextIO | None = None) -> None:
+    """The per-step table a person reads: lineage and the numbers the method predicts (to `file`,
+    default the current `sys.stdout`)."""
+    # sys.stdout read at call time, not bound as a default at import: a replaced stdout (pytest's
+    # capture, a redirect) closed since the import would otherwise be written to.
+    file = file or sys.stdout
     print(f"{'step':>4}  {'reference -> output':<44} {'first_loss':>10} {'gamma_ref':>10} {'last_loss':>10} "
           f"{'rew_acc':>7} {'margin':>8} {'heldout_acc':>11}", file=file)
     for s in summary["steps"]:
