@@ -34,15 +34,10 @@ def score_sources(model_dir: str | Path, pairs: list[dict], *, max_length: int, 
     """The paper's (v2) difficulty of each source: share of its pairs where the initial model already
     prefers the chosen answer (gamma > 0). Higher = easier. Pairs without training signal at
     `max_length` (they are dropped from training too) do not count; a source left with none is an error."""
-    from .step import load_policy, pair_logps, resolve_device
+    from .curriculum import logps_under
 
-    device = resolve_device(device)
-    tokenizer, model = load_policy(model_dir, device)
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    kept: list[int] = []
-    chosen, rejected = pair_logps(model, tokenizer, pairs, max_length=max_length, batch_size=batch_size,
-                                  device=device, text_format=text_format, kept=kept)
+    kept, chosen, rejected = logps_under(model_dir, pairs, max_length=max_length, device=device,
+                                         batch_size=batch_size, text_format=text_format, chat_template=chat_template)
     scored = [pairs[i] for i in kept]
     missing = sorted({p.get("source") or "(none)" for p in pairs} - {p.get("source") or "(none)" for p in scored})
     if missing:
