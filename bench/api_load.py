@@ -67,10 +67,41 @@ def _pairs(n: int, start: int) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def start_server(home: Path, database_url: str | None, broker_url: str | None, *,
-                 worker: bool = False) -> tuple[str, str, list[subprocess.Popen]]:
+class PeakRss:
+    """The resident memory of process `pid`, sampled every `interval` seconds by a thread while the
+    `with` block runs: `before` (bytes, at entry) and `peak` (bytes, the largest sample)."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        import psutil
+
+        self._process, self._interval, self._done = psutil.Process(pid), interval, threading.Event()
+        self.before = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            try:
+                self.peak = max(self.peak, self._process.memory_info().rss)
+            except psutil.Error:  # the process ended: its last sample stands
+                return
+            time.sleep(self._interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def start_server(home: Path, database_url: str | None, broker_url: str | None, *, worker: bool = False,
+                 extra_env: dict[str, str | None] | None = None) -> tuple[str, str, list[subprocess.Popen]]:
     """uvicorn on a free port with a migrated database, a user key and a registered model (and a
-    Celery worker on queues of its own, with `worker`)."""
+    Celery worker on queues of its own, with `worker`). `extra_env` overrides the processes' environment
+    (None removes a variable, e.g. SDPO_MAX_FILE_ROWS to keep the service's own row cap)."""
     from core.db import make_engine, make_session_factory, session_scope
     from core.keys import create_api_key
     from core.migrate import upgrade_head
@@ -100,6 +131,11 @@ def start_server(home: Path, database_url: str | None, broker_url: str | None, *
            "SDPO_BROKER_URL": settings.broker_url, "SDPO_ADMIN_KEY": settings.admin_key,
            "SDPO_LIGHT_QUEUE": f"bench-light-{tag}", "SDPO_TRAIN_QUEUE": f"bench-train-{tag}",
            "SDPO_MAX_ACTIVE_JOBS_PER_OWNER": "0", "SDPO_MAX_FILE_ROWS": str(10**7)}
+    for name, value in (extra_env or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     procs = [subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
                                "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
                               stdout=open(home / "api.log", "ab"), stderr=subprocess.STDOUT)]
@@ -125,9 +161,6 @@ def start_server(home: Path, database_url: str | None, broker_url: str | None, *
 def big_upload(url: str, key: str, api_pid: int, megabytes: int) -> dict:
     """Stream one `megabytes` MB upload (valid ~1 KB lines, chunked transfer) while sampling the
     API process's RSS; the file is deleted afterwards."""
-    import psutil
-
-    api = psutil.Process(api_pid)
     boundary = "sdpo-bench-" + secrets.token_hex(8)
     filler = "x" * 900
     target = megabytes * 1_000_000
@@ -149,33 +182,16 @@ def big_upload(url: str, key: str, api_pid: int, megabytes: int) -> dict:
             yield "".join(lines).encode()
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    before = api.memory_info().rss
-    peak = [before]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], api.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    try:
+    with PeakRss(api_pid) as rss:
+        started = time.perf_counter()
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as c:
             response = c.post("/v1/files", content=body(),
                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
             seconds = time.perf_counter() - started
             if response.status_code == 200:
                 c.delete(f"/v1/files/{response.json()['id']}")
-    finally:
-        done.set()
-        sampler.join()
     return {"status": response.status_code, "error": None if response.status_code == 200 else response.text[:300],
-            "bytes": target, "seconds": seconds, "rss_before": before, "rss_peak": peak[0],
+            "bytes": target, "seconds": seconds, "rss_before": rss.before, "rss_peak": rss.peak,
             "rows": response.json().get("rows") if response.status_code == 200 else None}
 
 

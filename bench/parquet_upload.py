@@ -30,7 +30,6 @@ import secrets
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.api_load import start_server  # noqa: E402
+from bench.api_load import PeakRss, start_server  # noqa: E402
 
 MIB = 1 << 20
 WORDS = ("the of and to in is was for on that with as by at from it an be this are or which model data "
@@ -69,9 +68,6 @@ def write_pairs(n: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
 
 def upload(url: str, key: str, api_pid: int, path: Path) -> dict:
     """Stream `path` as a multipart upload while sampling the API process's RSS."""
-    import psutil
-
-    api = psutil.Process(api_pid)
     boundary = "sdpo-bench-" + secrets.token_hex(8)
 
     def body():
@@ -83,33 +79,16 @@ def upload(url: str, key: str, api_pid: int, path: Path) -> dict:
                 yield block
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    before = api.memory_info().rss
-    peak = [before]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], api.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.perf_counter()
-    try:
+    with PeakRss(api_pid, interval=0.01) as rss:
+        started = time.perf_counter()
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=3600) as c:
             response = c.post("/v1/files", content=body(),
                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    finally:
         seconds = time.perf_counter() - started
-        done.set()
-        sampler.join()
     ok = response.status_code == 200
     return {"status": response.status_code, "file": response.json() if ok else None,
             "error": None if ok else response.text[:500], "bytes": path.stat().st_size, "seconds": seconds,
-            "rss_before": before, "rss_peak": peak[0]}
+            "rss_before": rss.before, "rss_peak": rss.peak}
 
 
 def main() -> int:

@@ -19,53 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def start_api(home: Path) -> tuple[str, str, subprocess.Popen]:
-    """uvicorn on a free port over a fresh SQLite database; returns (url, a user key, the process)."""
-    from core.db import make_engine, make_session_factory, session_scope
-    from core.keys import create_api_key
-    from core.migrate import upgrade_head
-    from core.settings import Settings
-
-    settings = Settings(home=home)
-    upgrade_head(settings.database_url)
-    with session_scope(make_session_factory(make_engine(settings.database_url))) as s:
-        _row, key = create_api_key(s, name="bench", owner="bench")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPO_")}
-    env.update({"SDPO_HOME": str(home), "SDPO_ADMIN_KEY": "sk-sdpo-bench-" + secrets.token_hex(16),
-                "SDPO_MAX_STORAGE_BYTES_PER_OWNER": "0", "SDPO_MAX_UPLOADS_PER_MINUTE": "0"})
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
-                            stdout=open(home / "api.log", "ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return url, key, proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the API did not start; see {home / 'api.log'}")
+from bench.api_load import PeakRss, start_server  # noqa: E402
 
 
 def _blocks(rows: int, boundary: str):
@@ -81,9 +47,6 @@ def _blocks(rows: int, boundary: str):
 
 def upload(url: str, key: str, api_pid: int, rows: int) -> dict:
     """Send the upload chunked over a raw socket while reading the answer; sample the API's RSS."""
-    import psutil
-
-    api = psutil.Process(api_pid)
     host, port = url.removeprefix("http://").split(":")
     boundary = "sdpo-bench-" + secrets.token_hex(8)
     sock = socket.create_connection((host, int(port)))
@@ -104,50 +67,35 @@ def upload(url: str, key: str, api_pid: int, rows: int) -> dict:
         except OSError:
             pass  # the server answered and closed: the refusal of a body it will not read
 
-    before = api.memory_info().rss
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], api.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
     sender = threading.Thread(target=send, daemon=True)
-    started = time.perf_counter()
-    sampler.start()
-    sender.start()
     raw = b""
-    try:
-        while b"\r\n\r\n" not in raw:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            raw += chunk
-        seconds = time.perf_counter() - started
-        answered.set()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    finally:
-        answered.set()
-        sender.join(timeout=30)
-        time.sleep(0.3)  # one more sample after the answer
-        done.set()
-        sampler.join()
-        sock.close()
+    with PeakRss(api_pid) as rss:
+        started = time.perf_counter()
+        sender.start()
+        try:
+            while b"\r\n\r\n" not in raw:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+            seconds = time.perf_counter() - started
+            answered.set()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            while len(body) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+        finally:
+            answered.set()
+            sender.join(timeout=30)
+            time.sleep(0.3)  # one more sample after the answer
+            sock.close()
     status = int(head.split(b" ", 2)[1]) if head else None
     return {"status": status, "body": json.loads(body) if body else None, "seconds": seconds,
-            "sent_bytes": sent[0], "rss_before": before, "rss_peak": peak[0]}
+            "sent_bytes": sent[0], "rss_before": rss.before, "rss_peak": rss.peak}
 
 
 def main() -> int:
@@ -155,13 +103,15 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_500_000)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="sdpo-row-cap-"))
-    proc = None
+    procs: list = []
     try:
-        url, key, proc = start_api(home)
-        result = upload(url, key, proc.pid, args.rows)
+        # The service's own row cap (SDPO_MAX_FILE_ROWS unset), no storage or upload-rate quota in the way.
+        url, key, procs = start_server(home, None, None, extra_env={
+            "SDPO_MAX_FILE_ROWS": None, "SDPO_MAX_STORAGE_BYTES_PER_OWNER": "0", "SDPO_MAX_UPLOADS_PER_MINUTE": "0"})
+        result = upload(url, key, procs[0].pid, args.rows)
         stored = sum(1 for p in (home / "storage").rglob("*") if p.is_file())
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
         shutil.rmtree(home, ignore_errors=True)
