@@ -88,23 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     # Internal (the worker's warm process): import everything, then read one order from stdin.
     sub.add_parser("warm", help=argparse.SUPPRESS)
 
-    sc = sub.add_parser("score-sources", help="each source's share of pairs the model already prefers (JSON)")
-    sc.add_argument("--model", required=True)
-    sc.add_argument("--file", required=True)
-    sc.add_argument("--max-length", type=int, default=512)
-    sc.add_argument("--source-field", default="source")
-    sc.add_argument("--device", default="auto", choices=list(DEVICES))
-    sc.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat")
-    sc.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
-
-    sp = sub.add_parser("score-pairs", help="every pair's gamma under the model, for pair_easy_to_hard (JSON)")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--file", required=True)
-    sp.add_argument("--max-length", type=int, default=512)
-    sp.add_argument("--source-field", default="source")
-    sp.add_argument("--device", default="auto", choices=list(DEVICES))
-    sp.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat")
-    sp.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
+    # The two scoring passes (curriculum.logps_under) take the same model, file and text flags.
+    for name, help_text in (("score-sources", "each source's share of pairs the model already prefers (JSON)"),
+                            ("score-pairs", "every pair's gamma under the model, for pair_easy_to_hard (JSON)")):
+        sc = sub.add_parser(name, help=help_text)
+        sc.add_argument("--model", required=True)
+        sc.add_argument("--file", required=True)
+        sc.add_argument("--max-length", type=int, default=512)
+        sc.add_argument("--source-field", default="source")
+        sc.add_argument("--device", default="auto", choices=list(DEVICES))
+        sc.add_argument("--text-format", choices=list(TEXT_FORMATS), default="chat")
+        sc.add_argument("--chat-template-file", help="a Jinja chat template to use instead of the model's own")
 
     v = sub.add_parser("validate", help="validate a preference file; prints the report as JSON")
     v.add_argument("file")
