@@ -17,6 +17,9 @@ for it, so a scraper never holds a key that can read or train anything.
     sdpo_step_duration_seconds            histogram of finished (succeeded) steps, started to finished
     sdpo_tokens_per_second                sum of the latest tokens/s of every running step
     sdpo_running_steps                    steps training now
+    sdpo_checkpoint_cache_total{result}   steps whose initial checkpoint was in their worker's cache
+                                          ("hit") or downloaded from the S3 store ("miss"): the
+                                          `checkpoint_cache` field of the worker's step event
     sdpo_uploads_total, sdpo_upload_bytes_total   files ever uploaded (deleted ones included)
     sdpo_webhook_deliveries{status}       webhook outbox by status
     sdpo_http_requests_total{method,route,status}, sdpo_http_request_duration_seconds_sum/_count

@@ -12,12 +12,13 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, tuple_, update
+from sqlalchemy import func, literal_column, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from core import ids
 from core.clock import utcnow
 from core.models import Checkpoint, Event, File, Job, JobStep, RegisteredModel
+from core.models.event import CACHE_FIELD
 from core.states import JOB_ACTIVE, JobStatus, StepStatus, sources
 
 EVENT_LEVELS = ("info", "warn", "error")
@@ -283,11 +284,14 @@ def metrics_events(session: Session, job_id: str) -> list[Event]:
 
 
 def count_checkpoint_cache_events(session: Session) -> dict[str, int]:
-    """{"hit": n, "miss": n}: the steps' events saying whether their initial checkpoint came from the
-    worker's cache ("Checkpoint cache hit: …" / "… miss: …", written by worker/flows.py), every owner's."""
-    return {word: session.scalar(select(func.count()).select_from(Event).where(
-        Event.message.like(f"Checkpoint cache {word}:%"), Event.step_index.is_not(None))) or 0
-        for word in ("hit", "miss")}
+    """{"hit": n, "miss": n}, every owner's: the steps whose initial checkpoint was already in their
+    worker's cache, or was downloaded from the store. Counted from the structured field the worker
+    writes on that step event (`data.checkpoint_cache`, worker/flows.py), not from its text; the
+    partial index ix_events_checkpoint_cache holds just those events, so a scrape stays cheap."""
+    field = literal_column(CACHE_FIELD)
+    counts = dict(session.execute(select(field, func.count()).select_from(Event).where(
+        field.in_(("hit", "miss")), Event.step_index.is_not(None)).group_by(field)).tuples().all())
+    return {word: counts.get(word, 0) for word in ("hit", "miss")}
 
 
 def _waiting_steps():

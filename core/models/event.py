@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, Text
+from sqlalchemy import ForeignKey, Index, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.clock import utcnow
 from core.models.base import Base, BigIntPK
 
+# `data.checkpoint_cache` ("hit" | "miss"): the worker's event saying whether a step's initial
+# checkpoint was in its host's cache (worker/flows.py); `->>` reads it as text on Postgres and SQLite.
+CACHE_FIELD = "(data ->> 'checkpoint_cache')"
+
 
 class Event(Base):
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_job_id_seq", "job_id", "seq"),)
+    __table_args__ = (
+        Index("ix_events_job_id_seq", "job_id", "seq"),
+        # /metrics counts the steps' checkpoint-cache events by this field at every scrape: a
+        # partial index holds only those events (one per step), not every message and metric.
+        Index("ix_events_checkpoint_cache", text(CACHE_FIELD),
+              postgresql_where=text(f"{CACHE_FIELD} IS NOT NULL"), sqlite_where=text(f"{CACHE_FIELD} IS NOT NULL")),
+    )
 
     # An increasing integer orders events (timestamps tie, and random ids do not sort), so that
     # `after=<event id>` pagination is stable. It is the primary key because SQLite only
