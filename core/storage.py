@@ -65,6 +65,10 @@ class Storage(ABC):
         """Raise `StorageUnavailable` (an OSError) unless the store can be used now (readiness)."""
         return None
 
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """The URI an object stored under `key` has (or would have). Raises ValueError for a bad key."""
+
     def cached_tree(self, uri: str) -> tuple[Path, bool]:
         """(a local folder holding the tree at `uri`, whether it was a cache hit). A store whose
         objects are local files has nothing to cache: always a hit, no copy."""

@@ -64,7 +64,7 @@ from sdpo_engine.protocol import (
     TRAINING_DATA_CODES,
     ExitCode,
 )
-from worker import broker, db, tracking, workdir
+from worker import broker, db, tracking, trainer_state, workdir
 from worker.checks import check_text
 from worker.relay import Relay, backfill_metrics
 from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
@@ -209,20 +209,27 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
     work = workdir.step_work_dir(settings, job_id, index)
     attempt_dir = workdir.new_attempt_dir(work, attempt)
     out_dir = attempt_dir / "output"
-    resume_from = workdir.hand_over_trainer_state(work, attempt)
+    resume_from = trainer_state.resume_point(db.storage(), job_id, index, attempt, work,
+                                             note=lambda *a, **k: _step_event(job_id, index, *a, **k))
     recorded = claim.recorded_global_step
     if resume_from is not None:
         recorded = db.retrying(lambda: backfill_metrics(job_id, index, resume_from, recorded),
                                what=f"backfill metrics of step {index} of {job_id}")
     train_uri = claim.train_uri
-    if claim.rescore and index > 1:  # pair_easy_to_hard + rescore: the pairs left, ordered by M_{index-1}
-        train_uri = _rescore(job_id, index, attempt, policy_init, claim, settings) or train_uri
-    eval_file = local_path(claim.eval_uri) if claim.eval_uri else None
+    try:
+        if claim.rescore and index > 1:  # pair_easy_to_hard + rescore: the pairs left, ordered by M_{index-1}
+            train_uri = _rescore(job_id, index, attempt, policy_init, claim, settings) or train_uri
+        train_file = local_path(train_uri)  # an S3 store: downloaded into this host's cache
+        eval_file = local_path(claim.eval_uri) if claim.eval_uri else None
+    except StorageUnavailable as exc:
+        return _fail_job(job_id, index, "storage_unavailable",
+                         f"Step {index} failed: its training data could not be read from the store after "
+                         f"retries ({_PATH.sub('<path>', str(exc))[:300]}); resume the job once the store is back.")
     # Held-out samples (sdpo_engine/samples.py): step 1 also answers with the base, before training.
     samples = ({**claim.samples, "seed": int(claim.hyperparameters.get("seed") or 0), "base": index == 1}
                if claim.samples and eval_file else None)
     spec_path = workdir.write_step_spec(attempt_dir, {
-        "index": index, "samples": samples, "policy_init": str(policy_init), "train_file": str(local_path(train_uri)),
+        "index": index, "samples": samples, "policy_init": str(policy_init), "train_file": str(train_file),
         "output_dir": str(out_dir), "work_dir": str(attempt_dir / "trainer"),
         "hyperparameters": claim.hyperparameters,
         "eval_file": str(eval_file) if eval_file else None,
@@ -231,7 +238,9 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         "save_steps": settings.step_save_steps, "text_format": claim.text_format,
         "chat_template": claim.chat_template, "packing": settings.packing,
         "pad_to_multiple_of": settings.pad_to_multiple_of, "pack_tokens": settings.pack_tokens,
+        "group_by_length": settings.group_by_length, "reference_batch_size": settings.reference_batch_size,
         "activation_checkpointing": settings.activation_checkpointing,
+        "param_dtype": settings.param_dtype, "compile": settings.compile,
         "distributed": settings.step_distributed()})
 
     stopped_because: list[str] = []
@@ -269,11 +278,15 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             log.warning("step %s of %s: attempt %s superseded by a newer attempt; stopped", index, job_id, attempt)
             return Outcome.STOP
         shutil.rmtree(work.parent, ignore_errors=True)  # the job is over: its trainer state goes
+        trainer_state.discard_job(db.storage(), job_id)
         _in_session(lifecycle.step_stopped_by_cancel, job_id, index, what="record a cancel")
         tracking.job_ended(job_id, settings)
         return Outcome.STOP
     if outcome.returncode == ExitCode.STOPPED:
-        # The child saved its trainer state and exited (a pause, or a SIGTERM from elsewhere).
+        # The child saved its trainer state and exited (a pause, or a SIGTERM from elsewhere); into
+        # the store before the pause is recorded, so a resume on any host finds it.
+        trainer_state.put_or_note(db.storage(), job_id, index, attempt, work,
+                                  note=lambda *a, **k: _step_event(job_id, index, *a, **k))
         _in_session(lifecycle.step_paused, app, job_id, claim.step_id, attempt, outcome.stopped,
                     event_id=ids.new_id(ids.EVENT), what=f"record the pause of step {index} of {job_id}")
         return Outcome.STOP
@@ -289,6 +302,8 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         if outcome.returncode == ExitCode.BAD_INPUT:  # bad spec or data: no retry can help
             code = str(err["code"]) if err.get("code") in TRAINING_DATA_CODES else "invalid_training_data"
             return _fail_job(job_id, index, code, f"Step {index} failed: {message}")
+        trainer_state.put_or_note(db.storage(), job_id, index, attempt, work,  # its last save, for any host
+                                  note=lambda *a, **k: _step_event(job_id, index, *a, **k))
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
     done = _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work,
@@ -308,6 +323,12 @@ def _record_cache(job_id: str, index: int, name: str, folder: Path, hit: bool) -
     data = {"checkpoint_cache": word, "checkpoint": name, "bytes": workdir.tree_bytes(folder)}
     _in_session(repository.add_event, job_id, message, data=data, step_index=index, event_id=event_id,
                 what=f"record the cache {word} of step {index} of {job_id}")
+
+
+def _step_event(job_id: str, index: int, message: str, *, level: str = "info", data: dict[str, Any]) -> None:
+    """One event of step `index` (written once however often the transaction is retried)."""
+    _in_session(repository.add_event, job_id, message, level=level, data=data, step_index=index,
+                event_id=ids.new_id(ids.EVENT), what=f"record an event of step {index} of {job_id}")
 
 
 def _exit_description(returncode: int) -> str:
@@ -368,8 +389,10 @@ def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: di
         return Outcome.STOP
     # The trainer checkpoints (optimizer state included) are of no use once the step is done.
     shutil.rmtree(work, ignore_errors=True)
+    trainer_state.discard_step(db.storage(), job_id, index)
     if recorded == lifecycle.ENDED_BY_GATE:  # the job's gate ended it here: as after finalize_job
         shutil.rmtree(work.parent, ignore_errors=True)
+        trainer_state.discard_job(db.storage(), job_id)
         tracking.step_succeeded(job_id, index, settings)
         tracking.job_ended(job_id, settings)
         return Outcome.STOP
@@ -387,6 +410,7 @@ def _retry_or_fail(job_id: str, index: int, attempt: int, reason: str, *, settin
 def _fail_job(job_id: str, index: int | None, code: str, message: str) -> Outcome:
     """The job fails with a readable error; its unfinished steps are cancelled (the failed one failed)."""
     _in_session(lifecycle.fail_job, job_id, index, code, message, what=f"fail {job_id}")
+    trainer_state.discard_job(db.storage(), job_id)
     tracking.job_ended(job_id)  # closes the job's tracked runs as failed; never raises
     return Outcome.STOP
 
@@ -401,6 +425,7 @@ def finalize_job(job_id: str, *, settings: Settings) -> Outcome:
     if name is None:
         return Outcome.STOP
     shutil.rmtree(workdir.job_work_dir(settings, job_id), ignore_errors=True)
+    trainer_state.discard_job(db.storage(), job_id)
     tracking.job_ended(job_id, settings)  # final checkpoint to the job's integrations; never raises
     return Outcome.CONTINUE
 

@@ -186,16 +186,10 @@ def new_attempt_dir(work: Path, attempt: int) -> Path:
     return attempt_dir
 
 
-def hand_over_trainer_state(work: Path, attempt: int) -> Path | None:
-    """Seed this attempt's trainer folder with the newest complete trainer checkpoint of an earlier
-    attempt (paused, or its worker died); returns it, or None to start afresh.
-
-    Each attempt trains in a folder of its own, so an attempt that was written off but still runs
-    (its worker lost the database for longer than `step_stale_seconds`) never writes where the
-    new attempt reads. The files are hard links: no copy of optimizer states, and the old folders
-    can go at once. A checkpoint is complete when it has `trainer_state.json`, which transformers
-    writes last: one cut off by a kill is never resumed from.
-    """
+def newest_trainer_checkpoint(work: Path) -> tuple[int, Path] | None:
+    """(global step, folder) of the newest complete trainer checkpoint under a step's work folder
+    (any attempt's), or None. Complete: it has `trainer_state.json`, which transformers writes
+    last, so one cut off by a kill never counts."""
     best: tuple[int, Path] | None = None
     for folder in work.glob("attempt-*/trainer/checkpoint-*"):
         number = folder.name.rsplit("-", 1)[-1]
@@ -203,6 +197,19 @@ def hand_over_trainer_state(work: Path, attempt: int) -> Path | None:
             continue
         if best is None or int(number) > best[0]:
             best = (int(number), folder)
+    return best
+
+
+def hand_over_trainer_state(work: Path, attempt: int) -> Path | None:
+    """Seed this attempt's trainer folder with the newest complete trainer checkpoint of an earlier
+    attempt on this host (paused, or its worker died); returns it, or None to start afresh.
+
+    Each attempt trains in a folder of its own, so an attempt that was written off but still runs
+    (its worker lost the database for longer than `step_stale_seconds`) never writes where the
+    new attempt reads. The files are hard links: no copy of optimizer states, and the old folders
+    can go at once. One written on another host comes from the store (`worker.trainer_state`).
+    """
+    best = newest_trainer_checkpoint(work)
     mine = work / f"attempt-{attempt}" / "trainer"
     if best is not None:
         mine.mkdir(parents=True, exist_ok=True)

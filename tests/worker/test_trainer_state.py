@@ -1,0 +1,195 @@
+"""A stopped step's trainer checkpoint through the store (worker/trainer_state.py), against the local
+folder store and the S3 store (a real moto server over HTTP, `moto_server` in tests/conftest.py):
+put on one "host" (a work folder), fetched by another (a work folder of its own), removed when the
+step or the job is over; a stored state that cannot be used is an event, never an error."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from core.storage import LocalStorage, Storage
+from worker import trainer_state
+from worker.workdir import TRAINER_STATE
+
+JOB = "ftjob-abc"
+
+
+@dataclass
+class Backend:
+    name: str
+    store: Storage
+    keys: Callable[[], list[str]]  # every stored object, sorted
+    raw_put: Callable[[str, bytes], None]  # overwrite one stored file by key, behind the store's back
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path, monkeypatch) -> Backend:
+    if request.param == "local":
+        root = tmp_path / "store"
+        store = LocalStorage(root)
+
+        def local_keys() -> list[str]:
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                          if p.is_file() and not p.relative_to(root).as_posix().startswith(".tmp"))
+
+        return Backend("local", store, local_keys, lambda key, data: (root / key).write_bytes(data))
+    server = request.getfixturevalue("moto_server")
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = server.new_bucket()
+    from core.s3_storage import S3Storage
+
+    store = S3Storage(f"s3://{bucket}/sdpo", tmp_path / "cache", max_attempts=2)
+    raw = server.client()
+
+    def s3_keys() -> list[str]:
+        return sorted(o["Key"].removeprefix("sdpo/") for o in raw.list_objects_v2(Bucket=bucket).get("Contents", []))
+
+    return Backend("s3", store, s3_keys, lambda key, data: raw.put_object(Bucket=bucket, Key=f"sdpo/{key}", Body=data))
+
+
+def _checkpoint(work: Path, attempt: int, global_step: int, *, complete: bool = True) -> Path:
+    """A trainer checkpoint as transformers lays it out (trainer_state.json last: `complete`)."""
+    folder = work / f"attempt-{attempt}" / "trainer" / f"checkpoint-{global_step}"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").write_bytes(bytes(range(256)) * (40 + global_step))
+    (folder / "model.safetensors").write_bytes(b"w" * 5000)
+    (folder / "rng_state.pth").write_bytes(b"r" * 10)
+    if complete:
+        (folder / TRAINER_STATE).write_text(json.dumps({"global_step": global_step, "log_history": []}))
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _notes() -> tuple[list[tuple[str, str, dict]], trainer_state.Note]:
+    seen: list[tuple[str, str, dict]] = []
+
+    def note(message: str, *, level: str = "info", data: dict) -> None:
+        seen.append((level, message, data))
+
+    return seen, note
+
+
+def test_a_state_put_on_one_host_is_fetched_on_another_then_removed_with_the_step(backend, tmp_path):
+    host_a, host_b = tmp_path / "a" / "step-1", tmp_path / "b" / "step-1"
+    _checkpoint(host_a, 1, 4)
+    saved = _checkpoint(host_a, 1, 8)
+    _checkpoint(host_a, 1, 12, complete=False)  # cut off by the kill: never uploaded
+    record = trainer_state.put(backend.store, JOB, 1, 1, host_a)
+    assert record is not None and (record.global_step, record.checkpoint, record.attempt) == (8, "checkpoint-8", 1)
+    stored = backend.keys()
+    assert f"jobs/{JOB}/steps/1/trainer-state.json" in stored
+    assert sum(k.endswith("/optimizer.pt") for k in stored) == 1
+
+    seen, note = _notes()
+    got = trainer_state.resume_point(backend.store, JOB, 1, 2, host_b, note=note)
+    assert got == host_b / "attempt-2" / "trainer" / "checkpoint-8"
+    assert _files(got) == _files(saved)
+    assert [(level, data) for level, _, data in seen] == [
+        ("info", {"trainer_state": "store", "global_step": 8, "attempt": 1})]
+    assert [p.name for p in got.parent.iterdir()] == ["checkpoint-8"]  # no partial download left
+    if backend.name == "local":  # on the store's own disk: hard links, not a copy of the optimizer state
+        [stored_opt] = (backend.store.root / "jobs").rglob("optimizer.pt")
+        assert stored_opt.stat().st_ino == (saved / "optimizer.pt").stat().st_ino
+        assert sorted(p.name for p in saved.parent.iterdir()) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+
+    # The step succeeded on host B: its stored state goes, the job's other steps' stays.
+    _checkpoint(tmp_path / "a" / "step-2", 1, 3)
+    trainer_state.put(backend.store, JOB, 2, 1, tmp_path / "a" / "step-2")
+    trainer_state.discard_step(backend.store, JOB, 1)
+    assert backend.keys() and all(k.startswith(f"jobs/{JOB}/steps/2/") for k in backend.keys())
+    trainer_state.discard_job(backend.store, JOB)
+    assert backend.keys() == []
+    trainer_state.discard_job(backend.store, JOB)  # nothing left: not an error
+
+
+def test_a_newer_stop_replaces_the_stored_state_and_the_newest_copy_wins(backend, tmp_path):
+    host_a, host_b = tmp_path / "a" / "step-1", tmp_path / "b" / "step-1"
+    _checkpoint(host_a, 1, 4)
+    trainer_state.put(backend.store, JOB, 1, 1, host_a)
+    # Host B resumes from global step 4, trains to 10 and stops: the store now holds 10 only.
+    seen, note = _notes()
+    assert trainer_state.resume_point(backend.store, JOB, 1, 2, host_b, note=note).name == "checkpoint-4"
+    _checkpoint(host_b, 2, 10)
+    assert trainer_state.put(backend.store, JOB, 1, 2, host_b).global_step == 10
+    assert sum(k.endswith("/optimizer.pt") for k in backend.keys()) == 1
+    # Back on host A, whose own folder still holds step 4: the store's 10 is newer and wins.
+    got = trainer_state.resume_point(backend.store, JOB, 1, 3, host_a, note=note)
+    assert got == host_a / "attempt-3" / "trainer" / "checkpoint-10"
+    assert [p.name for p in got.parent.iterdir()] == ["checkpoint-10"]  # the older local one went
+    # Stopped again before its next save: the stored state stays as it is (no upload).
+    before = backend.keys()
+    assert trainer_state.put(backend.store, JOB, 1, 3, host_a).attempt == 2
+    assert backend.keys() == before
+    # A host whose own copy is as new as the stored one reads nothing from the store.
+    fetched, record, why = trainer_state.fetch(backend.store, JOB, 1, tmp_path / "c", newer_than=10)
+    assert (fetched, record, why) == (None, None, None) and not (tmp_path / "c").exists()
+
+
+def test_nothing_stored_or_no_complete_checkpoint_is_a_fresh_start_without_an_event(backend, tmp_path):
+    work = tmp_path / "step-1"
+    _checkpoint(work, 1, 6, complete=False)
+    assert trainer_state.put(backend.store, JOB, 1, 1, work) is None
+    assert backend.keys() == []
+    seen, note = _notes()
+    assert trainer_state.resume_point(backend.store, JOB, 1, 2, tmp_path / "other", note=note) is None
+    assert seen == []
+
+
+@pytest.mark.parametrize("damage", ["tree_gone", "record_garbled", "trainer_state_wrong"])
+def test_a_stored_state_that_cannot_be_used_is_an_event_and_a_fresh_start(backend, tmp_path, damage):
+    host_a, host_b = tmp_path / "a" / "step-1", tmp_path / "b" / "step-1"
+    _checkpoint(host_a, 1, 8)
+    record = trainer_state.put(backend.store, JOB, 1, 1, host_a)
+    if damage == "tree_gone":
+        backend.store.delete(record.uri)
+    elif damage == "record_garbled":
+        backend.raw_put(f"jobs/{JOB}/steps/1/trainer-state.json", b'{"uri": ')
+    else:  # a trainer_state.json of another global step: a half-mixed state, never used
+        key = [k for k in backend.keys() if k.endswith(f"checkpoint-8/{TRAINER_STATE}")][0]
+        backend.raw_put(key, json.dumps({"global_step": 2}).encode())
+    seen, note = _notes()
+    assert trainer_state.resume_point(backend.store, JOB, 1, 2, host_b, note=note) is None
+    [(level, message, data)] = seen
+    assert level == "warn" and data["trainer_state"] == "unusable" and message.endswith("it starts afresh.")
+    expected = {"tree_gone": "missing", "record_garbled": "record is unreadable",
+                "trainer_state_wrong": "corrupt" if backend.name == "s3" else "global step 2"}[damage]
+    assert expected in data["reason"], data
+    assert list((host_b / "attempt-2" / "trainer").glob("*")) == []  # no half state left to resume from
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)  # the local store's trees are whole by a rename
+def test_a_flipped_byte_in_the_bucket_is_caught_by_the_sha256_check(backend, tmp_path):
+    _checkpoint(tmp_path / "a", 1, 8)
+    trainer_state.put(backend.store, JOB, 1, 1, tmp_path / "a")
+    key = [k for k in backend.keys() if k.endswith("/optimizer.pt")][0]
+    backend.raw_put(key, b"\0" * 256 * 48)  # same size, other bytes
+    fetched, record, why = trainer_state.fetch(backend.store, JOB, 1, tmp_path / "b")
+    assert fetched is None and record.global_step == 8 and "corrupt" in why and "optimizer.pt" in why
+
+
+def test_an_unreachable_store_is_an_event_not_an_error(tmp_path, monkeypatch):
+    from core.s3_storage import S3Storage
+    from tests.s3server import CREDENTIALS, free_port
+
+    for name, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}.items():
+        monkeypatch.setenv(name, value)
+    store = S3Storage("s3://gone/sdpo", tmp_path / "cache", max_attempts=1)
+    work = tmp_path / "step-1"
+    _checkpoint(work, 1, 4)
+    seen, note = _notes()
+    trainer_state.put_or_note(store, JOB, 1, 1, work, note=note)
+    # Its own copy still resumes the step on this host; the store's absence is said, not raised.
+    assert trainer_state.resume_point(store, JOB, 1, 2, work, note=note) == work / "attempt-2/trainer/checkpoint-4"
+    assert [(lvl, d["trainer_state"]) for lvl, _, d in seen] == [("warn", "not_stored"), ("warn", "unusable")]
+    assert all("could not be reached" in d["reason"] for _, _, d in seen)
+    assert "resumes from this worker's global step 4" in seen[1][1]
+    trainer_state.discard_job(store, JOB)  # never raises
