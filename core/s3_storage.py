@@ -25,7 +25,10 @@ URIs are `s3://bucket/prefix/key`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -366,20 +369,17 @@ class S3Storage(Storage):
         index = self._find_index(key)
         if index is not None:
             return self._cached_tree(key, index)[0]
-        path = self.cache.objects / hashlib.sha256(key.encode()).hexdigest()
-        if path.is_file():
-            os.utime(path)  # recently used
-            return path  # objects are never rewritten under a key (ids are new every time)
-        make_private_dir(path.parent)
+        return self.cache.object_path(hashlib.sha256(key.encode()).hexdigest(),
+                                      lambda path: self._download_object(key, path))
+
+    def _download_object(self, key: str, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         try:
             with _Translate(f"downloading {key}"):
                 self.client.download_file(self.bucket, key, str(tmp), Config=self.transfer)
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # objects are never rewritten under a key (ids are new every time)
         finally:
             tmp.unlink(missing_ok=True)
-        self.cache.evict(keep=path)
-        return path
 
     # -- trees (checkpoints)
 
@@ -409,6 +409,15 @@ class S3Storage(Storage):
         there is no such tree, `StorageUnavailable` when the store cannot be reached."""
         key = self._object_key(uri)
         return self._cached_tree(key, self._read_index(key))
+
+    @contextlib.contextmanager
+    def leased_tree(self, uri: str) -> Iterator[tuple[Path, bool]]:
+        """`cached_tree` held for the `with` block: no worker process on this host evicts the
+        folder until the block ends (same errors)."""
+        key = self._object_key(uri)
+        index = self._read_index(key)
+        with self.cache.lease(index, lambda dest: self._download_tree(key, index, dest)) as found:
+            yield found
 
     def iter_tar(self, uri: str) -> Iterator[bytes]:
         key = self._object_key(uri)
@@ -562,72 +571,216 @@ def _sha256_file(path: Path) -> str:
 class TreeCache:
     """Local copies of stored trees, `root/trees/<tree sha256>/`, and of downloaded files (chunks,
     uploads), `root/objects/<sha256 of the key>`, at most `max_bytes` in all: the least recently
-    used go first when a new one comes in (one that alone exceeds the bound is kept until the next)."""
+    used go first when a new one comes in (one that alone exceeds the bound is kept until the next).
 
-    hits = 0
-    misses = 0
-    _lock = threading.Lock()
+    Several worker processes on one host share the folder. Each entry has a lock file,
+    `root/locks/<entry name>` (POSIX `flock`): a process holds it shared while the entry is in use
+    (from before it looks for the entry until it lets go of it, filling included), and an evictor
+    takes it exclusive without waiting, so an entry that any process uses is skipped, never
+    deleted under it. An evicted entry is renamed into `root/.trash` while locked (it disappears
+    for everyone at once; a half-deleted folder is never seen as a cache hit) and its lock file
+    unlinked, then deleted. One eviction pass runs at a time on the host (`root/.evict.lock`), so
+    two processes filling at once do not both evict for the same bytes.
+
+    `get`/`local_path` callers (worker/workdir.py) read the returned folder after the call, so the
+    process keeps the entries it was given last pinned (`PINNED` of them, shared locks it holds
+    until newer ones replace them, `release` or the process's end): a step's initial checkpoint,
+    base model and chunk stay put while it trains, without the caller holding anything. `lease`
+    holds one for exactly a `with` block."""
+
+    PINNED = 4
 
     def __init__(self, root: Path, max_bytes: int):
         self.root = root
         self.max_bytes = max_bytes
         self.trees = root / "trees"
         self.objects = root / "objects"
+        self.locks = root / "locks"
+        self._pins: collections.OrderedDict[str, int] = collections.OrderedDict()  # entry name -> locked fd
+        self._pins_lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
     def _entry(self, index: dict) -> Path:
         return self.trees / index["sha256"]
 
-    def get(self, index: dict, fill: Callable[[Path], None]) -> tuple[Path, bool]:
+    # -- locks
+
+    def _lock(self, name: str, mode: int) -> int | None:
+        """An fd of `locks/<name>` holding flock `mode`; None when `mode` has LOCK_NB and another
+        process holds it. Retries when an evictor unlinked the file while this process waited for
+        it (the lock would be on a file nobody else can find)."""
+        make_private_dir(self.locks)
+        path = self.locks / name
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, mode)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def _pin(self, name: str, fd: int) -> None:
+        """Keep `fd` (a shared lock on entry `name`) until newer pins push it out."""
+        drop: list[int] = []
+        with self._pins_lock:
+            old = self._pins.pop(name, None)
+            if old is not None:
+                drop.append(old)
+            self._pins[name] = fd
+            while len(self._pins) > self.PINNED:
+                drop.append(self._pins.popitem(last=False)[1])
+        for old_fd in drop:
+            os.close(old_fd)  # releases that shared lock (another fd of this process may still hold one)
+
+    def release(self) -> None:
+        """Let go of every entry this process has pinned (they become evictable)."""
+        with self._pins_lock:
+            fds = list(self._pins.values())
+            self._pins.clear()
+        for fd in fds:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def lease(self, index: dict, fill: Callable[[Path], None]) -> Iterator[tuple[Path, bool]]:
+        """`get` for the `with` block only: (folder, hit) that no process evicts until the block ends."""
         entry = self._entry(index)
-        with self._lock:
-            if entry.is_dir():
-                os.utime(entry)  # recently used
-                TreeCache.hits += 1
-                return entry, True
+        fd = self._lock(entry.name, fcntl.LOCK_SH)
+        assert fd is not None
+        try:
+            yield self._get_locked(entry, fill)
+        finally:
+            os.close(fd)
+
+    # -- entries
+
+    def get(self, index: dict, fill: Callable[[Path], None]) -> tuple[Path, bool]:
+        """(the tree's folder, whether it was here already); `fill(folder)` makes it on a miss.
+        The entry stays pinned by this process (see the class)."""
+        entry = self._entry(index)
+        fd = self._lock(entry.name, fcntl.LOCK_SH)
+        assert fd is not None
+        try:
+            found = self._get_locked(entry, fill)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._pin(entry.name, fd)
+        return found
+
+    def _get_locked(self, entry: Path, fill: Callable[[Path], None]) -> tuple[Path, bool]:
+        # The entry's lock is held shared: no evictor removes it between the look and the use.
+        if entry.is_dir():
+            os.utime(entry)  # recently used
+            self.hits += 1
+            return entry, True
         make_private_dir(self.trees)
-        if not entry.is_dir():
-            fill(entry)
-        with self._lock:
-            TreeCache.misses += 1
-            os.utime(entry)
+        fill(entry)  # two processes may fill at once: the second rename finds the first's folder
+        os.utime(entry)
+        self.misses += 1
         self.evict(keep=entry)
         return entry, False
+
+    def object_path(self, name: str, fill: Callable[[Path], None]) -> Path:
+        """`objects/<name>`, made by `fill(path)` when absent; pinned like `get`'s trees."""
+        path = self.objects / name
+        fd = self._lock(f"o-{name}", fcntl.LOCK_SH)
+        assert fd is not None
+        try:
+            if path.is_file():
+                os.utime(path)  # recently used
+            else:
+                make_private_dir(self.objects)
+                fill(path)
+                self.evict(keep=path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._pin(f"o-{name}", fd)
+        return path
 
     def adopt(self, source: Path, index: dict) -> None:
         """Take a folder just uploaded as the cached copy of its tree (a rename; a copy across
         file systems is not worth it: it is simply not cached)."""
         entry = self._entry(index)
         make_private_dir(self.trees)
+        fd = self._lock(entry.name, fcntl.LOCK_SH)
         try:
-            os.rename(source, entry)
-        except OSError:
-            shutil.rmtree(source, ignore_errors=True)
-            return
-        self.evict(keep=entry)
+            try:
+                os.rename(source, entry)
+            except OSError:
+                shutil.rmtree(source, ignore_errors=True)
+                return
+            self.evict(keep=entry)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def evict(self, keep: Path | None = None) -> None:
         """Remove the least recently used trees and downloaded files (chunks, uploads) until the
-        cache holds at most `max_bytes` (`keep`, just used, stays even when alone too large)."""
+        cache holds at most `max_bytes` (`keep`, just used, stays even when alone too large, and
+        so does every entry some process holds: see the class)."""
+        make_private_dir(self.root)
+        guard = os.open(self.root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            self._evict(keep)
+        finally:
+            os.close(guard)  # releases the host-wide eviction lock
+
+    def _evict(self, keep: Path | None) -> None:
+        trash = self.root / ".trash"
+        if trash.is_dir():  # what a process killed mid-delete left (only evictors, one at a time, write here)
+            for leftover in trash.iterdir():
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
         entries = []
-        if self.trees.is_dir():
-            for entry in self.trees.iterdir():
-                if entry.is_dir():
-                    size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
-                    entries.append((entry.stat().st_mtime, entry, size))
-        if self.objects.is_dir():
-            for entry in self.objects.iterdir():
-                if entry.is_file() and not entry.name.startswith("."):  # not a download in progress
-                    stat = entry.stat()
-                    entries.append((stat.st_mtime, entry, stat.st_size))
-        total = sum(size for _, _, size in entries)
-        for _, entry, size in sorted(entries, key=lambda e: e[0]):
+        for folder, prefix in ((self.trees, ""), (self.objects, "o-")):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                try:
+                    if entry.is_dir():
+                        size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+                    elif entry.name.startswith("."):  # a download in progress
+                        continue
+                    else:
+                        size = entry.stat().st_size
+                    entries.append((entry.stat().st_mtime, entry, prefix + entry.name, size))
+                except FileNotFoundError:  # gone meanwhile (a rename of a fill that lost its race)
+                    continue
+        total = sum(e[3] for e in entries)
+        for _, entry, lock_name, size in sorted(entries, key=lambda e: e[0]):
             if total <= self.max_bytes:
                 break
             if entry == keep:
                 continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
+            fd = self._lock(lock_name, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                continue  # in use by some process (or by this one): it stays
+            try:
+                make_private_dir(trash)
+                doomed = trash / uuid.uuid4().hex
+                try:
+                    os.rename(entry, doomed)
+                except FileNotFoundError:
+                    continue
+                (self.locks / lock_name).unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+            if doomed.is_dir():
+                shutil.rmtree(doomed, ignore_errors=True)
             else:
-                entry.unlink(missing_ok=True)
+                doomed.unlink(missing_ok=True)
             total -= size
-

@@ -232,7 +232,9 @@ def test_move_tree_seeds_the_cache_and_the_cache_is_bounded(s3, tmp_path):
     assert len(cached) == 1 and sum(p.stat().st_size for p in cached[0].rglob("*") if p.is_file()) <= 5000
     path, hit = store.cached_tree(uris[0])  # evicted: downloaded again
     assert not hit and (path / "w.bin").read_bytes() == b"\0" * 3000
-    # Downloaded files (chunks, uploads) count against the same bound.
+    # Downloaded files (chunks, uploads) count against the same bound. The tree just returned is
+    # pinned by this process (a step reads it after the call); once released it can make room.
+    store.cache.release()
     chunk = store.save_stream("chunks/j/step-1.jsonl", [b"c" * 4000])
     local = store.local_path(chunk.uri)
     assert local.read_bytes() == b"c" * 4000
