@@ -51,6 +51,7 @@ from core.errors import PayloadTooLarge
 from core.permissions import make_private_dir
 from core.storage import (
     CorruptObject,
+    PresignedObject,
     Storage,
     StorageUnavailable,
     StoredObject,
@@ -409,6 +410,29 @@ class S3Storage(Storage):
         there is no such tree, `StorageUnavailable` when the store cannot be reached."""
         key = self._object_key(uri)
         return self._cached_tree(key, self._read_index(key))
+
+    # -- presigned URLs
+
+    presigns = True
+
+    def presign(self, uri: str, expires_in: int) -> str:
+        key = self._object_key(uri)
+        with _Translate(f"looking up {key}"):
+            self.client.head_object(Bucket=self.bucket, Key=key)  # FileNotFoundError: no URL to nothing
+            return self._presigned_get(key, expires_in)
+
+    def presign_tree(self, uri: str, expires_in: int) -> list[PresignedObject]:
+        key = self._object_key(uri)
+        index = self._read_index(key)
+        with _Translate(f"signing {key}"):
+            return [PresignedObject(path=rel, url=self._presigned_get(f"{key}/{rel}", expires_in),
+                                    sha256=meta["sha256"], bytes=meta["bytes"])
+                    for rel, meta in sorted(index["files"].items())]
+
+    def _presigned_get(self, object_key: str, expires_in: int) -> str:
+        # Signed here with the store's credentials (SigV4, no request to the store).
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": object_key},
+                                                  ExpiresIn=expires_in)
 
     @contextlib.contextmanager
     def leased_tree(self, uri: str) -> Iterator[tuple[Path, bool]]:

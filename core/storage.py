@@ -45,6 +45,21 @@ class CorruptObject(OSError):
     """A stored object is missing or its bytes differ from the sha256 recorded for it."""
 
 
+class PresignUnsupported(Exception):
+    """This store hands out no presigned URLs (its objects are local files, not reachable by URL)."""
+
+
+@dataclass(frozen=True)
+class PresignedObject:
+    """A URL that reads one stored file without credentials until it expires; `path` is the file's
+    place in its tree ("" for a lone object), `sha256`/`bytes` what the store recorded for it."""
+
+    path: str
+    url: str
+    sha256: str | None
+    bytes: int | None
+
+
 @dataclass(frozen=True)
 class StoredObject:
     uri: str
@@ -65,9 +80,18 @@ class Storage(ABC):
         """Raise `StorageUnavailable` (an OSError) unless the store can be used now (readiness)."""
         return None
 
-    @abstractmethod
-    def uri_for(self, key: str) -> str:
-        """The URI an object stored under `key` has (or would have). Raises ValueError for a bad key."""
+    #: Whether `presign` / `presign_tree` hand out URLs (an object store); the others raise.
+    presigns = False
+
+    def presign(self, uri: str, expires_in: int) -> str:
+        """A URL that GETs the object at `uri` for `expires_in` seconds without credentials.
+        Raises `PresignUnsupported` (this store), FileNotFoundError (no such object)."""
+        raise PresignUnsupported(type(self).__name__)
+
+    def presign_tree(self, uri: str, expires_in: int) -> list[PresignedObject]:
+        """One presigned URL per file of the tree at `uri`, with the sha256 and size from its index,
+        by path. Raises `PresignUnsupported`, FileNotFoundError (no such tree)."""
+        raise PresignUnsupported(type(self).__name__)
 
     def cached_tree(self, uri: str) -> tuple[Path, bool]:
         """(a local folder holding the tree at `uri`, whether it was a cache hit). A store whose

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import anyio.from_thread
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +14,7 @@ from api.deps import AppServices, Principal, get_db, get_principal, get_services
 from api.files import quotas, service
 from api.files.schemas import FileDeleted, FileList, FileObject
 from api.idempotency import idempotency_key, respond
+from api.presign import PresignParams, expires_at, file_body, presign_params, require_presigning
 from api.slowloris import rate_limited_body
 from core.db import read_only_session
 from core.errors import PayloadTooLarge
@@ -102,14 +103,21 @@ def retrieve_file(file_id: str, principal: Principal = Depends(get_principal), d
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}})
 def file_content(
     file_id: str,
     principal: Principal = Depends(get_principal),
     db: Session = Depends(get_db),
     services: AppServices = Depends(get_services),
-) -> StreamingResponse:
+    presign: PresignParams = Depends(presign_params),
+) -> Response:
+    """The file's bytes; with `presigned=true`, a presigned URL into the S3 store (api/presign.py)."""
+    if presign.presigned:
+        require_presigning(services.storage)
     row = service.get_file(db, principal, file_id)
+    if presign.presigned:
+        expires = expires_at(presign.expires_in)
+        return JSONResponse(file_body(service.presigned_file(services, row, presign.expires_in), expires))
     return StreamingResponse(
         service.file_content(services, row),
         media_type="application/octet-stream",

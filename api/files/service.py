@@ -21,7 +21,7 @@ from core.db import after_commit, after_rollback
 from core.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from core.models import File, FileStatus
 from core.settings import Settings
-from core.storage import Storage, StorageUnavailable, StoredObject
+from core.storage import PresignedObject, Storage, StorageUnavailable, StoredObject
 from core.text import clean_name
 from sdpo_engine.data import parquet_rows, validate_file
 
@@ -198,6 +198,17 @@ def file_content(services: AppServices, row: File) -> Iterator[bytes]:
                 yield block
 
     return chunks()
+
+
+def presigned_file(services: AppServices, row: File, expires_in: int) -> PresignedObject:
+    """A presigned GET URL for the stored bytes (the S3 store only: callers check `presigns`),
+    with the sha256 and size recorded at upload."""
+    try:
+        url = services.storage.presign(row.storage_uri, expires_in)
+    except FileNotFoundError as exc:
+        raise NotFound(f"The content of {row.id} is missing from the store.", param="file_id",
+                       code="file_content_missing") from exc
+    return PresignedObject(path="", url=url, sha256=row.sha256, bytes=row.bytes)
 
 
 def delete_file(db: Session, services: AppServices, principal: Principal, file_id: str) -> File:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,7 @@ from api.idempotency import respond
 from api.jobs import service
 from api.jobs.schemas import CheckpointList, EventList, JobCreate, JobList, JobObject, StepList, StepSamples
 from api.openapi import json_body_doc
+from api.presign import PresignParams, expires_at, presign_params, require_presigning, tree_body
 from api.stream import EventStreamResponse, job_event_stream, open_streams
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -114,15 +115,21 @@ def list_checkpoints(
 
 
 @router.get("/{job_id}/checkpoints/{checkpoint_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}},
-            summary="Download a checkpoint directory as a tar stream")
+            responses={200: {"content": {"application/x-tar": {}, "application/json": {}}}},
+            summary="Download a checkpoint directory as a tar stream (or presigned URLs, one per file)")
 def checkpoint_content(
     job_id: str,
     checkpoint_id: str,
     principal: Principal = Depends(get_principal),
     db: Session = Depends(get_db),
     services: AppServices = Depends(get_services),
-) -> StreamingResponse:
+    presign: PresignParams = Depends(presign_params),
+) -> Response:
+    if presign.presigned:
+        require_presigning(services.storage)
+        expires = expires_at(presign.expires_in)
+        return JSONResponse(tree_body(service.presigned_checkpoint(db, services, principal, job_id, checkpoint_id,
+                                                                   presign.expires_in), expires))
     name, chunks = service.checkpoint_tar(db, services, principal, job_id, checkpoint_id)
     return StreamingResponse(chunks, media_type="application/x-tar",
                              headers={"Content-Disposition": f"attachment; filename=\"{name}\""})

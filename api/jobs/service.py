@@ -21,6 +21,7 @@ from core.jobs import cancel_job, get_job, get_steps, pause_job, repository, res
 from core.jobs.lifecycle import create_job as create_job_row
 from core.models import Checkpoint, Event, Job, JobStep
 from core.states import JobStatus, StepStatus
+from core.storage import PresignedObject
 
 _METADATA_QUERY = re.compile(r"^metadata\[(.+)\]$")
 
@@ -179,6 +180,21 @@ def checkpoint_tar(db: Session, services: AppServices, principal: Principal, job
         raise NotFound(f"No checkpoint {checkpoint_id} in job {job_id}.", param="checkpoint_id",
                        code="checkpoint_not_found")
     return f"{checkpoint.id}.tar", services.storage.iter_tar(checkpoint.uri)
+
+
+def presigned_checkpoint(db: Session, services: AppServices, principal: Principal, job_id: str,
+                         checkpoint_id: str, expires_in: int) -> list[PresignedObject]:
+    """One presigned GET URL per file of the owner's checkpoint, with its sha256 and size from the
+    stored tree's index (the S3 store only: callers check `presigns`). 404 as `checkpoint_tar`."""
+    job = find_job(db, principal, job_id)
+    checkpoint = repository.get_checkpoint(db, job.id, checkpoint_id)
+    try:
+        if checkpoint is not None:
+            return services.storage.presign_tree(checkpoint.uri, expires_in)
+    except FileNotFoundError:
+        pass
+    raise NotFound(f"No checkpoint {checkpoint_id} in job {job_id}.", param="checkpoint_id",
+                   code="checkpoint_not_found")
 
 
 def list_steps(db: Session, principal: Principal, job_id: str) -> list[JobStep]:
