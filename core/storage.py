@@ -80,6 +80,10 @@ class Storage(ABC):
         """Raise `StorageUnavailable` (an OSError) unless the store can be used now (readiness)."""
         return None
 
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """The URI an object stored under `key` has (or would have). Raises ValueError for a bad key."""
+
     #: Whether `presign` / `presign_tree` hand out URLs (an object store); the others raise.
     presigns = False
 
