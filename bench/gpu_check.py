@@ -9,7 +9,9 @@ project's offline byte-level tokenizer (sdpo_engine.tiny), and the pairs are ran
 lengths of each `--shapes` entry (by default prompts 384 / answers 128, the issue's 3:1 case, and
 256 / 256, the equal-length case).
 The GPU image has torch, transformers, accelerate and peft but not trl or datasets: install those
-from wheels first (`pip install --no-deps trl-*.whl datasets-*.whl …`).
+from wheels first (`pip install --no-deps trl-*.whl datasets-*.whl …`; bench/device_run.sh does it).
+Issue #19's levers (bf16 weights, FlexAttention, compile, …) against TRL's fastest configuration are
+bench/gpu_levers.py, on this script's model and pairs, run by `bash bench/device_run.sh`.
 
 (a) is TRL's DPOTrainer as its docs show it (reference model in memory, TRL defaults but bf16 on the
 GPU); (b) is `sdpo_engine.step.run_step` (reference log-probs once by the initial policy, the
