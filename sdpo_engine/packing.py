@@ -30,8 +30,8 @@ vocabulary-sized buffer (`_tied_head_weight`).
 
 Packing is used only where it is proven identical (tests/engine/test_perf_equivalence.py): decoder
 families whose attention takes a custom 4D mask and whose positions come from `position_ids` alone,
-with the sdpa or eager attention, `keep_start` truncation, no sliding window, and no
-prompt-learning adapter. Everything else runs TRL's two-sequence path.
+with the sdpa or eager attention (or FlexAttention with a BlockMask, flex.py), `keep_start`
+truncation, no sliding window, and no prompt-learning adapter. Everything else runs TRL's two-sequence path.
 
 Depends on TRL 1.16's collator output and on its chunked log-prob kernel (pinned in pyproject).
 """
@@ -45,11 +45,14 @@ from typing import Any
 
 import torch
 
+from . import flex
+
 # Families proven identical by tests/engine/test_perf_equivalence.py (per-token log-probs equal to the
 # two-sequence ones in float64; losses, metrics and gradients within 1e-4 in float32). Add a family only
 # together with its test.
 PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+# flex.FLEX_ATTENTION: the spec's `attention: "flex"`, proven by tests/engine/test_flex_attention.py.
+PACKABLE_ATTENTION = frozenset({"sdpa", "eager", flex.FLEX_ATTENTION})
 # Config attributes that change the logits after the LM head; the compact head below does not apply them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
@@ -237,21 +240,25 @@ class SharedPromptCollator:
         return out
 
 
-def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """(R, 1, L, L) mask: causal, no padding keys, a pair never sees another pair of its row
-    (block-diagonal), and a branch never sees the other branch of its pair (segments: pack_examples').
+def attends(seg_q, seg_k, q_idx, kv_idx):
+    """Whether query position q_idx (segment seg_q) attends to key position kv_idx (segment seg_k):
+    causal, no padding keys, a pair never sees another pair of its row, a branch never sees the other
+    branch of its pair; each padding query sees itself, so no softmax row is empty (its output is never
+    used). Elementwise on broadcastable tensors: `block_mask`'s dense mask and, one element at a time,
+    the FlexAttention BlockMask's mask_mod (flex.pair_block_mask) are this one rule."""
+    same_pair = torch.div(seg_k, 3, rounding_mode="floor") == torch.div(seg_q, 3, rounding_mode="floor")
+    return ((kv_idx <= q_idx) & (seg_k >= 0) & same_pair & ((seg_k % 3 == 0) | (seg_k == seg_q))) | (kv_idx == q_idx)
 
-    Each padding query sees itself, so no softmax row is empty (its output is never used).
-    """
+
+def block_mask(segments: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
+    """(R, 1, L, L) mask of a packed batch under `attends` (segments: pack_examples'): a bool tensor for
+    sdpa (True = attend), an additive float tensor of `dtype` for eager, a FlexAttention BlockMask
+    for flex.FLEX_ATTENTION (the step spec's `attention: "flex"`; no dense mask is built)."""
+    if attn_implementation == flex.FLEX_ATTENTION:
+        return flex.pair_block_mask(segments, attends)
     length = segments.shape[1]
     idx = torch.arange(length, device=segments.device)
-    causal = idx[None, :] <= idx[:, None]
-    seg_q = segments[:, :, None]
-    seg_k = segments[:, None, :]
-    same_pair = torch.div(seg_k, 3, rounding_mode="floor") == torch.div(seg_q, 3, rounding_mode="floor")
-    allowed = causal & (seg_k >= 0) & same_pair & ((seg_k % 3 == 0) | (seg_k == seg_q))
-    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
-    allowed = allowed[:, None]
+    allowed = attends(segments[:, :, None], segments[:, None, :], idx[:, None], idx[None, :])[:, None]
     if attn_implementation == "eager":  # eager adds the mask to the scores
         zero = torch.zeros((), dtype=dtype, device=segments.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)

@@ -14,6 +14,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 
 __all__ = [
     "ACTIVATION_CHECKPOINTING",
+    "ATTENTION",
     "CURRICULUM_STRATEGIES",
     "PAIR_CURRICULUM_STRATEGIES",
     "DEVICES",
@@ -95,6 +96,9 @@ DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 MAX_PROCESSES = 1024
 # "auto": on only where the largest batch's activations would not fit (step.plan_activation_checkpointing).
 ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
+# The attention of the policy (step.load_policy). "auto": transformers' default for the model; "flex":
+# FlexAttention on the packed pairs (sdpo_engine.flex), everything else on sdpa.
+ATTENTION = ("auto", "sdpa", "flex")
 MAX_PAD_TO_MULTIPLE_OF = 4096
 # Largest packed row (pack_tokens): the block mask of a row is rows x tokens^2 booleans.
 MAX_PACK_TOKENS = 65536
@@ -286,7 +290,8 @@ class SpecError(ValueError):
 
 
 def check_training_settings(*, device: str = "auto", packing: bool = True, pad_to_multiple_of: int | None = None,
-                            activation_checkpointing: str = "auto", pack_tokens: int | None = None) -> None:
+                            activation_checkpointing: str = "auto", pack_tokens: int | None = None,
+                            attention: str = "auto") -> None:
     """Raise SpecError naming the first of the operator's training settings (StepSpec's fields of the same
     names) that is out of range. `sdpo_engine run` checks them before any work."""
     if device not in DEVICES:
@@ -301,6 +306,12 @@ def check_training_settings(*, device: str = "auto", packing: bool = True, pad_t
     if pack_tokens is not None and (isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int)
                                     or not 0 <= pack_tokens <= MAX_PACK_TOKENS):
         raise SpecError(f"pack_tokens must be null or a whole number from 0 to {MAX_PACK_TOKENS}")
+    if attention not in ATTENTION:
+        raise SpecError(f"attention must be one of {', '.join(ATTENTION)}")
+    if attention == "flex" and packing is not True:
+        raise SpecError("attention flex runs only the shared-prompt packed layout; it needs packing true")
+    if attention == "flex" and device == "cpu":
+        raise SpecError("attention flex needs a CUDA device: torch's FlexAttention has no backward on CPU")
 
 
 @dataclass
@@ -391,6 +402,10 @@ class StepSpec:
         "help": "With packing: several whole pairs per packed row, back to back under a block-diagonal mask, "
                 f"rows of at most this many tokens (at most {MAX_PACK_TOKENS}); 0: one pair per row; null: "
                 "the engine's default (step.pack_tokens_for). The batch's pairs and the loss are the same."})
+    attention: str = field(default="auto", metadata={
+        "help": "auto: the model's default attention (sdpa where transformers has it, else eager); sdpa; flex: "
+                "torch's FlexAttention with a block-sparse mask on the packed pairs instead of a dense one "
+                "(CUDA only; needs packing, refused where packing does not apply). Same loss either way."})
     distributed: DistributedSpec | None = field(default=None, metadata={
         "help": "Null (one process) or {\"num_processes\": N, \"strategy\": \"ddp\" | \"fsdp\"}: the step on N "
                 "ranks; hyperparameters.batch_size stays the global batch and must be a multiple of N."})
@@ -440,13 +455,15 @@ class StepSpec:
         if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
             raise SpecError("chat_template must be a non-empty Jinja template string")
         check_training_settings(device=spec.device, packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
-                                activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens)
+                                activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens,
+                                attention=spec.attention)
         return spec
 
     def training_settings(self) -> dict[str, Any]:
         """The operator's settings that change how the step trains (recorded in the manifest)."""
         return {"device": self.device, "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
-                "activation_checkpointing": self.activation_checkpointing, "pack_tokens": self.pack_tokens}
+                "activation_checkpointing": self.activation_checkpointing, "pack_tokens": self.pack_tokens,
+                "attention": self.attention}
 
     @property
     def num_processes(self) -> int:

@@ -100,8 +100,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_policy(path: str | Path, device: str):
+def load_policy(path: str | Path, device: str, attention: str = "auto"):
     """Tokenizer and model from a local checkpoint directory, every dropout off. Never `trust_remote_code`.
+
+    `attention`: the step spec's; "auto" leaves the choice to transformers (sdpa where the model has
+    it), "sdpa" asks for it, "flex" loads with flex.FLEX_ATTENTION (FlexAttention on packed batches).
 
     `model.sdpo_dropout_disabled` says what was turned off: {"config": {key: original value},
     "modules": number of dropout modules, "module_attributes": ["Class.attribute", ...]}.
@@ -120,7 +123,14 @@ def load_policy(path: str | Path, device: str):
     config_keys = _zero_dropout_in_config(config)
     # float32 weights: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
     # mixed precision while the optimizer keeps float32 master weights.
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
+    impl: dict[str, str] = {}
+    if attention == "sdpa":
+        impl["attn_implementation"] = "sdpa"
+    elif attention == "flex":
+        from .flex import register
+
+        impl["attn_implementation"] = register()
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32", **impl)
     # torch types Module.__setattr__'s value as Tensor | Module, though a plain attribute is allowed
     model.sdpo_dropout_disabled = {"config": config_keys, **_zero_dropout_in_modules(model)}  # type: ignore[assignment]
     # transformers wraps PreTrainedModel.to with functools.wraps, typed as unbound (_Wrapped): the
@@ -828,6 +838,11 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         spec = StepSpec.from_dict(spec)
     cfg = StepConfig.from_dict(spec.hyperparameters)
     device = resolve_device(spec.device)
+    if spec.attention == "flex":
+        from .flex import unavailable
+
+        if why := unavailable(device):
+            raise SpecError(f"attention flex: {why}")
     out_dir = Path(spec.output_dir).resolve()
     if out_dir.exists():
         raise SpecError(f"output_dir {out_dir} already exists; a step never overwrites a checkpoint")
@@ -869,7 +884,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
     # Seed before the model (and a LoRA adapter) exist: the Trainer seeds only later.
     set_seed(cfg.seed)
-    tokenizer, model = load_policy(spec.policy_init, device)
+    tokenizer, model = load_policy(spec.policy_init, device, spec.attention)
     if spec.chat_template:
         # Saved with the checkpoint's tokenizer: the next step, and inference, use the same template.
         tokenizer.chat_template = spec.chat_template
@@ -882,6 +897,11 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of,
                       **distributed.trainer_overrides(cfg, spec))
+    if spec.attention == "flex":  # FlexAttention runs only the packed layout (flex.py)
+        from .packing import packing_unsupported
+
+        if why := packing_unsupported(model, args):
+            raise SpecError(f"attention flex needs shared-prompt packing, which does not apply here: {why}")
     t_ref = time.perf_counter()
     trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
                             callbacks=_callbacks(spec.index, emit, stop,
@@ -976,7 +996,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "training_applied": {"packing": "shared_prompt" if trainer.packed else f"two_sequences: {trainer.packing}",
                              "pad_to_multiple_of": args.pad_to_multiple_of,
                              "pack_tokens": trainer.pack_tokens,
-                             "activation_checkpointing": memory["activation_checkpointing"]},
+                             "activation_checkpointing": memory["activation_checkpointing"],
+                             "attention": model.config._attn_implementation},
         "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,
         "samples": summary.get("samples"),

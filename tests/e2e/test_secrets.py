@@ -108,7 +108,8 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
     assert trained_here, f"no step checkpoint under {service.home / 'storage'}"
     for manifest in trained_here:
         assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": None,
-                                                 "activation_checkpointing": "auto", "pack_tokens": None}
+                                                 "activation_checkpointing": "auto", "pack_tokens": None,
+                                                 "attention": "auto"}
         assert manifest["training_applied"]["packing"].startswith("two_sequences: disabled")
 
 
