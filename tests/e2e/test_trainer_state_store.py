@@ -107,3 +107,40 @@ def test_a_step_paused_on_one_host_resumes_on_another_from_the_same_global_step(
     assert not [k for k in _bucket_keys(moto_server, bucket) if k.startswith(f"sdpo/jobs/{job_id}/")]
     assert not (svc.home / "w2-local" / "work" / job_id).exists()
     assert not (svc.home / "storage").exists()
+
+
+@pytest.mark.slow
+def test_a_training_file_the_store_cannot_serve_fails_the_step_with_storage_unavailable(
+        make_service, moto_server, tmp_path):  # noqa: F811 (make_service: the imported fixture)
+    """The training worker cannot reach the store (its endpoint is down for it after boto3's
+    retries): the step fails at once with `storage_unavailable`, not the generic retry path that
+    would spend every attempt on the same outage and end in `retries_exhausted`."""
+    from tests.s3server import free_port
+
+    svc = make_service(env={"AWS_MAX_ATTEMPTS": "2"})
+    bucket = moto_server.new_bucket()
+    svc.env.update(moto_server.env())
+    svc.env["SDPO_STORAGE_URL"] = f"s3://{bucket}/sdpo"
+    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "api-local")
+    svc.start_api()
+    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "light-local")
+    svc.start_worker("light", queues="light")  # prepares the job: reads the file from the store
+    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "train-local")
+    svc.env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"  # nothing listens: the store is away
+    svc.start_worker("train", queues="train")
+    client = svc.client()
+    file_id = upload_rows(client, tmp_path, training_rows(4))
+    r = client.post(JOBS, json={"model": "sdpo-tiny", "training_file": file_id,
+                                "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}}})
+    assert r.status_code == 200, r.text
+    done = wait_status(client, r.json()["id"], DONE, timeout=300)
+    assert done["status"] == "failed", svc.logs()
+    assert done["error"]["code"] == "storage_unavailable", done["error"]
+    assert "training data" in done["error"]["message"] and str(svc.home) not in done["error"]["message"]
+    [step] = svc.step_rows(done["id"])
+    assert step["attempt"] == 1 and step["error"]["code"] == "storage_unavailable"
+    events = svc.events(done["id"])
+    assert not [e for e in events if "requeued" in e["message"]]
+    # Its trainer state could not be looked up either: said, not raised.
+    assert [e["data"]["reason"] for e in events if e["data"].get("trainer_state") == "unusable"] == [
+        "the store could not be reached after retries"]
