@@ -4,12 +4,13 @@
 #   bash bench/device_run.sh [BUDGET_S] [more bench/gpu_levers.py arguments]
 #
 # run through the device tool with carry [".whl"] (the wheels the GPU image lacks, see bench/README.md)
-# and a timeout_s about 90 s above BUDGET_S (default 450: install, variants and the optional ranks check;
-# the machine's start is on top). It installs the wheels into /tmp/site, runs bench/gpu_levers.py with
-# what is left of the budget, and writes everything to $OUT/gpu-<date>/ (the tool brings back at most 8
-# files, 2 folders down): levers.log, summary.txt, results.jsonl, raw.tar.gz, env.txt, ranks.txt.
-# Without $OUT (a local run) it writes to bench/results/gpu-<date>/.
-# WHEELS=none skips the install (a local run). RANKS_CMD overrides the world-size-1 FSDP check (default: bench/ranks.py's, if its --help offers one).
+# and timeout_s about 90 s above BUDGET_S (default 450 s: install, variants and the optional ranks check;
+# so timeout_s 540; the machine's start is on top). It installs the wheels into /tmp/site, runs
+# bench/gpu_levers.py with what is left of the budget, and writes everything to $OUT/gpu-<date>/ (the
+# tool brings back at most 8 files, 2 folders down): levers.log, summary.txt, results.jsonl,
+# raw.tar.gz, env.txt, ranks.txt. Without $OUT (a local run) it writes to bench/results/gpu-<date>/.
+# WHEELS=none skips the install (a local run). RANKS_CMD sets the world-size-1 FSDP check (issue #15;
+# default: bench/ranks.py's, only if its --help offers a world-size-1 mode).
 set -u
 t0=$(date +%s)
 budget=450
