@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -45,7 +47,7 @@ from sdpo_engine.config import (
     StepConfig,
     learning_rate_from_multiplier,
 )
-from sdpo_engine.markup import read_tokenizer_files
+from sdpo_engine.markup import TokenizerFiles, read_tokenizer_files
 from sdpo_engine.protocol import (
     CURRICULUM_STRATEGIES,
     MAX_SAMPLE_NEW_TOKENS,
@@ -305,13 +307,52 @@ def _check_files_fit_model(model: RegisteredModel, checkpoint: Checkpoint | None
                   "raw_needs_strings")
     if text["chat_template"]:
         return
-    model_dir = _model_dir(model, checkpoint, settings)
-    tokenizer = read_tokenizer_files(model_dir) if model_dir is not None else None
+    tokenizer = _model_tokenizer(model, checkpoint, settings)
     if tokenizer is not None and not tokenizer.chat_template:
         raise bad(f"The model '{model.id}' has no chat template, so the message lists of file '{file.id}' "
                   f"({file.format} format) cannot be rendered: roles would be dropped and turns glued together. "
                   "Give method's chat_template, use a model with a template, or upload prompt/chosen/rejected "
                   "strings.", param, "no_chat_template")
+
+
+# A model's tokenizer files that decide its chat template (sdpo_engine.markup.read_tokenizer_files);
+# tokenizer.json (megabytes) only counts by its presence there, so from an object store it is not read.
+_TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+_MAX_TEMPLATE_FILE_BYTES = 8 << 20
+
+
+def _model_tokenizer(model: RegisteredModel, checkpoint: Checkpoint | None, settings: Settings) -> TokenizerFiles | None:
+    """The chat template and special tokens of the model (or checkpoint) a job starts from, or None
+    where the API cannot read them (a GGUF model, a path it does not see, no tokenizer files)."""
+    uri = checkpoint.uri if checkpoint is not None else model.uri
+    if uri.startswith("s3://"):  # core.s3_storage.S3_SCHEME (not imported: boto3 loads only with the store)
+        return _stored_tokenizer(uri, settings)
+    model_dir = _model_dir(model, checkpoint, settings)
+    return read_tokenizer_files(model_dir) if model_dir is not None else None
+
+
+def _stored_tokenizer(uri: str, settings: Settings) -> TokenizerFiles | None:
+    """`read_tokenizer_files` for a model stored as a tree in the S3 store: its few small template
+    files are read into a temporary folder (no weights are downloaded; tokenizer.json, when the
+    tree has one, is stood in for by an empty one). None for a tree of another store, a file
+    over 8 MiB, or no tokenizer files. Raises StorageUnavailable (503) when the store is away."""
+    store = make_storage(settings.storage_dir, settings.storage_url, cache_bytes=settings.storage_cache_bytes)
+    with tempfile.TemporaryDirectory(prefix="sdpo-tokenizer-") as tmp:
+        try:
+            for name in _TEMPLATE_FILES:
+                try:
+                    with store.open(f"{uri}/{name}") as f:
+                        data = f.read(_MAX_TEMPLATE_FILE_BYTES + 1)
+                except FileNotFoundError:
+                    continue
+                if len(data) > _MAX_TEMPLATE_FILE_BYTES:
+                    return None
+                Path(tmp, name).write_bytes(data)
+            if store.exists(f"{uri}/tokenizer.json"):
+                Path(tmp, "tokenizer.json").write_text("{}")
+        except ValueError:  # not a URI of the configured store
+            return None
+        return read_tokenizer_files(tmp)
 
 
 def _model_dir(model: RegisteredModel, checkpoint: Checkpoint | None, settings: Settings) -> str | None:
