@@ -15,6 +15,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 __all__ = [
     "ACTIVATION_CHECKPOINTING",
     "ATTENTION",
+    "COMPILE_MODES",
     "CURRICULUM_STRATEGIES",
     "PAIR_CURRICULUM_STRATEGIES",
     "DEVICES",
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_PAD_TO_MULTIPLE_OF",
     "MAX_SAMPLE_NEW_TOKENS",
     "MAX_SAMPLE_PROMPTS",
+    "PARAM_DTYPES",
     "PairScoresInfo",
     "SamplesInfo",
     "SamplesSpec",
@@ -99,6 +101,13 @@ ACTIVATION_CHECKPOINTING = ("auto", "on", "off")
 # The attention of the policy (step.load_policy). "auto": transformers' default for the model; "flex":
 # FlexAttention on the packed pairs (sdpo_engine.flex), everything else on sdpa.
 ATTENTION = ("auto", "sdpa", "flex")
+# Weights of the policy and of its reference pass (step.load_policy, step.dpo_config). "auto": float32
+# weights, with bf16 autocast on a GPU that supports it and plain float32 on CPU (the engine before #19);
+# "float32": float32 weights and compute everywhere; "bfloat16": bf16 weights and compute (pure bf16, no
+# autocast), AdamW's states in bf16 like the weights they follow.
+PARAM_DTYPES = ("auto", "float32", "bfloat16")
+# "layers": torch.compile of each decoder layer, in place (sdpo_engine.regional); "off": eager.
+COMPILE_MODES = ("off", "layers")
 MAX_PAD_TO_MULTIPLE_OF = 4096
 # Largest packed row (pack_tokens): the block mask of a row is rows x tokens^2 booleans.
 MAX_PACK_TOKENS = 65536
@@ -291,9 +300,14 @@ class SpecError(ValueError):
 
 def check_training_settings(*, device: str = "auto", packing: bool = True, pad_to_multiple_of: int | None = None,
                             activation_checkpointing: str = "auto", pack_tokens: int | None = None,
-                            attention: str = "auto") -> None:
+                            attention: str = "auto",
+                            param_dtype: str = "auto", compile: str = "off") -> None:
     """Raise SpecError naming the first of the operator's training settings (StepSpec's fields of the same
     names) that is out of range. `sdpo_engine run` checks them before any work."""
+    if param_dtype not in PARAM_DTYPES:
+        raise SpecError(f"param_dtype must be one of {', '.join(PARAM_DTYPES)}")
+    if compile not in COMPILE_MODES:
+        raise SpecError(f"compile must be one of {', '.join(COMPILE_MODES)}")
     if device not in DEVICES:
         raise SpecError(f"device must be one of {', '.join(DEVICES)}")
     if not isinstance(packing, bool):
@@ -406,6 +420,13 @@ class StepSpec:
         "help": "auto: the model's default attention (sdpa where transformers has it, else eager); sdpa; flex: "
                 "torch's FlexAttention with a block-sparse mask on the packed pairs instead of a dense one "
                 "(CUDA only; needs packing, refused where packing does not apply). Same loss either way."})
+    param_dtype: str = field(default="auto", metadata={
+        "help": "auto: float32 weights, bf16 autocast on a GPU that has bf16 and float32 on CPU; float32: float32 "
+                "weights and compute; bfloat16: the policy, its reference pass and AdamW's states in bf16 (pure "
+                "bf16; the checkpoint is saved in bf16)."})
+    compile: str = field(default="off", metadata={
+        "help": "off; layers: torch.compile of each decoder layer (regional: one graph all layers share; the "
+                "first batches pay the compile time). Same loss either way."})
     distributed: DistributedSpec | None = field(default=None, metadata={
         "help": "Null (one process) or {\"num_processes\": N, \"strategy\": \"ddp\" | \"fsdp\"}: the step on N "
                 "ranks; hyperparameters.batch_size stays the global batch and must be a multiple of N."})
@@ -454,14 +475,18 @@ class StepSpec:
             raise SpecError(f"text_format must be one of {', '.join(TEXT_FORMATS)}")
         if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
             raise SpecError("chat_template must be a non-empty Jinja template string")
-        check_training_settings(device=spec.device, packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
+        check_training_settings(param_dtype=spec.param_dtype, compile=spec.compile, device=spec.device,
+                                packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
                                 activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens,
                                 attention=spec.attention)
+        if spec.compile != "off" and spec.strategy == "fsdp":
+            raise SpecError("compile layers is not proven with distributed.strategy fsdp; use ddp or compile off")
         return spec
 
     def training_settings(self) -> dict[str, Any]:
         """The operator's settings that change how the step trains (recorded in the manifest)."""
-        return {"device": self.device, "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
+        return {"device": self.device, "param_dtype": self.param_dtype, "compile": self.compile,
+                "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
                 "activation_checkpointing": self.activation_checkpointing, "pack_tokens": self.pack_tokens,
                 "attention": self.attention}
 

@@ -100,11 +100,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_policy(path: str | Path, device: str, attention: str = "auto"):
+def load_policy(path: str | Path, device: str, attention: str = "auto", param_dtype: str = "auto"):
     """Tokenizer and model from a local checkpoint directory, every dropout off. Never `trust_remote_code`.
 
     `attention`: the step spec's; "auto" leaves the choice to transformers (sdpa where the model has
     it), "sdpa" asks for it, "flex" loads with flex.FLEX_ATTENTION (FlexAttention on packed batches).
+
+    `param_dtype`: the step spec's; the weights load in `param_torch_dtype(param_dtype)` (float32, or bfloat16).
 
     `model.sdpo_dropout_disabled` says what was turned off: {"config": {key: original value},
     "modules": number of dropout modules, "module_attributes": ["Class.attribute", ...]}.
@@ -121,8 +123,8 @@ def load_policy(path: str | Path, device: str, attention: str = "auto"):
     # reference pass and the first loss is not ln 2.
     config = AutoConfig.from_pretrained(path)
     config_keys = _zero_dropout_in_config(config)
-    # float32 weights: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
-    # mixed precision while the optimizer keeps float32 master weights.
+    # float32 weights by default: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
+    # mixed precision while the optimizer keeps float32 master weights. param_dtype bfloat16: pure bf16.
     impl: dict[str, str] = {}
     if attention == "sdpa":
         impl["attn_implementation"] = "sdpa"
@@ -130,7 +132,7 @@ def load_policy(path: str | Path, device: str, attention: str = "auto"):
         from .flex import register
 
         impl["attn_implementation"] = register()
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32", **impl)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=param_torch_dtype(param_dtype), **impl)
     # torch types Module.__setattr__'s value as Tensor | Module, though a plain attribute is allowed
     model.sdpo_dropout_disabled = {"config": config_keys, **_zero_dropout_in_modules(model)}  # type: ignore[assignment]
     # transformers wraps PreTrainedModel.to with functools.wraps, typed as unbound (_Wrapped): the
@@ -211,8 +213,11 @@ def to_trl_rows(pairs: list[dict], tokenizer, text_format: str = "chat") -> list
 
 
 def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int = 0,
-               pad_to: int | None = None, **overrides):
+               pad_to: int | None = None, param_dtype: str = "auto", **overrides):
     """TRL's DPOConfig for one step. Every value that differs from TRL's defaults says why.
+
+    `param_dtype` is the spec's: "auto" keeps bf16 autocast on a GPU that has bf16, "float32" and
+    "bfloat16" (weights already bf16, load_policy) run without autocast.
 
     `pad_to` is the spec's `pad_to_multiple_of` (None: the device's default, see `pad_to_multiple_of`).
     """
@@ -243,8 +248,9 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
         # sDPO: the reference is the initial policy, so precompute it with the policy itself.
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=max(cfg.batch_size, 8),
-        # CPU cannot run bf16 and TRL defaults to it; on GPU use it when the card supports it.
-        bf16=bool(on_gpu and torch.cuda.is_bf16_supported()),
+        # CPU cannot run bf16 autocast and TRL defaults to it; on GPU use it when the card supports it,
+        # unless the spec's param_dtype fixes the precision (float32 throughout, or bf16 weights).
+        bf16=bool(on_gpu and param_dtype == "auto" and torch.cuda.is_bf16_supported()),
         use_cpu=not on_gpu,
         # Checkpointing trades compute for memory: off, and turned on by `plan_activation_checkpointing`
         # only when a batch's activations would not fit.
@@ -266,6 +272,35 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
     )
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
+
+
+def param_torch_dtype(param_dtype: str) -> str:
+    """The dtype the weights load in for the spec's `param_dtype`: "bfloat16" for "bfloat16", else
+    "float32" ("auto" and "float32"; "auto" differs from "float32" only by the GPU's autocast, dpo_config)."""
+    return "bfloat16" if param_dtype == "bfloat16" else "float32"
+
+
+def bf16_frozen_share(model, learning_rate: float) -> float:
+    """Share (0 to 1) of `model`'s trainable weights that an AdamW step of `learning_rate` cannot change
+    because they are stored in bf16 (param_dtype bfloat16); 0 for float32 weights.
+
+    AdamW moves each weight by about the learning rate (exactly lr at its first step), and a bf16 weight,
+    8 significant bits, changes only by at least half its spacing: a weight of exponent e (|w| in
+    [2^(e-1), 2^e)) needs a step over 2^(e-9). So every weight with |w| >= 2^(floor(log2 lr) + 9) keeps its
+    value: at lr 1e-3 those of magnitude 0.5 and more (norm weights near 1), at DPO's usual 5e-7 those
+    from 2.4e-4 up, nearly all of them. Pure bf16 training stalls there; float32 master weights do not.
+    """
+    import torch
+
+    threshold = 2.0 ** (math.floor(math.log2(learning_rate)) + 9) if learning_rate > 0 else 0.0
+    frozen = total = 0
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        total += param.numel()
+        if param.dtype == torch.bfloat16:
+            frozen += int((param.detach().abs() >= threshold).sum())
+    return frozen / total if total else 0.0
 
 
 def pad_to_multiple_of(on_gpu: bool, setting: int | None = None) -> int | None:
@@ -491,20 +526,22 @@ def _define_trainer_class():
 def pair_logps(model, tokenizer, pairs: list[dict], *, max_length: int, batch_size: int = 8,
                device: str = "cpu", text_format: str = "chat", kept: list[int] | None = None,
                pack: bool = True, pad_to: int | None = None,
-               lengths: list[tuple[int, int]] | None = None) -> tuple[list[float], list[float]]:
+               lengths: list[tuple[int, int]] | None = None, param_dtype: str = "auto") -> tuple[list[float], list[float]]:
     """Summed completion log-probs (chosen, rejected) of each pair under `model`.
 
     Computed by TRL's own reference pass (same tokenization, truncation and masking as training),
     so a gamma computed here equals the gamma_ref a step trained against. Pairs without training
     signal (tokens.no_signal_reason) are left out, as in training; pass a list as `kept` to receive
     the indices into `pairs` of the pairs that were scored, in the order of the returned lists.
-    `pack` and `pad_to` are the spec's `packing` and `pad_to_multiple_of` (the numbers do not depend on them).
+    `pack` and `pad_to` are the spec's `packing` and `pad_to_multiple_of` (the numbers do not depend on them);
+    `param_dtype` the spec's (the model's weights are already in that dtype: load_policy).
     Pass a list as `lengths` to receive each scored pair's (chosen, rejected) token counts after
     truncation (the tokens the sums run over; drift.drift_metrics divides by them).
     """
     with tempfile.TemporaryDirectory(prefix="sdpo-logps-") as tmp:
         cfg = StepConfig(max_length=max_length, batch_size=batch_size)
-        args = dpo_config(cfg, tmp, device, pad_to=pad_to, precompute_ref_batch_size=batch_size)
+        args = dpo_config(cfg, tmp, device, pad_to=pad_to, precompute_ref_batch_size=batch_size,
+                          param_dtype=param_dtype)
         trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, text_format), args,
                                 pack=pack, text_format=text_format)
         ds = trainer.train_dataset
@@ -536,7 +573,7 @@ def activation_bytes(trainer) -> int:
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     intermediate = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
-    width = 2 if trainer.args.bf16 or trainer.args.fp16 else 4
+    width = 2 if trainer.args.bf16 or trainer.args.fp16 else next(trainer.model.parameters()).element_size()
     per_token = layers * (8 * hidden + 4 * intermediate) * width
     ds = trainer.train_dataset
     max_length = trainer.args.max_length
@@ -872,30 +909,41 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     if spec.eval_file:
         eval_pairs = load_pairs(spec.eval_file, source_field=spec.source_field)
         assert spec.eval_reference is not None  # StepSpec refuses an eval_file without it
-        ref_tok, ref_model = load_policy(spec.eval_reference, device)
+        ref_tok, ref_model = load_policy(spec.eval_reference, device, param_dtype=spec.param_dtype)
         if spec.chat_template:
             ref_tok.chat_template = spec.chat_template
         eval_ref = pair_logps(ref_model, ref_tok, eval_pairs, max_length=cfg.max_length,
                               batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format,
-                              pack=spec.packing, pad_to=spec.pad_to_multiple_of, lengths=eval_lengths)
+                              pack=spec.packing, pad_to=spec.pad_to_multiple_of, lengths=eval_lengths,
+                              param_dtype=spec.param_dtype)
         del ref_model
         check_finite_logps(*eval_ref, "held-out reference log-prob", _held_out_labels(eval_ref, eval_pairs))
         emit({"event": "info", "phase": "eval_reference", "step": spec.index, "pairs": len(eval_pairs)})
 
     # Seed before the model (and a LoRA adapter) exist: the Trainer seeds only later.
     set_seed(cfg.seed)
-    tokenizer, model = load_policy(spec.policy_init, device, spec.attention)
+    tokenizer, model = load_policy(spec.policy_init, device, spec.attention, param_dtype=spec.param_dtype)
     if spec.chat_template:
         # Saved with the checkpoint's tokenizer: the next step, and inference, use the same template.
         tokenizer.chat_template = spec.chat_template
     sample_prompts, base_samples = _samples_before(spec, model, tokenizer, device)
+    from .regional import compile_layers, compiled_layers
+
+    if spec.compile == "layers":  # in place, after the base samples, before a LoRA adapter; compiled at first use
+        compile_layers(model)
+    if not spec.lora and (frozen := bf16_frozen_share(model, cfg.learning_rate)) > 0.5:
+        emit({"event": "warning", "code": "bf16_updates_lost", "step": spec.index, "frozen_share": frozen,
+              "message": f"{frozen:.0%} of the bf16 weights cannot change under AdamW steps of learning_rate "
+                         f"{cfg.learning_rate:g}: bf16 keeps 8 significant bits, so a weight w moves only by steps "
+                         "of about |w| x 2^-8 or more. Use param_dtype auto or float32 (float32 weights), or a "
+                         "larger learning rate"})
     peft_config = None
     if spec.lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
-    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of,
+    args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of, param_dtype=spec.param_dtype,
                       **distributed.trainer_overrides(cfg, spec))
     if spec.attention == "flex":  # FlexAttention runs only the packed layout (flex.py)
         from .packing import packing_unsupported
@@ -969,7 +1017,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     if eval_pairs is not None and eval_ref is not None:  # both or neither (mypy: eval_ref is set with them)
         eval_policy = pair_logps(policy, tokenizer, eval_pairs, max_length=cfg.max_length,
                                  batch_size=max(cfg.batch_size, 8), device=device, text_format=spec.text_format,
-                                 pack=spec.packing, pad_to=spec.pad_to_multiple_of)
+                                 pack=spec.packing, pad_to=spec.pad_to_multiple_of, param_dtype=spec.param_dtype)
         check_finite_logps(*eval_policy, "held-out policy log-prob", _held_out_labels(eval_policy, eval_pairs))
         summary["eval"] = preference_metrics(eval_policy, eval_ref, cfg.beta)
         summary["drift"] = drift_metrics(eval_policy, eval_ref, eval_lengths, cfg.beta)  # eval_ref: the base
@@ -997,6 +1045,9 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                              "pad_to_multiple_of": args.pad_to_multiple_of,
                              "pack_tokens": trainer.pack_tokens,
                              "activation_checkpointing": memory["activation_checkpointing"],
+                             "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                             "autocast": "bfloat16" if args.bf16 else None,
+                             "compiled_layers": compiled_layers(model),
                              "attention": model.config._attn_implementation},
         "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,

@@ -31,7 +31,10 @@ What survives what (tests/reliability proves each):
 - the database restarting: every transaction is retried (`worker.db.retrying`) and written to be
   safe to run twice; the supervisor keeps training and buffers events meanwhile;
 - a checkpoint that cannot be stored: the job fails with `checkpoint_write_failed`, and nothing
-  is registered or left under the checkpoint's name.
+  is registered or left under the checkpoint's name;
+- a step stopped on one host and resumed on another without a shared folder (an S3 store): the
+  trainer checkpoint it stopped with goes through the store (`worker.trainer_state`); a training
+  file the store cannot serve after retries fails the step with `storage_unavailable`.
 """
 
 from __future__ import annotations
