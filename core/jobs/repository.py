@@ -12,7 +12,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, literal_column, select, text, tuple_, update
+from sqlalchemy import ColumnElement, String, func, literal_column, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from core import ids
@@ -288,8 +288,8 @@ def count_checkpoint_cache_events(session: Session) -> dict[str, int]:
     worker's cache, or was downloaded from the store. Counted from the structured field the worker
     writes on that step event (`data.checkpoint_cache`, worker/flows.py), not from its text; the
     partial index ix_events_checkpoint_cache holds just those events, so a scrape stays cheap."""
-    field = literal_column(CACHE_FIELD)
-    counts = dict(session.execute(select(field, func.count()).select_from(Event).where(
+    field: ColumnElement[str] = literal_column(CACHE_FIELD, String)
+    counts: dict[str, int] = dict(session.execute(select(field, func.count()).select_from(Event).where(
         field.in_(("hit", "miss")), Event.step_index.is_not(None)).group_by(field)).tuples().all())
     return {word: counts.get(word, 0) for word in ("hit", "miss")}
 
