@@ -2,12 +2,13 @@
 together, in one command that fits a short GPU lease.
 
     bash bench/device_run.sh                 # on the GPU machine: installs the carried wheels, runs this
-    python bench/gpu_levers.py --size tiny --pairs 16 --batch-size 4 --shape 48:16 --out-dir /tmp/levers
-                                             # CPU smoke run (a couple of minutes)
+    python bench/gpu_levers.py --size tiny --pairs 16 --batch-size 4 --shape 48:16 --out-dir /tmp/levers \
+        --variants engine,one_pair_per_row   # CPU smoke run, 1.5 minutes (the whole set: --budget-s 600,
+                                             # compile alone takes 3 minutes on CPU; flex is GPU-only)
 
 The model and pairs are gpu_check.py's (a random 0.54B Qwen2 with the offline byte-level tokenizer; random
 words cut to `--shape` prompt:answer tokens, by default the issue's 384:128). Variants, in the order they
-run (the budget drops the last ones first):
+run (the budget skips those that would end past it):
 
   tuned        (a') TRL with precompute_ref_log_probs=True, gradient checkpointing off, bf16 on a GPU
   engine       the engine's step with the spec's defaults of the day
@@ -173,11 +174,24 @@ def child(args) -> None:
                 timed["reference"] += time.perf_counter() - t
 
         DPOTrainer._precompute_ref_logps = precompute
+        # TRL's hash of every weight (it names the on-disk cache of these log-probs): reported, not counted.
+        import trl.trainer.dpo_trainer as dpo_module
+
+        original_hash = dpo_module.hash_module
+
+        def hash_module(*a, **k):
+            t = time.perf_counter()
+            try:
+                return original_hash(*a, **k)
+            finally:
+                timed["hash"] = timed.get("hash", 0.0) + time.perf_counter() - t
+
+        dpo_module.hash_module = hash_module
         plain = train_plain_trl(args.model_dir, args.data, hp, on_gpu=cuda, tuned=True)
         result = {"train_seconds": plain["train_seconds"], "reference_seconds": timed["reference"],
                   "losses": plain["losses"], "tokens": plain["tokens"],
                   "settings": {"precompute_ref_log_probs": True, "gradient_checkpointing": False, "bf16": cuda,
-                               "trl": __import__("trl").__version__}}
+                               "weight_hash_seconds": timed.get("hash"), "trl": __import__("trl").__version__}}
     else:
         fields = json.loads(args.fields)
         events: list[dict] = []
@@ -385,6 +399,9 @@ def main() -> int:
         say(HEADER)
         for name, r in results.items():
             say(row(name, r))
+        if tuned["status"] == "ok":
+            hashed = tuned["settings"].get("weight_hash_seconds")
+            say(f"  tuned: TRL {tuned['settings'].get('trl')}; its weight hash {hashed or 0:.1f} s, not in step s")
         for name, r in results.items():
             if r["status"] == "ok" and name != "tuned":
                 settings = r.get("settings") or {}
