@@ -5,8 +5,9 @@ Proven here on CPU, where torch runs `flex_attention` eagerly (its unfused refer
 the score matrix masked by the BlockMask's mask_mod; the fused kernels need CUDA):
 - the BlockMask is the dense mask, element by element, and skips the blocks of other pairs;
 - in float64, token by token, the packed log-probs under FlexAttention are the two-sequence
-  log-probs (1e-9), and so are their gradients, for every packable family, one and several pairs
-  per row, uneven lengths, truncation;
+  log-probs (1e-9), and so are their gradients, with one and several pairs per row, uneven lengths,
+  truncation and rounded rows (llama and qwen3 here, qwen2 through the trainer: every family calls
+  the attention interface the same way, and mistral's attention is llama's);
 - in float32 through the trainer: per-pair reference log-probs within 1e-5, loss, metrics and every
   gradient of a training batch within 1e-4 of TRL's two-sequence path (test_perf_equivalence's
   tolerances), with one and with several pairs per row;
@@ -32,7 +33,6 @@ from sdpo_engine.sample_data import make_pairs, write_jsonl
 from sdpo_engine.step import SpecError, StepSpec, build_trainer, dpo_config, load_policy, to_trl_rows
 from tests.engine.test_perf_equivalence import (
     EDGE_EXAMPLES,
-    FAMILIES,
     _assert_same_training,
     _family_model,
     _two_sequence_logps64,
@@ -125,7 +125,7 @@ def test_block_mask_is_the_dense_mask_and_skips_other_pairs():
     assert visited < blocks * (blocks + 1) // 2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_flex_log_probs_and_gradients_are_the_two_sequence_ones_in_float64(family, tiny_model, family_root,
                                                                            flex_backward_on_cpu):
     path = tiny_model if family == "llama" else _family_model(family_root, family, tiny_model)
