@@ -10,7 +10,7 @@
 # tool brings back at most 8 files, 2 folders down): levers.log, summary.txt, results.jsonl,
 # raw.tar.gz, env.txt, ranks.txt. Without $OUT (a local run) it writes to bench/results/gpu-<date>/.
 # WHEELS=none skips the install (a local run). RANKS_CMD sets the world-size-1 FSDP check (issue #15;
-# default: bench/ranks.py's, only if its --help offers a world-size-1 mode).
+# default: `bench/ranks.py --gpu-check --repeats 1 --model {model_dir}` where its --help offers them).
 set -u
 t0=$(date +%s)
 budget=450
@@ -39,8 +39,11 @@ print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.
 cat "$dest/env.txt"
 if [ -z "${RANKS_CMD+x}" ]; then
     RANKS_CMD=""
-    if python3 bench/ranks.py --help 2>/dev/null | grep -qiE "world.size.1|world-size 1|world size 1"; then
-        RANKS_CMD="python3 bench/ranks.py --ranks 1 --strategies fsdp --device cuda --repeats 1"
+    help=$(python3 bench/ranks.py --help 2>/dev/null)
+    if grep -q -- "--gpu-check" <<<"$help" && python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        RANKS_CMD="python3 bench/ranks.py --gpu-check --repeats 1"
+        # on the lever check's 0.5B model ({model_dir}: gpu_levers.py fills it in) where ranks.py takes one
+        if grep -q -- "--model" <<<"$help"; then RANKS_CMD="$RANKS_CMD --model {model_dir}"; fi
     fi
 fi
 left=$((budget - ($(date +%s) - t0) - 10))

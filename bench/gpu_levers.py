@@ -313,7 +313,8 @@ def main() -> int:
                    help="a spec field set in every engine variant, baseline included (repeatable)")
     p.add_argument("--ranks-cmd", default="",
                    help="a command run last if the budget leaves ~90 s (the world-size-1 FSDP against the plain step, "
-                        "e.g. 'python bench/ranks.py ...'); its output goes to ranks.txt")
+                        "e.g. 'python bench/ranks.py --gpu-check --model {model_dir}'; {model_dir}: this run's "
+                        "model); its output goes to ranks.txt")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results" / f"gpu-{time.strftime('%Y-%m-%d')}"))
     args = p.parse_args()
     if args.child:
@@ -415,7 +416,8 @@ def main() -> int:
                 say(f"\nranks: skipped (budget: {elapsed:.0f} s used)")
             else:
                 try:
-                    done = subprocess.run(shlex.split(args.ranks_cmd), capture_output=True, text=True, cwd=ROOT,
+                    command = [part.replace("{model_dir}", str(tmp / "model")) for part in shlex.split(args.ranks_cmd)]
+                    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                                           timeout=max(60.0, args.budget_s - elapsed))
                     text = f"$ {args.ranks_cmd}\nexit {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
                 except subprocess.TimeoutExpired:
