@@ -7,7 +7,10 @@ seeded random order (as a training epoch deals them), and for every batch the to
 are counted: TRL's two padded sequences per pair (2 x pairs x longest prompt+answer), the engine's
 packed rows with one pair per row (`pack_tokens: 0`) and with several pairs per row (`--pack-tokens`,
 default the engine's). Unique tokens: prompt + chosen + rejected after keep_start truncation. 1.00 is
-the floor: every unique token through the model once. Tokenizes only; no model runs.
+the floor: every unique token through the model once. Columns `1/row g` and `multi g`: the same two
+layouts with the step spec's `group_by_length: true`, the batches of the engine's length-grouped order
+(sdpo_engine/batching.py, lengths `packing.packed_length`, seed 0, epoch 0) instead of the random one.
+Tokenizes only; no model runs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from sdpo_engine import packing
+    from sdpo_engine.batching import length_grouped_order
     from sdpo_engine.data import load_pairs
     from sdpo_engine.step import to_trl_rows
     from sdpo_engine.tokens import chat_tokenize
@@ -43,7 +47,8 @@ def main() -> None:
     args = p.parse_args()
     tok = AutoTokenizer.from_pretrained(model_dir_for(args.model, Path(args.cache)))
     ml, bs = args.max_length, args.batch_size
-    print(f"{'shape':>10} {'TRL':>6} {'1/row':>6} {'multi':>6}   (tokens computed / unique tokens)")
+    print(f"{'shape':>10} {'TRL':>6} {'1/row':>6} {'multi':>6} {'1/row g':>8} {'multi g':>8}"
+          "   (tokens computed / unique tokens)")
     with tempfile.TemporaryDirectory() as tmp:
         for shape in ("short", "prompt3x", "multiturn", "skewed"):
             data = Path(tmp) / f"{shape}.jsonl"
@@ -53,15 +58,19 @@ def main() -> None:
             unique = sum(sum(x) for x in lengths)
             order = list(range(len(examples)))
             random.Random(0).shuffle(order)
-            trl = one = multi = 0
-            for i in range(0, len(order), bs):
-                idx = order[i:i + bs]
-                trl += 2 * len(idx) * max(max(p + c, p + r) for p, c, r in (lengths[j] for j in idx))
-                batch = [examples[j] for j in idx]
-                one += packing.pack_examples(batch, pad_token_id=0, max_length=ml, row_tokens=0)["packed_input_ids"].numel()
-                multi += packing.pack_examples(batch, pad_token_id=0, max_length=ml,
-                                               row_tokens=args.pack_tokens)["packed_input_ids"].numel()
-            print(f"{shape:>10} {trl / unique:>6.2f} {one / unique:>6.2f} {multi / unique:>6.2f}")
+            grouped = length_grouped_order([packing.packed_length(e, ml) for e in examples], bs, seed=0)
+
+            def packed_tokens(order, row_tokens, examples=examples):
+                return sum(packing.pack_examples([examples[j] for j in order[i:i + bs]], pad_token_id=0, max_length=ml,
+                                                 row_tokens=row_tokens)["packed_input_ids"].numel()
+                           for i in range(0, len(order), bs))
+
+            trl = sum(2 * len(idx) * max(max(p + c, p + r) for p, c, r in (lengths[j] for j in idx))
+                      for idx in (order[i:i + bs] for i in range(0, len(order), bs)))
+            one, multi = packed_tokens(order, 0), packed_tokens(order, args.pack_tokens)
+            one_g, multi_g = packed_tokens(grouped, 0), packed_tokens(grouped, args.pack_tokens)
+            print(f"{shape:>10} {trl / unique:>6.2f} {one / unique:>6.2f} {multi / unique:>6.2f} "
+                  f"{one_g / unique:>8.2f} {multi_g / unique:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ claims. Columns:
 With --unpacked, (b2) is the engine with packing off (the spec's `packing: false`) (two sequences per pair, as TRL).
 With --one-per-row, (b3) is the engine packing one pair per row (the spec's `pack_tokens: 0`, the layout
 before issue #21's multi-pair rows): column `wall b3/b`. --pack-tokens N sets (b)'s `pack_tokens`
-(default: the engine's, packing.DEFAULT_PACK_TOKENS).
+(default: the engine's, packing.DEFAULT_PACK_TOKENS). --group-by-length runs the engine's variants (b, b2,
+b3) with the spec's `group_by_length: true` (micro-batches of pairs of similar length, sdpo_engine/batching.py):
+the same pairs per epoch in another order, so `|loss a-b|` then compares two orders, not the same math.
 
 Data shapes (--shapes; default: the prompt ratios of --prompt-ratio): `short` (prompt and answers of
 about 10-20 tokens), `prompt3x` (prompts about 3x the answers), `multiturn` (three-turn prompts with
@@ -141,11 +143,13 @@ def child(args) -> None:
         events = []
         bench_tokens = os.environ.get("SDPO_BENCH_PACK_TOKENS")  # --pack-tokens, from the parent
         pack_tokens = 0 if args.child == "engine-rows1" else (int(bench_tokens) if bench_tokens else None)
+        group_by_length = os.environ.get("SDPO_BENCH_GROUP_BY_LENGTH") == "1"  # --group-by-length
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_step({"index": 1, "policy_init": args.model_dir, "train_file": args.data,
                                 "output_dir": f"{tmp}/out", "work_dir": f"{tmp}/work", "hyperparameters": hp,
                                 "device": "cpu", "packing": args.child != "engine-unpacked",
-                                "pack_tokens": pack_tokens}, emit=events.append)
+                                "pack_tokens": pack_tokens, "group_by_length": group_by_length},
+                               emit=events.append)
             wall = time.perf_counter() - t0
         losses = [e["loss"] for e in events if e["event"] == "metrics"]
         tokens = max((e.get("num_tokens") or 0) for e in events if e["event"] == "metrics")
@@ -196,6 +200,8 @@ def main() -> None:
     p.add_argument("--unpacked", action="store_true", help="also run b2: the engine without shared-prompt packing")
     p.add_argument("--one-per-row", action="store_true", help="also run b3: the engine packing one pair per row")
     p.add_argument("--pack-tokens", type=int, default=None, help="(b)'s pack_tokens (default: the engine's)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="the engine's variants with group_by_length: true (length-grouped micro-batches)")
     p.add_argument("--tuned", action="store_true", help="also run a': TRL tuned by hand (precompute, no checkpointing)")
     p.add_argument("--no-plain", action="store_true", help="skip (a), TRL's defaults (with --tuned)")
     p.add_argument("--shapes", nargs="+", choices=["short", "prompt3x", "multiturn", "skewed"],
@@ -207,9 +213,11 @@ def main() -> None:
         return
 
     model_dir = model_dir_for(args.model, Path(args.cache))
+    grouped = {"SDPO_BENCH_GROUP_BY_LENGTH": "1"} if args.group_by_length else {}
     lr = args.learning_rate or (1e-3 if args.model.startswith("tiny") else 5e-6)
     print(f"model {args.model} ({model_dir}), {args.pairs} pairs, batch {args.batch_size}, "
-          f"max_length {args.max_length}, lr {lr}, {args.repeats} repeat(s), median of paired ratios")
+          f"max_length {args.max_length}, lr {lr}, {args.repeats} repeat(s), median of paired ratios"
+          + (", engine with group_by_length" if args.group_by_length else ""))
     header = (f"{'shape':>9} {'epochs':>6} {'wall a/b':>9} {'cpu a/b':>8} {'tok/s b/a':>10} {'mem b/a':>8} "
               f"{'|loss a-b|':>11} {'a wall s':>9} {'b wall s':>9} {'b ref s':>8} {'a MB':>6} {'b MB':>6}")
     if args.tuned:
@@ -238,12 +246,13 @@ def main() -> None:
                         run["a"] = run_child(__file__, "plain", model_dir, data, hp)
                     if args.tuned:
                         run["t"] = run_child(__file__, "tuned", model_dir, data, hp)
-                    run["b"] = run_child(__file__, "engine", model_dir, data, hp, env=(
-                        {"SDPO_BENCH_PACK_TOKENS": str(args.pack_tokens)} if args.pack_tokens is not None else None))
+                    run["b"] = run_child(__file__, "engine", model_dir, data, hp, env={
+                        **grouped, **({"SDPO_BENCH_PACK_TOKENS": str(args.pack_tokens)}
+                                      if args.pack_tokens is not None else {})} or None)
                     if args.unpacked:
-                        run["b2"] = run_child(__file__, "engine-unpacked", model_dir, data, hp)
+                        run["b2"] = run_child(__file__, "engine-unpacked", model_dir, data, hp, env=grouped or None)
                     if args.one_per_row:
-                        run["b3"] = run_child(__file__, "engine-rows1", model_dir, data, hp)
+                        run["b3"] = run_child(__file__, "engine-rows1", model_dir, data, hp, env=grouped or None)
                     runs.append(run)
 
                 def med(f, runs=runs):

@@ -131,6 +131,12 @@ class Settings(BaseSettings):
         None, ge=0, le=65536, description="Engine: with packing, several whole pairs per packed row of at most this "
         "many tokens (block-diagonal attention, no padding between pairs); unset: the engine's default "
         "(sdpo_engine.packing.DEFAULT_PACK_TOKENS); 0: one pair per row. Same loss either way.")
+    group_by_length: bool = Field(
+        False, description="Engine: batches of pairs of similar length (each epoch still every pair once, same "
+        "batch sizes; less padding); off: TRL's order of the pairs exactly.")
+    reference_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="Engine: pairs per batch of the reference pass (no gradients, so "
+        "larger fits); unset: the engine's, max(batch_size, 8). Same reference log-probs.")
     pad_to_multiple_of: int | None = Field(
         None, ge=0, le=4096, description="Engine: round each batch's length up to this (fewer tensor shapes for "
         "the GPU's attention kernels); unset: 64 on a GPU, none on CPU; 0: no rounding.")
@@ -167,7 +173,7 @@ class Settings(BaseSettings):
             return True
         return value
 
-    @field_validator("pad_to_multiple_of", "pack_tokens", mode="before")
+    @field_validator("pad_to_multiple_of", "pack_tokens", "reference_batch_size", mode="before")
     @classmethod
     def _pad_unset(cls, value):
         if isinstance(value, str) and value.strip().lower() in ("", "auto"):

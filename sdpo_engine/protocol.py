@@ -32,6 +32,7 @@ __all__ = [
     "LoraSpec",
     "MAX_PACK_TOKENS",
     "MAX_PAD_TO_MULTIPLE_OF",
+    "MAX_REFERENCE_BATCH_SIZE",
     "MAX_SAMPLE_NEW_TOKENS",
     "MAX_SAMPLE_PROMPTS",
     "PARAM_DTYPES",
@@ -111,6 +112,8 @@ COMPILE_MODES = ("off", "layers")
 MAX_PAD_TO_MULTIPLE_OF = 4096
 # Largest packed row (pack_tokens): the block mask of a row is rows x tokens^2 booleans.
 MAX_PACK_TOKENS = 65536
+# Largest reference_batch_size: pairs per batch of the no-gradient reference pass.
+MAX_REFERENCE_BATCH_SIZE = 4096
 
 # Codes of data that validated as a file but cannot be trained as asked on the model (exit 2); the
 # worker makes them the job's error code.
@@ -300,7 +303,8 @@ class SpecError(ValueError):
 
 def check_training_settings(*, device: str = "auto", packing: bool = True, pad_to_multiple_of: int | None = None,
                             activation_checkpointing: str = "auto", pack_tokens: int | None = None,
-                            attention: str = "auto",
+                            attention: str = "auto", group_by_length: bool = False,
+                            reference_batch_size: int | None = None,
                             param_dtype: str = "auto", compile: str = "off") -> None:
     """Raise SpecError naming the first of the operator's training settings (StepSpec's fields of the same
     names) that is out of range. `sdpo_engine run` checks them before any work."""
@@ -326,6 +330,11 @@ def check_training_settings(*, device: str = "auto", packing: bool = True, pad_t
         raise SpecError("attention flex runs only the shared-prompt packed layout; it needs packing true")
     if attention == "flex" and device == "cpu":
         raise SpecError("attention flex needs a CUDA device: torch's FlexAttention has no backward on CPU")
+    if not isinstance(group_by_length, bool):
+        raise SpecError("group_by_length must be true or false")
+    ref = reference_batch_size
+    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or not 1 <= ref <= MAX_REFERENCE_BATCH_SIZE):
+        raise SpecError(f"reference_batch_size must be null or a whole number from 1 to {MAX_REFERENCE_BATCH_SIZE}")
 
 
 @dataclass
@@ -420,6 +429,12 @@ class StepSpec:
         "help": "auto: the model's default attention (sdpa where transformers has it, else eager); sdpa; flex: "
                 "torch's FlexAttention with a block-sparse mask on the packed pairs instead of a dense one "
                 "(CUDA only; needs packing, refused where packing does not apply). Same loss either way."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "false: TRL's order of the pairs exactly; true: each epoch still deals every pair once in batches "
+                "of the same size, but of pairs of similar packed length (less padding; sdpo_engine.batching)."})
+    reference_batch_size: int | None = field(default=None, metadata={
+        "help": f"Pairs per batch of the reference pass (no gradients, so larger fits; 1 to "
+                f"{MAX_REFERENCE_BATCH_SIZE}); null: the engine's, max(batch_size, 8). Same log-probs."})
     param_dtype: str = field(default="auto", metadata={
         "help": "auto: float32 weights, bf16 autocast on a GPU that has bf16 and float32 on CPU; float32: float32 "
                 "weights and compute; bfloat16: the policy, its reference pass and AdamW's states in bf16 (pure "
@@ -478,7 +493,8 @@ class StepSpec:
         check_training_settings(param_dtype=spec.param_dtype, compile=spec.compile, device=spec.device,
                                 packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
                                 activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens,
-                                attention=spec.attention)
+                                attention=spec.attention, group_by_length=spec.group_by_length,
+                                reference_batch_size=spec.reference_batch_size)
         if spec.compile != "off" and spec.strategy == "fsdp":
             raise SpecError("compile layers is not proven with distributed.strategy fsdp; use ddp or compile off")
         return spec
@@ -488,7 +504,8 @@ class StepSpec:
         return {"device": self.device, "param_dtype": self.param_dtype, "compile": self.compile,
                 "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
                 "activation_checkpointing": self.activation_checkpointing, "pack_tokens": self.pack_tokens,
-                "attention": self.attention}
+                "attention": self.attention, "group_by_length": self.group_by_length,
+                "reference_batch_size": self.reference_batch_size}
 
     @property
     def num_processes(self) -> int:

@@ -318,11 +318,12 @@ def pad_to_multiple_of(on_gpu: bool, setting: int | None = None) -> int | None:
 
 
 def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), peft_config=None, pack: bool = True,
-                  text_format: str = "chat", pack_tokens: int | None = None):
+                  text_format: str = "chat", pack_tokens: int | None = None, group_by_length: bool = False):
     """TRL's trainer for `rows` (`to_trl_rows`). Pairs without training signal are dropped while TRL
     prepares the dataset, before the reference pass: `trainer.pairs_dropped` = {reason: [row indices]}.
     `pack`: the spec's `packing` (shared-prompt packing where proven identical); `pack_tokens`: the
-    spec's (several pairs per packed row, at most that many tokens; 0: one pair per row)."""
+    spec's (several pairs per packed row, at most that many tokens; 0: one pair per row);
+    `group_by_length`: the spec's (False: TRL's sampler; True: batching.LengthGroupedOrder)."""
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
@@ -337,6 +338,7 @@ def build_trainer(model, tokenizer, rows: list[dict], args, *, callbacks=(), pef
         peft_config=peft_config,
         pack=pack,
         pack_tokens=pack_tokens,
+        group_by_length=group_by_length,
     )
     # Our Relay callback reports every log as a JSON line; the printer would repeat it on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -380,12 +382,16 @@ def _define_trainer_class():
         - shared-prompt packing (packing.py) for training and the reference pass, where proven
           identical for the model; `packing` says why not otherwise (None = packed);
         - the reference pass in length-sorted batches (less padding; the log-probs of a pair do
-          not depend on its batch), kept in memory instead of TRL's cache file.
+          not depend on its batch), kept in memory instead of TRL's cache file;
+        - with `group_by_length`, training batches of pairs of similar length (batching.py) instead
+          of TRL's random order (the same pairs each epoch, the same batch sizes).
         """
 
         def __init__(self, *args, pack: bool = True, text_format: str = "chat", pack_tokens: int | None = None,
-                     **kwargs):
+                     group_by_length: bool = False, **kwargs):
             self._pack_requested = pack
+            self.group_by_length = group_by_length
+            self._length_order: Any = None  # batching.LengthGroupedOrder once the train dataloader exists
             # None: the engine's default layout (packing.DEFAULT_PACK_TOKENS); 0: one pair per row
             self._pack_tokens = packing.DEFAULT_PACK_TOKENS if pack_tokens is None else pack_tokens
             self._text_format = text_format
@@ -425,6 +431,36 @@ def _define_trainer_class():
         def pack_tokens(self) -> int | None:
             """Tokens per packed row (0: one pair per row); None when not packed."""
             return self._pack_tokens if self.packed else None
+
+        def pair_length(self, row: dict) -> int:
+            """Tokens `row` (prompt_ids, chosen_ids, rejected_ids) takes in a batch: its packed row when
+            packed (packing.packed_length), else the longer of TRL's two sequences, after truncation."""
+            max_length = cast(DPOConfig, self.args).max_length  # Trainer types args as TrainingArguments
+            if self.packed:
+                return packing.packed_length(row, max_length)
+            longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+            return min(longest, max_length) if max_length else longest
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not self.group_by_length:  # TRL's order exactly
+                return super()._get_train_sampler(train_dataset)
+            from .batching import LengthGroupedOrder
+
+            ds = cast(Dataset, self.train_dataset)  # tokenised by _prepare_dataset
+            lengths = [self.pair_length({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+                       for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)]
+            # The global micro-batch: every rank computes the same order and takes its slices of each.
+            global_batch = self.args.per_device_train_batch_size * max(1, self.args.world_size)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            self._length_order = LengthGroupedOrder(lengths, global_batch, seed)
+            return self._length_order
+
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            # The Trainer's set_epoch does not reach a sampler under accelerate's shard of a resumed
+            # dataloader (three wrappers deep on N ranks): set it here, before the epoch's first batch.
+            if self._length_order is not None:
+                self._length_order.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             """TRL's tokenisation ("chat") or the strings exactly as given ("raw", tokens.py), then every
@@ -496,16 +532,8 @@ def _define_trainer_class():
                     self._precompute_model_hash = real_hash_module(self.ref_model or self.model)
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             rows = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
-            max_length = cast(DPOConfig, self.args).max_length  # Trainer types args as TrainingArguments
-
-            def length(row):
-                if self.packed:
-                    return packing.packed_length(row, max_length)
-                longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-                return min(longest, max_length) if max_length else longest
-
             t_forward = time.perf_counter()
-            order = sorted(range(len(rows)), key=lambda i: -length(rows[i]))
+            order = sorted(range(len(rows)), key=lambda i: -self.pair_length(rows[i]))
             model = self.ref_model or self.model
             device = self.accelerator.device
 
@@ -943,8 +971,11 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
+    overrides = distributed.trainer_overrides(cfg, spec)
+    if spec.reference_batch_size is not None:  # no gradients in the reference pass: a larger batch fits
+        overrides["precompute_ref_batch_size"] = spec.reference_batch_size
     args = dpo_config(cfg, spec.work_dir, device, save_steps=spec.save_steps, pad_to=spec.pad_to_multiple_of, param_dtype=spec.param_dtype,
-                      **distributed.trainer_overrides(cfg, spec))
+                      **overrides)
     if spec.attention == "flex":  # FlexAttention runs only the packed layout (flex.py)
         from .packing import packing_unsupported
 
@@ -955,7 +986,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                             callbacks=_callbacks(spec.index, emit, stop,
                                                  first_loss_expected=lambda: expected_first_loss(cfg, trainer)),
                             peft_config=peft_config, pack=spec.packing, pack_tokens=spec.pack_tokens,
-                            text_format=spec.text_format)
+                            text_format=spec.text_format, group_by_length=spec.group_by_length)
     distributed.fsdp_on_cpu(trainer)
     pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
     if pairs_dropped:
@@ -1048,6 +1079,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                              "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                              "autocast": "bfloat16" if args.bf16 else None,
                              "compiled_layers": compiled_layers(model),
+                             "group_by_length": trainer.group_by_length,
+                             "reference_batch_size": args.precompute_ref_batch_size,
                              "attention": model.config._attn_implementation},
         "distributed": distributed.manifest_entry(spec),
         "torch": torch.__version__,

@@ -107,9 +107,11 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
     trained_here = [m for m in manifests if "training_settings" in m]  # the base model's has none
     assert trained_here, f"no step checkpoint under {service.home / 'storage'}"
     for manifest in trained_here:
-        assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": None,
+        assert manifest["training_settings"] == {"device": "cpu", "param_dtype": "auto", "compile": "off",
+                                                 "packing": False, "pad_to_multiple_of": None,
                                                  "activation_checkpointing": "auto", "pack_tokens": None,
-                                                 "attention": "auto"}
+                                                 "attention": "auto", "group_by_length": False,
+                                                 "reference_batch_size": None}
         assert manifest["training_applied"]["packing"].startswith("two_sequences: disabled")
 
 

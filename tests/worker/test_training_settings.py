@@ -14,17 +14,22 @@ from sdpo_engine.protocol import (
     DEVICES,
     MAX_PACK_TOKENS,
     MAX_PAD_TO_MULTIPLE_OF,
+    MAX_REFERENCE_BATCH_SIZE,
     SpecError,
     StepSpec,
     check_training_settings,
 )
 
-TRAINING_SETTINGS = ("device", "packing", "pad_to_multiple_of", "activation_checkpointing", "pack_tokens")
+TRAINING_SETTINGS = ("device", "packing", "pad_to_multiple_of", "activation_checkpointing", "pack_tokens",
+                     "group_by_length", "reference_batch_size")
 
 
 @pytest.mark.parametrize(("env", "expected"), [
     ({}, {"device": "auto", "packing": True, "pad_to_multiple_of": None, "activation_checkpointing": "auto",
-          "pack_tokens": None}),
+          "pack_tokens": None, "group_by_length": False, "reference_batch_size": None}),
+    ({"SDPO_GROUP_BY_LENGTH": "true"}, {"group_by_length": True}),
+    ({"SDPO_REFERENCE_BATCH_SIZE": "64"}, {"reference_batch_size": 64}),
+    ({"SDPO_REFERENCE_BATCH_SIZE": ""}, {"reference_batch_size": None}),
     ({"SDPO_PACK_TOKENS": "0"}, {"pack_tokens": 0}),
     ({"SDPO_PACK_TOKENS": "auto"}, {"pack_tokens": None}),
     ({"SDPO_PACK_TOKENS": "4096"}, {"pack_tokens": 4096}),
@@ -49,6 +54,7 @@ def test_settings_read_the_training_variables(monkeypatch, tmp_path, env, expect
 @pytest.mark.parametrize(("name", "value"), [
     ("SDPO_PAD_TO_MULTIPLE_OF", "sixty"), ("SDPO_PAD_TO_MULTIPLE_OF", "-1"), ("SDPO_PAD_TO_MULTIPLE_OF", "4097"),
     ("SDPO_PACK_TOKENS", "-1"), ("SDPO_PACK_TOKENS", "65537"), ("SDPO_PACK_TOKENS", "many"),
+    ("SDPO_REFERENCE_BATCH_SIZE", "0"), ("SDPO_REFERENCE_BATCH_SIZE", "4097"), ("SDPO_GROUP_BY_LENGTH", "often"),
     ("SDPO_PACKING", "sometimes"), ("SDPO_ACTIVATION_CHECKPOINTING", "always"), ("SDPO_DEVICE", "tpu"),
 ])
 def test_a_bad_training_variable_stops_the_process_at_start_up(monkeypatch, tmp_path, name, value):
@@ -76,3 +82,7 @@ def test_settings_and_the_step_spec_agree_on_names_and_choices():
     for bad in (MAX_PACK_TOKENS + 1, -1, True, "2048"):
         with pytest.raises(SpecError, match="pack_tokens"):
             check_training_settings(pack_tokens=bad)
+    Settings(reference_batch_size=MAX_REFERENCE_BATCH_SIZE)
+    check_training_settings(reference_batch_size=MAX_REFERENCE_BATCH_SIZE)
+    with pytest.raises(ValidationError):
+        Settings(reference_batch_size=MAX_REFERENCE_BATCH_SIZE + 1)
