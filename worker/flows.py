@@ -57,7 +57,7 @@ from core import ids
 from core.clock import utcnow
 from core.jobs import lifecycle, repository
 from core.settings import Settings
-from core.states import JobStatus, StepStatus
+from core.states import JOB_TERMINAL, JobStatus, StepStatus
 from core.storage import CorruptObject, StorageUnavailable
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
 from sdpo_engine.partition import PartitionError
@@ -406,6 +406,9 @@ def _retry_or_fail(job_id: str, index: int, attempt: int, reason: str, *, settin
                    app: Celery) -> Outcome:
     _in_session(lifecycle.attempt_failed, app, job_id, index, attempt, reason,
                 max_attempts=settings.max_step_attempts, what=f"requeue step {index} of {job_id}")
+    if _in_session(lambda s: getattr(repository.get_job(s, job_id), "status", None) in JOB_TERMINAL,
+                   what=f"read the status of {job_id}"):  # the retries are spent: no attempt resumes
+        trainer_state.discard_job(db.storage(), job_id)
     tracking.job_ended(job_id, settings)  # when the retries are spent: the job failed
     return Outcome.STOP
 

@@ -144,3 +144,38 @@ def test_a_training_file_the_store_cannot_serve_fails_the_step_with_storage_unav
     # Its trainer state could not be looked up either: said, not raised.
     assert [e["data"]["reason"] for e in events if e["data"].get("trainer_state") == "unusable"] == [
         "the store could not be reached after retries"]
+
+
+@pytest.mark.slow
+def test_a_crash_after_a_save_stores_the_state_and_spent_retries_remove_it(
+        make_service, moto_server, tmp_path):  # noqa: F811 (make_service: the imported fixture)
+    """A training process killed after a save (the OOM killer): its save goes into the bucket for
+    the next attempt on any host; when the last attempt dies too, the job fails with
+    retries_exhausted and its stored trainer state is removed."""
+    svc = make_service(env={"SDPO_MAX_STEP_ATTEMPTS": "2"})
+    bucket = moto_server.new_bucket()
+    svc.env.update(moto_server.env())
+    svc.env["SDPO_STORAGE_URL"] = f"s3://{bucket}/sdpo"
+    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "w1-local")
+    svc.start_api()
+    svc.start_worker("w1")
+    client = svc.client()
+    file_id = upload_rows(client, tmp_path, training_rows(12))
+    job_id = client.post(JOBS, json={"model": "sdpo-tiny", "training_file": file_id, "method": {
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 2, "max_length": 64}}}}).json()["id"]
+    record_key = f"sdpo/jobs/{job_id}/steps/1/trainer-state.json"
+
+    wait_for(lambda: any(n >= 4 for n in _trainer_checkpoints(svc.home, "w1", job_id)), 300,
+             "a trainer checkpoint of step 1", interval=0.02)
+    first = svc.wait_training(job_id)
+    first.send_signal(signal.SIGKILL)
+    wait_for(lambda: record_key in _bucket_keys(moto_server, bucket), 120, "the stored trainer state")
+    stored = moto_server.client().get_object(Bucket=bucket, Key=record_key)["Body"].read()
+    assert '"attempt": 1' in stored.decode() and '"global_step": ' in stored.decode()
+
+    second = wait_for(lambda: [p for p in svc.training_processes(job_id) if p.pid != first.pid], 300,
+                      "attempt 2's training process")[0]
+    second.send_signal(signal.SIGKILL)
+    done = wait_status(client, job_id, DONE, timeout=300)
+    assert done["status"] == "failed" and done["error"]["code"] == "retries_exhausted", done
+    assert not [k for k in _bucket_keys(moto_server, bucket) if k.startswith(f"sdpo/jobs/{job_id}/")]
