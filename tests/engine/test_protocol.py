@@ -91,10 +91,14 @@ def test_training_settings_come_from_the_spec_and_reach_the_manifest(spec_dict, 
         _assert_has_its_declared_shape(event)
     manifest = read_manifest(spec_dict["output_dir"])
     assert manifest["training_settings"] == {"device": "cpu", "packing": False, "pad_to_multiple_of": 16,
-                                             "activation_checkpointing": "on", "pack_tokens": None, "attention": "auto"}
+                                             "activation_checkpointing": "on", "pack_tokens": None, "attention": "auto",
+                                             "group_by_length": False, "reference_batch_size": None,
+                                             "param_dtype": "auto", "compile": "off"}
     # not packed: no packed rows, whatever pack_tokens says
     assert manifest["training_applied"] == {"packing": reference["packing"], "pad_to_multiple_of": 16,
-                                            "activation_checkpointing": True, "pack_tokens": None, "attention": "sdpa"}
+                                            "activation_checkpointing": True, "pack_tokens": None, "attention": "sdpa",
+                                            "group_by_length": False, "reference_batch_size": 8,
+                                            "param_dtype": "float32", "autocast": None, "compiled_layers": 0}
 
 
 def _assert_has_its_declared_shape(event: dict) -> None:
@@ -141,7 +145,8 @@ def test_run_checks_the_training_settings_before_any_work(tmp_path, tiny_model, 
     assert main([*argv, "--no-packing", "--pad-to-multiple-of", "8", "--activation-checkpointing", "off"]) == 0
     assert read_manifest(out / "step-1")["training_settings"] == {
         "device": "cpu", "packing": False, "pad_to_multiple_of": 8, "activation_checkpointing": "off",
-        "pack_tokens": None, "attention": "auto"}
+        "pack_tokens": None, "attention": "auto", "group_by_length": False, "reference_batch_size": None,
+        "param_dtype": "auto", "compile": "off"}
     assert main([*argv, "--out", str(tmp_path / "rows"), "--pack-tokens", "256"]) == 0
     manifest = read_manifest(tmp_path / "rows" / "step-1")
     assert manifest["training_settings"]["pack_tokens"] == manifest["training_applied"]["pack_tokens"] == 256
