@@ -29,7 +29,11 @@ How a step runs on N ranks (`StepSpec.distributed = {"num_processes": N, "strate
 - Stop: SIGTERM to the launcher (or the spec's stop file appearing) makes the launcher create the ranks'
   stop file; every rank sees it after the same optimizer step (`any_rank`), the Trainer saves one resumable
   checkpoint (rank 0 the weights and optimizer, every rank its RNG state) and rank 0's last line is
-  `stopped`: the launcher exits 75. A rerun with the same N resumes.
+  `stopped`: the launcher exits 75. Once every rank has written its part, rank 0 seals the checkpoint with the
+  layout it was written with (`checkpoint_seal`); a rerun resumes from the newest sealed checkpoint of the same
+  world size and strategy, and starts afresh with a warning when the layout changed (`resume_point`).
+- One FSDP2 rank: `{"num_processes": 1, "strategy": "fsdp"}` also runs under the launcher (world size 1), to
+  measure FSDP against the plain process (bench/ranks.py); `{"num_processes": 1}` with ddp is the plain process.
 - Death: a rank that dies makes torchrun end the others (and a rank blocked in a collective fails on the
   closed connection); the launcher then exits 1 (`step_failed`) unless rank 0 already printed its last
   line. Killing the launcher kills torchrun and every rank (PR_SET_PDEATHSIG), so the supervisor's
@@ -42,6 +46,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,8 +65,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RANK_SPEC_NAME",
+    "SEAL_NAME",
     "STOP_FILE_NAME",
     "any_rank",
+    "checkpoint_seal",
     "exit_code_of",
     "fsdp_on_cpu",
     "init_rank",
@@ -69,12 +76,15 @@ __all__ = [
     "is_rank_process",
     "is_sharded",
     "launch",
+    "last_sealed_checkpoint",
     "launch_command",
+    "layout",
     "manifest_entry",
     "on_main_rank",
     "rank",
     "ranks_sharing_memory",
     "reference_pass",
+    "resume_point",
     "saveable_policy",
     "state_shards",
     "trainer_overrides",
@@ -88,6 +98,8 @@ PR_SET_PDEATHSIG = 1
 # the file whose appearance stops every rank at the same optimizer step.
 RANK_SPEC_NAME = ".sdpo-rank-spec.json"
 STOP_FILE_NAME = ".sdpo-launcher-stop"
+# In a trainer checkpoint: written by rank 0 after every rank saved its part (checkpoint_seal); its layout.
+SEAL_NAME = "sdpo-layout.json"
 POLL_SECONDS = 0.2
 
 
@@ -225,12 +237,12 @@ def reference_pass(n_rows: int, order: Sequence[int], batch_size: int,
 
 def trainer_overrides(cfg: StepConfig, spec: StepSpec) -> dict[str, Any]:
     """DPOConfig arguments of a step on `spec.num_processes` ranks: the per-rank batch (batch_size / N;
-    ConfigError when N does not divide it) and, for fsdp, FSDP2 wrapping each decoder layer. Empty for
-    one process."""
+    ConfigError when N does not divide it) and, for fsdp, FSDP2 wrapping each decoder layer (also on one
+    FSDP2 rank). Empty for one plain process."""
     from .config import ConfigError
 
     n = spec.num_processes
-    if n <= 1:
+    if spec.strategy is None:  # one plain process
         return {}
     if cfg.batch_size % n:
         raise ConfigError("batch_size", f"{cfg.batch_size} is not a multiple of distributed.num_processes={n}: "
@@ -273,7 +285,8 @@ def fsdp_on_cpu(trainer: Any) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU:
+    # One CPU rank (world size 1) is no distributed run to accelerate unless the Trainer asked for CPU (NO).
+    if state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.NO) or not is_rank_process():
         return
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     state.distributed_type = DistributedType.FSDP
@@ -292,8 +305,9 @@ def ranks_sharing_memory(device: str) -> int:
 
 
 def manifest_entry(spec: StepSpec) -> dict[str, Any]:
-    """The manifest's `distributed`: {"world_size", "strategy"} as the step ran (strategy None for one)."""
-    return {"world_size": world_size(), "strategy": spec.strategy if world_size() > 1 else None}
+    """The manifest's `distributed`: {"world_size", "strategy"} as the step ran (strategy None for one plain
+    process, "fsdp" for one FSDP2 rank)."""
+    return {"world_size": world_size(), "strategy": spec.strategy}
 
 
 def saveable_policy(trainer: Any, policy: Any) -> Any:
@@ -301,7 +315,8 @@ def saveable_policy(trainer: Any, policy: Any) -> Any:
     process, DDP); under FSDP a plain model of the same class holding the full state dict gathered from
     the shards (a collective: every rank calls it; None on the other ranks). The plain model is built on
     the meta device and takes the gathered tensors as they are (`assign`): no third copy of the weights.
-    It shares `policy.config`, so what `_restore_dropout_config` puts back is saved."""
+    It shares `policy.config`, so what `_restore_dropout_config` puts back is saved; it takes the policy's
+    non-persistent buffers too, so rank 0 can decode with it (samples)."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return policy
     import torch
@@ -315,10 +330,109 @@ def saveable_policy(trainer: Any, policy: Any) -> Any:
     with torch.device("meta"):
         plain = plain_class(policy.config)
     plain.load_state_dict(state_dict, assign=True, strict=False)
+    # Non-persistent buffers (rotary inv_freq) are in no state dict: FSDP2 leaves them whole on every rank.
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = plain.get_submodule(owner_name) if owner_name else plain
+            owner.register_buffer(leaf, policy.get_buffer(name).detach().to("cpu").clone(), persistent=False)
     plain.tie_weights()
     plain.config = policy.config
     plain.generation_config = policy.generation_config
     return plain
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer checkpoints: sealed when every rank has written its part; resumed only with the same layout
+
+
+def _barrier() -> None:
+    if _active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def layout(spec: StepSpec) -> dict[str, Any]:
+    """How a step's trainer state is laid out: {"world_size": N, "strategy": "ddp" | "fsdp" | None}. A
+    trainer checkpoint holds one RNG file per rank (`rng_state_R.pth`, or `rng_state.pth` on one) and,
+    under FSDP, one shard of weights and optimizer states per rank: it resumes only with the same layout."""
+    return {"world_size": spec.num_processes, "strategy": spec.strategy}
+
+
+def checkpoint_seal(spec: StepSpec) -> Any:
+    """A TrainerCallback that seals each trainer checkpoint once every rank has written its part.
+
+    transformers' `Trainer._save_checkpoint` has every rank write its own `rng_state_R.pth` (and, under
+    FSDP, its shards) while rank 0 writes `trainer_state.json` and rotates old checkpoints, with no barrier
+    after: a step killed in between leaves a folder that looks complete to rank 0 but lacks, or holds half of,
+    another rank's RNG file (which `_load_rng_state` skips silently, or fails to load on every retry). Here
+    every rank meets at a barrier after its save (`on_save`), then rank 0 writes `SEAL_NAME` (the layout)
+    atomically. `resume_point` resumes only from sealed checkpoints."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    sealed = layout(spec)
+
+    class SealCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            _barrier()  # every rank's RNG state and shards are on disk
+            if is_main_rank():
+                folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                tmp = folder / f".{SEAL_NAME}.tmp"
+                tmp.write_text(json.dumps(sealed))
+                os.replace(tmp, folder / SEAL_NAME)
+
+    return SealCheckpoint()
+
+
+def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = []
+    for folder in work_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if work_dir.is_dir() else []:
+        number = folder.name.rsplit("-", 1)[-1]
+        if number.isdigit() and folder.is_dir():
+            found.append((int(number), folder))
+    return sorted(found)
+
+
+def last_sealed_checkpoint(work_dir: str) -> str | None:
+    """The newest trainer checkpoint in `work_dir` every rank finished writing (`checkpoint_seal`), or None."""
+    sealed = [folder for _, folder in _checkpoints(Path(work_dir)) if (folder / SEAL_NAME).is_file()]
+    return str(sealed[-1]) if sealed else None
+
+
+def resume_point(spec: StepSpec, emit: Callable[[dict[str, Any]], None]) -> str | None:
+    """The trainer checkpoint this step resumes from: the newest sealed one in `spec.work_dir`, or None.
+
+    Folders newer than it (a save cut short) are removed. A sealed checkpoint of another layout (written
+    with M ranks or another strategy, resumed with N) is not resumed: its per-rank RNG files and FSDP shards
+    do not map onto N ranks. The step then starts afresh, with a `resume_layout_changed` warning, and every
+    trainer checkpoint of the old layout is removed first (the new run writes the same folder names). Starting
+    afresh is the same training as an uninterrupted step (same seed, data and global batch): only time is
+    lost, where refusing would fail a job whose inputs are fine on every retry. A collective: rank 0 removes,
+    every rank returns the same answer."""
+    work = Path(spec.work_dir)
+    chosen = last_sealed_checkpoint(spec.work_dir)
+    found = json.loads((Path(chosen) / SEAL_NAME).read_text()) if chosen else None
+    expected = layout(spec)
+    stale = chosen is not None and found != expected
+
+    def tidy() -> None:
+        for number, folder in _checkpoints(work):
+            if stale or chosen is None or number > int(Path(chosen).name.rsplit("-", 1)[-1]):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    on_main_rank(tidy)
+    if stale:
+        emit({"event": "warning", "code": "resume_layout_changed", "step": spec.index, "checkpoint": chosen,
+              "checkpoint_layout": found, "layout": expected,
+              "message": f"the trainer checkpoint {chosen} was written by {found} and this step runs as {expected}: "
+                         "its per-rank RNG states and shards do not map onto these ranks, so the step starts "
+                         "afresh (same seed and data: the same training, only the time is lost)"})
+        return None
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -514,8 +514,18 @@ class StepSpec:
 
     @property
     def strategy(self) -> str | None:
-        """`distributed.strategy` of a step on more than one rank, else None."""
-        return self.distributed.strategy if self.distributed and self.distributed.num_processes > 1 else None
+        """`distributed.strategy` of a step on more than one rank, and "fsdp" on one rank when asked for (one
+        FSDP2 rank under the launcher: what FSDP costs against the plain step, bench/ranks.py); else None."""
+        if self.distributed is None:
+            return None
+        if self.distributed.num_processes > 1 or self.distributed.strategy == "fsdp":
+            return self.distributed.strategy
+        return None
+
+    @property
+    def launched(self) -> bool:
+        """True when the step runs under the launcher (torchrun): N > 1 ranks, or one FSDP2 rank."""
+        return self.strategy is not None
 
 
 def _samples_from(value: Any, eval_file: Any) -> SamplesSpec:

@@ -6,6 +6,9 @@ prompts) and generates with the policy already in memory, after training (no sec
 with ``base`` (step 1) also before training, which is the job's initial model M_0. Decoding is
 greedy (``do_sample=False``) after seeding torch with ``seed``, so the same checkpoint gives the
 same text. The time goes into the step's own time and is reported as ``seconds``.
+On N ranks rank 0 decodes alone (its whole model under DDP; under FSDP the full state dict
+gathered for the checkpoint, `decoding_model`) while the other ranks wait for its answers
+(distributed.on_main_rank): the same answers as one process.
 
 Result (the step summary's and the manifest's ``samples``)::
 
@@ -32,6 +35,24 @@ def prompt_text(tokenizer, messages: list[dict], text_format: str = "chat") -> s
     if text_format != "raw" and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "\n".join(m["content"] for m in messages)
+
+
+def decoding_model(model, device: str):
+    """(model, device) to decode with: `model` where its weights lie, or moved to `device`.
+
+    In one process and under DDP the policy is on the step's device already. Under FSDP rank 0 decodes with
+    the full state dict gathered for the checkpoint (distributed.saveable_policy), which lies in CPU memory:
+    it moves to rank 0's GPU when that has 1.5x its bytes free (it sits beside rank 0's shard), else it
+    decodes on the CPU (slow for a large model, but it never runs the GPU out of memory after training)."""
+    import torch
+
+    where = next(model.parameters()).device
+    if where.type == "cuda" or device != "cuda" or not torch.cuda.is_available():
+        return model, str(where)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if torch.cuda.mem_get_info()[0] >= 1.5 * size:
+        return model.to(device), device
+    return model, "cpu"
 
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, seed: int,

@@ -826,14 +826,6 @@ def _held_out_labels(logps: tuple[list[float], list[float]], eval_pairs: list[di
     return [f"held-out pair {i + 1}" for i in range(len(eval_pairs))]
 
 
-def _last_trainer_checkpoint(work_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if not os.path.isdir(work_dir):
-        return None
-    return get_last_checkpoint(work_dir)
-
-
 def _summary_from_history(history: list[dict], n_epochs: int) -> dict:
     """first/last loss and the last epoch's mean reward accuracy and margin, from the trainer's log."""
     steps = [h for h in history if "loss" in h and "train_runtime" not in h]
@@ -983,8 +975,9 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
             raise SpecError(f"attention flex needs shared-prompt packing, which does not apply here: {why}")
     t_ref = time.perf_counter()
     trainer = build_trainer(model, tokenizer, to_trl_rows(pairs, tokenizer, spec.text_format), args,
-                            callbacks=_callbacks(spec.index, emit, stop,
-                                                 first_loss_expected=lambda: expected_first_loss(cfg, trainer)),
+                            callbacks=[*_callbacks(spec.index, emit, stop,
+                                                   first_loss_expected=lambda: expected_first_loss(cfg, trainer)),
+                                       distributed.checkpoint_seal(spec)],
                             peft_config=peft_config, pack=spec.packing, pack_tokens=spec.pack_tokens,
                             text_format=spec.text_format, group_by_length=spec.group_by_length)
     distributed.fsdp_on_cpu(trainer)
@@ -1015,7 +1008,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     memory = plan_activation_checkpointing(trainer, device, spec.activation_checkpointing)
     emit({"event": "info", "phase": "memory", "step": spec.index, **memory})
 
-    resume_from = _last_trainer_checkpoint(spec.work_dir)
+    resume_from = distributed.resume_point(spec, emit)  # sealed, same world size and strategy
     if resume_from:
         emit({"event": "info", "phase": "resume", "step": spec.index, "checkpoint": resume_from})
     if stop.requested:
@@ -1024,7 +1017,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - t_train
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:
-        checkpoint = _last_trainer_checkpoint(spec.work_dir)
+        checkpoint = distributed.last_sealed_checkpoint(spec.work_dir)
         raise StepStopped(trainer.state.global_step, checkpoint)
 
     policy = trainer.model
@@ -1054,8 +1047,10 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         summary["drift"] = drift_metrics(eval_policy, eval_ref, eval_lengths, cfg.beta)  # eval_ref: the base
         emit({"event": "info", "phase": "eval", "step": spec.index, **summary["eval"], "drift": summary["drift"]})
 
-    if sample_prompts is not None:  # after training, with the policy in memory (samples.py)
-        summary["samples"] = _samples_after(spec, policy, tokenizer, device, sample_prompts, base_samples, emit)
+    to_save = distributed.saveable_policy(trainer, policy)  # FSDP: gathered from the shards (every rank)
+    if sample_prompts is not None:  # after training, with the policy in memory (samples.py); rank 0 on N ranks
+        summary["samples"] = distributed.on_main_rank(
+            lambda: _samples_after(spec, to_save, tokenizer, device, sample_prompts, base_samples, emit))
 
     manifest = {
         "format": "sdpo-checkpoint/1",
@@ -1086,7 +1081,6 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
         "torch": torch.__version__,
         "samples": summary.get("samples"),
     }
-    to_save = distributed.saveable_policy(trainer, policy)  # FSDP: gathered from the shards (every rank)
 
     def write(tmp: Path):
         _restore_dropout_config(model)
@@ -1103,22 +1097,26 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
 def _samples_before(spec: StepSpec, model, tokenizer, device: str):
     """The held-out prompts of `spec.samples` and, with `base`, policy_init's answers before training."""
-    # On N ranks a sharded policy would need every rank in the decode loop: samples are a one-process feature.
-    if spec.samples is None or spec.eval_file is None or spec.num_processes > 1:
+    if spec.samples is None or spec.eval_file is None:
         return None, None
     from . import samples
 
     prompts = samples.prompt_messages(spec.eval_file, spec.samples.n_prompts, spec.source_field)
     if not spec.samples.base:
         return prompts, None
-    return prompts, samples.generate_answers(model, tokenizer, prompts, max_new_tokens=spec.samples.max_new_tokens,
-                                             seed=spec.samples.seed, device=device, text_format=spec.text_format)
+    options = spec.samples
+    # On N ranks rank 0 decodes with its whole copy (nothing is sharded yet); the others wait for its answers.
+    return prompts, distributed.on_main_rank(lambda: samples.generate_answers(
+        model, tokenizer, prompts, max_new_tokens=options.max_new_tokens, seed=options.seed, device=device,
+        text_format=spec.text_format))
 
 
 def _samples_after(spec: StepSpec, policy, tokenizer, device: str, prompts, base, emit: Emit) -> dict:
+    """The samples entry, decoded by `policy` (on N ranks: rank 0's whole model, `saveable_policy`)."""
     from . import samples
 
     assert spec.samples is not None
+    policy, device = samples.decoding_model(policy, device)
     answers, seconds = samples.generate_answers(policy, tokenizer, prompts, max_new_tokens=spec.samples.max_new_tokens,
                                                 seed=spec.samples.seed, device=device, text_format=spec.text_format)
     result = samples.result(samples.texts(tokenizer, prompts, spec.text_format), answers, base, seconds,
@@ -1146,7 +1144,7 @@ def main_step(spec_path: str) -> int:
         with open(spec_path) as fh:
             spec_dict = json.load(fh)
         spec = StepSpec.from_dict(spec_dict)
-        if spec.num_processes > 1 and not distributed.is_rank_process():
+        if spec.launched and not distributed.is_rank_process():
             return distributed.launch(spec, spec_dict, out)
         if distributed.is_rank_process():
             if distributed.world_size() != spec.num_processes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from sdpo_engine.config import ConfigError, StepConfig
-from sdpo_engine.distributed import exit_code_of, reference_pass, trainer_overrides
+from sdpo_engine.distributed import SEAL_NAME, exit_code_of, reference_pass, resume_point, trainer_overrides
 from sdpo_engine.manifest import checkpoint_identity, read_manifest
 from sdpo_engine.protocol import ExitCode, SpecError, StepSpec
 from sdpo_engine.sample_data import make_pairs, write_jsonl
@@ -46,8 +47,13 @@ def test_spec_distributed_is_checked(tiny_model, tmp_path):
     spec = StepSpec.from_dict({**base, "distributed": {"num_processes": 2, "strategy": "fsdp"}})
     assert (spec.num_processes, spec.strategy) == (2, "fsdp")
     assert (StepSpec.from_dict(base).num_processes, StepSpec.from_dict(base).strategy) == (1, None)
-    # One rank is one process whatever the strategy says.
-    assert StepSpec.from_dict({**base, "distributed": {"num_processes": 1}}).strategy is None
+    # One rank is one plain process, unless it asks for FSDP: then one FSDP2 rank under the launcher.
+    one = StepSpec.from_dict({**base, "distributed": {"num_processes": 1}})
+    assert (one.strategy, one.launched) == (None, False)
+    assert StepSpec.from_dict({**base, "distributed": {"num_processes": 1, "strategy": "ddp"}}).launched is False
+    fsdp1 = StepSpec.from_dict({**base, "distributed": {"num_processes": 1, "strategy": "fsdp"}})
+    assert (fsdp1.num_processes, fsdp1.strategy, fsdp1.launched) == (1, "fsdp", True)
+    assert StepSpec.from_dict(base).launched is False and spec.launched is True
     for bad, field in [({"num_processes": 0}, "num_processes"), ({"num_processes": True}, "num_processes"),
                        ({"num_processes": 2, "strategy": "zero3"}, "strategy"), ({"ranks": 2}, "ranks"),
                        ([2], "distributed")]:
@@ -68,6 +74,57 @@ def test_batch_size_stays_the_global_batch(tiny_model, tmp_path):
     assert trainer_overrides(StepConfig.from_dict({"batch_size": 3}), StepSpec.from_dict(_spec(tiny_model, tmp_path))) == {}
     fsdp = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "distributed": {"num_processes": 2, "strategy": "fsdp"}})
     assert trainer_overrides(StepConfig.from_dict({"batch_size": 2}), fsdp)["fsdp_config"]["version"] == 2
+    fsdp1 = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "distributed": {"num_processes": 1, "strategy": "fsdp"}})
+    one_rank = trainer_overrides(StepConfig.from_dict({"batch_size": 3}), fsdp1)
+    assert one_rank["per_device_train_batch_size"] == 3 and one_rank["fsdp"] is True
+
+
+def _checkpoint(work: Path, step: int, sealed: dict | None) -> Path:
+    """A trainer checkpoint folder as the Trainer leaves it; `sealed`: the layout every rank finished writing."""
+    folder = work / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (folder / "rng_state_0.pth").write_bytes(b"x")
+    if sealed is not None:
+        (folder / SEAL_NAME).write_text(json.dumps(sealed))
+    return folder
+
+
+def test_resume_takes_the_newest_sealed_checkpoint_and_drops_a_save_cut_short(tiny_model, tmp_path):
+    write_jsonl(make_pairs(4, seed=1), tmp_path / "c1.jsonl")
+    spec = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "distributed": {"num_processes": 2}})
+    work = Path(spec.work_dir)
+    same = {"world_size": 2, "strategy": "ddp"}
+    _checkpoint(work, 2, same)
+    four = _checkpoint(work, 4, same)
+    # Killed while rank 1 still wrote its RNG state: rank 0's trainer_state.json is there, the seal is not.
+    _checkpoint(work, 6, None)
+    events: list[dict] = []
+    assert resume_point(spec, events.append) == str(four)
+    assert events == []
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    # Nothing sealed at all (a save cut short on the first checkpoint): start afresh, nothing left behind.
+    spec_one = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "work_dir": str(tmp_path / "work-b")})
+    _checkpoint(Path(spec_one.work_dir), 2, None)
+    assert resume_point(spec_one, events.append) is None
+    assert list(Path(spec_one.work_dir).iterdir()) == [] and events == []
+
+
+@pytest.mark.parametrize("written", [{"world_size": 1, "strategy": None}, {"world_size": 4, "strategy": "ddp"},
+                                     {"world_size": 2, "strategy": "fsdp"}])
+def test_a_checkpoint_of_another_layout_is_not_resumed_the_step_starts_afresh(written, tiny_model, tmp_path):
+    write_jsonl(make_pairs(4, seed=1), tmp_path / "c1.jsonl")
+    spec = StepSpec.from_dict({**_spec(tiny_model, tmp_path), "distributed": {"num_processes": 2}})
+    work = Path(spec.work_dir)
+    _checkpoint(work, 2, written)
+    stale = _checkpoint(work, 4, written)
+    events: list[dict] = []
+    assert resume_point(spec, events.append) is None
+    assert [(e["event"], e["code"]) for e in events] == [("warning", "resume_layout_changed")]
+    assert events[0]["checkpoint"] == str(stale)
+    assert events[0]["checkpoint_layout"] == written and events[0]["layout"] == {"world_size": 2, "strategy": "ddp"}
+    # Gone, so the fresh run's checkpoint-K folders never mix with the old layout's files.
+    assert list(work.iterdir()) == []
 
 
 def test_launcher_exit_code_follows_rank_zeros_last_line():
@@ -108,7 +165,8 @@ def _run(spec: dict, path: Path, timeout: float = 300) -> tuple[int, list[dict],
 
 
 def _two_steps(tiny_model: Path, data: Path, root: Path, distributed: dict | None) -> list[dict]:
-    """Steps 1 and 2 of a job (step 2 starts from, and is referenced to, step 1's output)."""
+    """Steps 1 and 2 of a job (step 2 starts from, and is referenced to, step 1's output), with samples
+    (step 1 also the base model's)."""
     runs = []
     policy = tiny_model
     for index in (1, 2):
@@ -116,7 +174,9 @@ def _two_steps(tiny_model: Path, data: Path, root: Path, distributed: dict | Non
         tmp.mkdir(parents=True)
         spec = {**_spec(policy, tmp), "index": index, "train_file": str(data / f"c{index}.jsonl"),
                 # Held-out metrics after training: under FSDP the pass runs on the sharded policy.
-                "eval_file": str(data / "eval.jsonl"), "eval_reference": str(tiny_model)}
+                "eval_file": str(data / "eval.jsonl"), "eval_reference": str(tiny_model),
+                # On N ranks rank 0 decodes (under FSDP with the gathered full state dict), the others wait.
+                "samples": {"n_prompts": 3, "max_new_tokens": 8, "seed": 0, "base": index == 1}}
         if distributed:
             spec["distributed"] = distributed
         rc, lines, err = _run(spec, tmp / "spec.json")
@@ -150,7 +210,7 @@ def _weights(out: Path) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
-def _assert_same_as_one_rank(runs: list[dict], one: list[dict], strategy: str) -> None:
+def _assert_same_as_one_rank(runs: list[dict], one: list[dict], strategy: str, world: int) -> None:
     for index, (run, ref) in enumerate(zip(runs, one, strict=True), start=1):
         assert len(run["losses"]) == len(ref["losses"]) > 0
         for a, b in zip(run["losses"], ref["losses"], strict=True):
@@ -164,7 +224,11 @@ def _assert_same_as_one_rank(runs: list[dict], one: list[dict], strategy: str) -
         assert sorted(mine) == sorted(theirs)
         worst = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
         assert worst <= 1e-4, (index, worst)
-        assert run["manifest"]["distributed"] == {"world_size": 2, "strategy": strategy}
+        assert run["manifest"]["distributed"] == {"world_size": world, "strategy": strategy}
+        samples, samples_ref = run["result"]["summary"]["samples"], ref["result"]["summary"]["samples"]
+        assert len(samples["answers"]) == 3
+        assert (samples["answers"], samples["base_answers"]) == (samples_ref["answers"], samples_ref["base_answers"])
+        assert (samples["base_answers"] is None) == (index == 2) and run["manifest"]["samples"] == samples
         assert ref["manifest"]["distributed"] == {"world_size": 1, "strategy": None}
     # Lineage as in one process: step 2's reference is step 1's output, by sha256.
     assert runs[1]["manifest"]["reference"]["sha256"] == runs[0]["result"]["summary"]["output"]["sha256"]
@@ -172,10 +236,11 @@ def _assert_same_as_one_rank(runs: list[dict], one: list[dict], strategy: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_train_like_one_process(strategy, tiny_model, step_data, one_rank, tmp_path):
-    runs = _two_steps(tiny_model, step_data, tmp_path, {"num_processes": 2, "strategy": strategy})
-    _assert_same_as_one_rank(runs, one_rank, strategy)
+@pytest.mark.parametrize(("world", "strategy"), [(2, "ddp"), (2, "fsdp"), (1, "fsdp")])
+def test_n_ranks_train_like_one_process(world, strategy, tiny_model, step_data, one_rank, tmp_path):
+    """2 DDP ranks, 2 FSDP2 ranks and one FSDP2 rank under the launcher against the plain process."""
+    runs = _two_steps(tiny_model, step_data, tmp_path, {"num_processes": world, "strategy": strategy})
+    _assert_same_as_one_rank(runs, one_rank, strategy, world)
     # Only rank 0 wrote: one output, one manifest; no rank's temp folder left beside it.
     for run in runs:
         assert sorted(p.name for p in run["out"].parent.iterdir() if p.name.startswith((".out", "out"))) == ["out"]
@@ -267,8 +332,24 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_a_rerun_resumes(strategy, 
     # Every rank saved its RNG state into the one checkpoint, and no rank is left running.
     assert sorted(p.name for p in Path(stopped["checkpoint"]).glob("rng_state*")) == ["rng_state_0.pth",
                                                                                    "rng_state_1.pth"]
+    # Sealed once both ranks had written their part, with the layout it resumes under.
+    assert json.loads((Path(stopped["checkpoint"]) / SEAL_NAME).read_text()) == {"world_size": 2, "strategy": strategy}
     time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", str(run / "work")], capture_output=True).returncode == 1
+
+    if strategy == "ddp":
+        # The same trainer state rerun as one process (the worker now owns one GPU): not resumed (two ranks'
+        # RNG states do not map onto one), the step starts afresh with a warning and trains as uninterrupted.
+        other = tmp_path / "one-process"
+        shutil.copytree(run / "work", other / "work")
+        spec_one = {**spec, "output_dir": str(other / "out"), "work_dir": str(other / "work")}
+        del spec_one["distributed"]
+        rc, lines, err = _run(spec_one, other / "spec.json")
+        assert rc == 0, err[-3000:]
+        warned = [e for e in lines if e["event"] == "warning" and e["code"] == "resume_layout_changed"]
+        assert len(warned) == 1 and warned[0]["checkpoint_layout"] == {"world_size": 2, "strategy": "ddp"}
+        assert not any(e.get("phase") == "resume" for e in lines) and lines[-1]["summary"]["resumed_from"] is None
+        assert lines[-1]["summary"]["last_loss"] == pytest.approx(uninterrupted, abs=1e-4)
 
     rc, lines, err = _run(spec, run / "spec.json")
     assert rc == 0, err[-3000:]
