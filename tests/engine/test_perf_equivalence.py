@@ -291,7 +291,9 @@ def test_step_reports_packing_and_starts_at_ln2(tmp_path, tiny_model, pairs_file
     assert ref["packing"] == "shared_prompt"
     first = next(e for e in events if e["event"] == "metrics")
     assert abs(first["loss"] - math.log(2)) < 1e-6
-    assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+    # 0 up to float32 rounding: a pair's row neighbours differ between the length-sorted reference pass and
+    # training with several pairs per row (as in test_step.py; seen 1.9e-07).
+    assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
 
 
 def test_activation_checkpointing_only_where_memory_needs_it(tmp_path, tiny_model, pairs_file, monkeypatch):
