@@ -56,7 +56,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from .protocol import EventKind, ExitCode, StepSpec
+from .protocol import TRAINER_CHECKPOINT_SEAL, EventKind, ExitCode, StepSpec
 
 if TYPE_CHECKING:
     import torch
@@ -98,8 +98,7 @@ PR_SET_PDEATHSIG = 1
 # the file whose appearance stops every rank at the same optimizer step.
 RANK_SPEC_NAME = ".sdpo-rank-spec.json"
 STOP_FILE_NAME = ".sdpo-launcher-stop"
-# In a trainer checkpoint: written by rank 0 after every rank saved its part (checkpoint_seal); its layout.
-SEAL_NAME = "sdpo-layout.json"
+SEAL_NAME = TRAINER_CHECKPOINT_SEAL  # protocol.py: what it holds, and why the worker reads it
 POLL_SECONDS = 0.2
 
 

@@ -93,6 +93,11 @@ class PartitionPlan(TypedDict):
 TEXT_FORMATS = ("chat", "raw")
 
 DEVICES = ("auto", "cpu", "cuda")
+# In a trainer checkpoint: written last, by rank 0 after every rank saved its part (distributed.checkpoint_seal),
+# with the layout {"world_size", "strategy"}. The engine resumes only a sealed checkpoint, so the worker hands
+# over and stores only sealed ones (transformers' own trainer_state.json is written before the other ranks'
+# RNG files are).
+TRAINER_CHECKPOINT_SEAL = "sdpo-layout.json"
 # How a step's N ranks split the work (sdpo_engine.distributed): "ddp" keeps a whole model, its gradients and
 # optimizer states on every rank; "fsdp" (FSDP2, `fully_shard`) shards them across the ranks.
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.storage import CorruptObject, LocalStorage, Storage, StorageUnavailable
+from sdpo_engine.protocol import TRAINER_CHECKPOINT_SEAL
 from worker.workdir import TRAINER_STATE, hand_over_trainer_state, newest_trainer_checkpoint
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,9 @@ def fetch(store: Storage, job_id: str, index: int, trainer_dir: Path,
     try:
         trainer_dir.mkdir(parents=True, exist_ok=True)
         store.get_tree(record.uri, partial)
-        if not (partial / TRAINER_STATE).is_file():
-            raise CorruptObject(f"{TRAINER_STATE} is missing")
+        for name in (TRAINER_STATE, TRAINER_CHECKPOINT_SEAL):
+            if not (partial / name).is_file():
+                raise CorruptObject(f"{name} is missing")
         state = json.loads((partial / TRAINER_STATE).read_text())
         if state.get("global_step") != record.global_step:
             raise CorruptObject(f"{TRAINER_STATE} says global step {state.get('global_step')}, "

@@ -19,7 +19,7 @@ from core.settings import Settings
 from core.storage import LOCAL_SCHEME
 from sdpo_engine.data import load_pairs, pair_rows
 from sdpo_engine.partition import pair_order, partition, source_order
-from sdpo_engine.protocol import PAIR_CURRICULUM_STRATEGIES
+from sdpo_engine.protocol import PAIR_CURRICULUM_STRATEGIES, TRAINER_CHECKPOINT_SEAL
 from worker import db
 from worker.supervisor import child_environment, engine_command
 
@@ -188,12 +188,14 @@ def new_attempt_dir(work: Path, attempt: int) -> Path:
 
 def newest_trainer_checkpoint(work: Path) -> tuple[int, Path] | None:
     """(global step, folder) of the newest complete trainer checkpoint under a step's work folder
-    (any attempt's), or None. Complete: it has `trainer_state.json`, which transformers writes
-    last, so one cut off by a kill never counts."""
+    (any attempt's), or None. Complete: it has `trainer_state.json` and the engine's seal
+    (`TRAINER_CHECKPOINT_SEAL`, written after every rank saved), so one cut off by a kill never counts
+    and none the engine would refuse to resume is handed over or stored."""
     best: tuple[int, Path] | None = None
     for folder in work.glob("attempt-*/trainer/checkpoint-*"):
         number = folder.name.rsplit("-", 1)[-1]
-        if not number.isdigit() or not (folder / TRAINER_STATE).is_file():
+        if not number.isdigit() or not all((folder / name).is_file() for name in (TRAINER_STATE,
+                                                                                   TRAINER_CHECKPOINT_SEAL)):
             continue
         if best is None or int(number) > best[0]:
             best = (int(number), folder)

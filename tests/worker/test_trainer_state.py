@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.storage import LocalStorage, Storage
+from sdpo_engine.protocol import TRAINER_CHECKPOINT_SEAL
 from worker import trainer_state
 from worker.workdir import TRAINER_STATE
 
@@ -54,7 +55,7 @@ def backend(request, tmp_path, monkeypatch) -> Backend:
 
 
 def _checkpoint(work: Path, attempt: int, global_step: int, *, complete: bool = True) -> Path:
-    """A trainer checkpoint as transformers lays it out (trainer_state.json last: `complete`)."""
+    """A trainer checkpoint as transformers lays it out, with the engine's seal (`complete`: both written)."""
     folder = work / f"attempt-{attempt}" / "trainer" / f"checkpoint-{global_step}"
     folder.mkdir(parents=True)
     (folder / "optimizer.pt").write_bytes(bytes(range(256)) * (40 + global_step))
@@ -62,6 +63,7 @@ def _checkpoint(work: Path, attempt: int, global_step: int, *, complete: bool = 
     (folder / "rng_state.pth").write_bytes(b"r" * 10)
     if complete:
         (folder / TRAINER_STATE).write_text(json.dumps({"global_step": global_step, "log_history": []}))
+        (folder / TRAINER_CHECKPOINT_SEAL).write_text(json.dumps({"world_size": 1, "strategy": None}))
     return folder
 
 

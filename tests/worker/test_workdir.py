@@ -13,9 +13,20 @@ def _trainer_checkpoint(work: Path, attempt: int, global_step: int, *, complete:
     folder = work / f"attempt-{attempt}" / "trainer" / f"checkpoint-{global_step}"
     folder.mkdir(parents=True)
     (folder / "optimizer.pt").write_bytes(b"x" * global_step)
-    if complete:  # transformers writes trainer_state.json last
+    if complete:  # transformers' trainer_state.json, then the engine's seal once every rank saved
         (folder / workdir.TRAINER_STATE).write_text(json.dumps({"global_step": global_step}))
+        (folder / workdir.TRAINER_CHECKPOINT_SEAL).write_text(json.dumps({"world_size": 1, "strategy": None}))
     return folder
+
+
+def test_a_checkpoint_without_the_engine_seal_is_not_handed_over(tmp_path):
+    """transformers wrote trainer_state.json, but the seal (written after every rank's RNG file) is missing:
+    the engine would refuse to resume it, so the worker neither hands it over nor counts it."""
+    work = tmp_path / "step-1"
+    _trainer_checkpoint(work, 1, 4)
+    unsealed = _trainer_checkpoint(work, 1, 6)
+    (unsealed / workdir.TRAINER_CHECKPOINT_SEAL).unlink()
+    assert workdir.newest_trainer_checkpoint(work) == (4, work / "attempt-1" / "trainer" / "checkpoint-4")
 
 
 def test_the_newest_complete_trainer_checkpoint_is_handed_over_and_old_attempts_go(tmp_path):
