@@ -143,10 +143,12 @@ class Settings(BaseSettings):
     activation_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="Engine: auto turns activation checkpointing on only where the largest batch's "
         "activations would not fit in memory; on/off force it.")
-    param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    param_dtype: Literal["auto", "float32", "bfloat16", "bfloat16-master", "bfloat16-sr"] = Field(
         "auto", description="Engine: the weights' dtype. auto: float32 weights with bf16 autocast on a GPU that "
         "has bf16 (float32 on CPU); float32: float32 throughout; bfloat16: the policy, its reference pass and "
-        "AdamW's states in bf16 (pure bf16: half the memory, loss within bf16 rounding; checkpoints saved in bf16).")
+        "AdamW's states in bf16 (pure bf16: half the memory; at DPO's learning rates most updates are lost); "
+        "bfloat16-master: bf16 weights, AdamW over float32 masters; bfloat16-sr: bf16 weights, torchao's stochastic "
+        "rounding (the perf extra). Checkpoints of the bf16 settings are saved in bf16.")
     compile: Literal["off", "layers"] = Field(
         "off", description="Engine: layers compiles each decoder layer with torch.compile (one graph the layers "
         "share; the step's first batches pay the compile time); off: eager. Same loss either way.")

@@ -7,6 +7,7 @@ text formats). docs/CONTRACTS.md describes the same contract in prose.
 """
 
 # No `from __future__ import annotations`: TypedDict reads Required[...] only from evaluated annotations.
+import importlib.util
 from dataclasses import dataclass, field, fields
 from enum import IntEnum, StrEnum
 from pathlib import Path
@@ -52,6 +53,7 @@ __all__ = [
     "StepSpec",
     "StoppedEvent",
     "TEXT_FORMATS",
+    "TORCHAO_MISSING",
     "TRAINING_DATA_CODES",
     "TrainEndInfo",
     "WarningEvent",
@@ -110,8 +112,11 @@ ATTENTION = ("auto", "sdpa", "flex")
 # Weights of the policy and of its reference pass (step.load_policy, step.dpo_config). "auto": float32
 # weights, with bf16 autocast on a GPU that supports it and plain float32 on CPU (the engine before #19);
 # "float32": float32 weights and compute everywhere; "bfloat16": bf16 weights and compute (pure bf16, no
-# autocast), AdamW's states in bf16 like the weights they follow.
-PARAM_DTYPES = ("auto", "float32", "bfloat16")
+# autocast), AdamW's states in bf16 like the weights they follow; "bfloat16-master": bf16 weights and compute,
+# AdamW over float32 master copies; "bfloat16-sr": bf16 weights and compute, torchao's AdamW with stochastic
+# rounding (the `perf` extra). The optimizers: sdpo_engine.precision.
+PARAM_DTYPES = ("auto", "float32", "bfloat16", "bfloat16-master", "bfloat16-sr")
+TORCHAO_MISSING = "param_dtype bfloat16-sr needs torchao: pip install -e '.[perf]'"
 # "layers": torch.compile of each decoder layer, in place (sdpo_engine.regional); "off": eager.
 COMPILE_MODES = ("off", "layers")
 MAX_PAD_TO_MULTIPLE_OF = 4096
@@ -315,6 +320,8 @@ def check_training_settings(*, device: str = "auto", packing: bool = True, pad_t
     names) that is out of range. `sdpo_engine run` checks them before any work."""
     if param_dtype not in PARAM_DTYPES:
         raise SpecError(f"param_dtype must be one of {', '.join(PARAM_DTYPES)}")
+    if param_dtype == "bfloat16-sr" and importlib.util.find_spec("torchao") is None:
+        raise SpecError(TORCHAO_MISSING)
     if compile not in COMPILE_MODES:
         raise SpecError(f"compile must be one of {', '.join(COMPILE_MODES)}")
     if device not in DEVICES:
@@ -443,7 +450,10 @@ class StepSpec:
     param_dtype: str = field(default="auto", metadata={
         "help": "auto: float32 weights, bf16 autocast on a GPU that has bf16 and float32 on CPU; float32: float32 "
                 "weights and compute; bfloat16: the policy, its reference pass and AdamW's states in bf16 (pure "
-                "bf16; the checkpoint is saved in bf16)."})
+                "bf16: at DPO's learning rates most weights cannot move); bfloat16-master: bf16 weights and compute, "
+                "AdamW over float32 master copies of them; bfloat16-sr: bf16 weights, AdamW's update rounded "
+                "stochastically to bf16 (torchao, the perf extra). The checkpoint of each bf16 setting is saved in "
+                "bf16."})
     compile: str = field(default="off", metadata={
         "help": "off; layers: torch.compile of each decoder layer (regional: one graph all layers share; the "
                 "first batches pay the compile time). Same loss either way."})
@@ -500,6 +510,9 @@ class StepSpec:
                                 activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens,
                                 attention=spec.attention, group_by_length=spec.group_by_length,
                                 reference_batch_size=spec.reference_batch_size)
+        if spec.param_dtype in ("bfloat16-master", "bfloat16-sr") and spec.strategy == "fsdp":
+            raise SpecError(f"param_dtype {spec.param_dtype} is not proven with distributed.strategy fsdp (sharded "
+                            "master weights); use ddp, or param_dtype auto")
         if spec.compile != "off" and spec.strategy == "fsdp":
             raise SpecError("compile layers is not proven with distributed.strategy fsdp; use ddp or compile off")
         return spec

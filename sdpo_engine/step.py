@@ -124,7 +124,8 @@ def load_policy(path: str | Path, device: str, attention: str = "auto", param_dt
     config = AutoConfig.from_pretrained(path)
     config_keys = _zero_dropout_in_config(config)
     # float32 weights by default: on CPU that is the only fast path; on GPU the trainer's bf16 autocast does
-    # mixed precision while the optimizer keeps float32 master weights. param_dtype bfloat16: pure bf16.
+    # mixed precision while the optimizer keeps float32 master weights. The bf16 param_dtypes: bf16 weights
+    # (precision.py: pure bf16, float32 masters in the optimizer, or stochastic rounding).
     impl: dict[str, str] = {}
     if attention == "sdpa":
         impl["attn_implementation"] = "sdpa"
@@ -216,8 +217,8 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
                pad_to: int | None = None, param_dtype: str = "auto", **overrides):
     """TRL's DPOConfig for one step. Every value that differs from TRL's defaults says why.
 
-    `param_dtype` is the spec's: "auto" keeps bf16 autocast on a GPU that has bf16, "float32" and
-    "bfloat16" (weights already bf16, load_policy) run without autocast.
+    `param_dtype` is the spec's: "auto" keeps bf16 autocast on a GPU that has bf16, "float32" and the bf16
+    settings (weights already bf16, load_policy) run without autocast.
 
     `pad_to` is the spec's `pad_to_multiple_of` (None: the device's default, see `pad_to_multiple_of`).
     """
@@ -275,9 +276,12 @@ def dpo_config(cfg: StepConfig, output_dir: str, device: str, *, save_steps: int
 
 
 def param_torch_dtype(param_dtype: str) -> str:
-    """The dtype the weights load in for the spec's `param_dtype`: "bfloat16" for "bfloat16", else
+    """The dtype the weights load in for the spec's `param_dtype`: "bfloat16" for the bf16 settings
+    ("bfloat16", "bfloat16-master", "bfloat16-sr": they differ only by the optimizer, precision.py), else
     "float32" ("auto" and "float32"; "auto" differs from "float32" only by the GPU's autocast, dpo_config)."""
-    return "bfloat16" if param_dtype == "bfloat16" else "float32"
+    from .precision import BF16_SETTINGS
+
+    return "bfloat16" if param_dtype in BF16_SETTINGS else "float32"
 
 
 def bf16_frozen_share(model, learning_rate: float) -> float:
@@ -951,12 +955,13 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
     if spec.compile == "layers":  # in place, after the base samples, before a LoRA adapter; compiled at first use
         compile_layers(model)
-    if not spec.lora and (frozen := bf16_frozen_share(model, cfg.learning_rate)) > 0.5:
+    # Pure bf16 only: float32 masters keep every update, stochastic rounding keeps it in expectation.
+    if spec.param_dtype == "bfloat16" and not spec.lora and (frozen := bf16_frozen_share(model, cfg.learning_rate)) > 0.5:
         emit({"event": "warning", "code": "bf16_updates_lost", "step": spec.index, "frozen_share": frozen,
               "message": f"{frozen:.0%} of the bf16 weights cannot change under AdamW steps of learning_rate "
                          f"{cfg.learning_rate:g}: bf16 keeps 8 significant bits, so a weight w moves only by steps "
-                         "of about |w| x 2^-8 or more. Use param_dtype auto or float32 (float32 weights), or a "
-                         "larger learning rate"})
+                         "of about |w| x 2^-8 or more. Use param_dtype bfloat16-master (float32 master weights), "
+                         "auto or float32, or a larger learning rate"})
     peft_config = None
     if spec.lora:
         from peft import LoraConfig
@@ -981,6 +986,9 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                             peft_config=peft_config, pack=spec.packing, pack_tokens=spec.pack_tokens,
                             text_format=spec.text_format, group_by_length=spec.group_by_length)
     distributed.fsdp_on_cpu(trainer)
+    from .precision import use_param_dtype_optimizer
+
+    use_param_dtype_optimizer(trainer, spec.param_dtype)  # the bf16 settings' AdamW (precision.py)
     pairs_dropped = dropped_summary(trainer.pairs_dropped, lines)
     if pairs_dropped:
         emit({"event": "info", "phase": "pairs_dropped", "step": spec.index, "pairs": len(pairs),
