@@ -12,7 +12,7 @@ run (the budget skips those that would end past it):
 
   tuned        (a') TRL with precompute_ref_log_probs=True, gradient checkpointing off, bf16 on a GPU
   engine       the engine's step with the spec's defaults of the day
-  all          every lever of LEVERS at once (those the engine knows); if it fails with compile on,
+  all          every lever of ALL_LEVERS at once (those the engine knows); if it fails with compile on,
                all_but_compile runs next
   <lever>      each lever alone, on top of the defaults (LEVERS below)
 
