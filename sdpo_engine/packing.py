@@ -125,11 +125,9 @@ def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_len
     return prompt, chosen[:room], rejected[:room]
 
 
-def _rows_for(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
-    """Pair indices per row: one pair per row (`row_tokens` None or 0), else whole pairs first-fit by
-    decreasing length into rows of at most `row_tokens` tokens (a longer pair gets a row of its own)."""
-    if not row_tokens:
-        return [[i] for i in range(len(lengths))]
+def _first_fit(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Whole pairs first-fit by decreasing length into rows of at most `row_tokens` tokens (a longer
+    pair gets a row of its own)."""
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
@@ -144,13 +142,58 @@ def _rows_for(lengths: list[int], row_tokens: int | None) -> list[list[int]]:
     return rows
 
 
+def layout_cost(rows: list[list[int]], lengths: list[int], hidden_size: int, pad_to_multiple_of: int | None = None) -> float:
+    """Estimated FLOPs of a layout, in units of (linear-layer FLOPs of one token): R rows padded to the
+    longest, L tokens each, cost R * L * (1 + L / (6 * hidden)). Per layer a token costs ~12 h^2
+    multiply-adds in its linear layers (attention projections 4 h^2, MLP ~8 h^2) and 2 L h in attention
+    over a dense mask of L keys (scores and weighted values): the attention share is L / (6 h). The dense
+    block mask makes a packed row pay attention over all of it, which is what several pairs per row trade
+    against the padding they remove."""
+    longest = max(sum(lengths[i] for i in row) for row in rows)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    return len(rows) * longest * (1 + longest / (6 * hidden_size))
+
+
+def _rows_for(lengths: list[int], row_tokens: int | None, *, hidden_size: int | None = None,
+              pad_to_multiple_of: int | None = None) -> list[list[int]]:
+    """Pair indices per row: one pair per row (`row_tokens` None or 0), else whole pairs first-fit by
+    decreasing length into rows of at most `row_tokens` tokens.
+
+    With `hidden_size` (the step's collator), `row_tokens` is a cap: the batch takes the layout of least
+    `layout_cost` among one pair per row and first-fit rows capped at the longest pair, twice it, four
+    times it, ... up to `row_tokens`. Measured on CPU (bench/README.md, issue #21): at prompts 3x the
+    answers one pair per row (padding 1.07) ran 1.10x faster than one row of 8 pairs (padding 1.02), whose
+    dense mask costs attention over the whole row; on short pairs, packing won (1.04x). The loss does not
+    depend on the layout (tests/engine/test_perf_equivalence.py)."""
+    one_per_row = [[i] for i in range(len(lengths))]
+    if not row_tokens:
+        return one_per_row
+    if hidden_size is None:
+        return _first_fit(lengths, row_tokens)
+    best, best_cost = one_per_row, layout_cost(one_per_row, lengths, hidden_size, pad_to_multiple_of)
+    cap = max(lengths)
+    while cap <= row_tokens:
+        rows = _first_fit(lengths, cap)
+        cost = layout_cost(rows, lengths, hidden_size, pad_to_multiple_of)
+        if cost < best_cost:
+            best, best_cost = rows, cost
+        if len(rows) == 1:
+            break
+        cap = min(2 * cap, row_tokens) if cap < row_tokens else row_tokens + 1
+    return best
+
+
 def pack_examples(examples: list[dict[str, Any]], *, pad_token_id: int, max_length: int | None,
-                  pad_to_multiple_of: int | None = None, row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+                  pad_to_multiple_of: int | None = None, row_tokens: int | None = None,
+                  hidden_size: int | None = None) -> dict[str, torch.Tensor]:
     """The packed tensors of a batch.
 
     row_tokens: None or 0 puts one pair per row (rows padded to the longest pair); N > 0 puts several
     whole pairs in a row of at most N tokens, back to back (padding-free but for each row's tail),
-    each pair under its own block of the attention mask and its positions restarting at 0.
+    each pair under its own block of the attention mask and its positions restarting at 0. With
+    `hidden_size` (the model's), N is a cap and the batch takes the layout of least estimated FLOPs
+    (`_rows_for`, `layout_cost`).
 
     packed_input_ids / packed_position_ids / packed_segments: (R, L); the segment of a token is
     3 * k + kind for the k-th pair of its row, kind 0 = shared prompt, 1 = chosen branch, 2 = rejected
@@ -167,7 +210,8 @@ def pack_examples(examples: list[dict[str, Any]], *, pad_token_id: int, max_leng
     # per pair: (row, offset in the row, first token index, end) of its chosen and of its rejected tokens
     src_chosen: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(pairs)
     src_rejected: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(pairs)
-    for row, members in enumerate(_rows_for(lengths, row_tokens)):
+    for row, members in enumerate(_rows_for(lengths, row_tokens, hidden_size=hidden_size,
+                                            pad_to_multiple_of=pad_to_multiple_of)):
         ids_row: list[int] = []
         pos_row: list[int] = []
         seg_row: list[int] = []
@@ -232,11 +276,13 @@ class SharedPromptCollator:
 
     base: Any  # trl.trainer.dpo_trainer.DataCollatorForPreference
     row_tokens: int | None = None  # pack_examples' row_tokens: None/0 one pair per row, N several pairs per row
+    hidden_size: int | None = None  # the model's: N becomes a cap, the layout is chosen per batch by cost
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = self.base(examples)
         out.update(pack_examples(examples, pad_token_id=self.base.pad_token_id, max_length=self.base.max_length,
-                                 pad_to_multiple_of=self.base.pad_to_multiple_of, row_tokens=self.row_tokens))
+                                 pad_to_multiple_of=self.base.pad_to_multiple_of, row_tokens=self.row_tokens,
+                                 hidden_size=self.hidden_size))
         return out
 
 

@@ -425,7 +425,10 @@ def _define_trainer_class():
                 reason = packing.packing_unsupported(self.model, self.args)
             self.packing = reason
             if reason is None:
-                self.data_collator = packing.SharedPromptCollator(self.data_collator, row_tokens=self._pack_tokens)
+                # The model's width sets the attention share of a packed row's cost (packing.layout_cost).
+                hidden = getattr(_language_model_of(self.model).config, "hidden_size", None)
+                self.data_collator = packing.SharedPromptCollator(self.data_collator, row_tokens=self._pack_tokens,
+                                                                  hidden_size=hidden)
 
         @property
         def packed(self) -> bool:

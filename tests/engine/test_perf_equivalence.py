@@ -315,3 +315,21 @@ def test_activation_checkpointing_only_where_memory_needs_it(tmp_path, tiny_mode
     tight, tight_losses = run("tight")
     assert tight["activation_checkpointing"] is True
     assert max(abs(a - b) for a, b in zip(losses, tight_losses, strict=True)) < 1e-5
+
+
+def test_the_collator_picks_the_cheaper_layout_per_batch():
+    """With the model's width, pack_tokens is a cap: a batch of equal-length pairs (no padding to remove)
+    stays one pair per row, whose rows are short; a batch of a few long and many short pairs puts the short
+    ones together in rows no longer than the longest pair (nothing gets longer, rows go away). Without the
+    width, first-fit into rows of pack_tokens as before."""
+    even = [64] * 8
+    assert packing._rows_for(even, 2048, hidden_size=512) == [[i] for i in range(8)]
+    assert len(packing._rows_for(even, 2048)) == 1  # first-fit alone: one row of 512 tokens
+    skewed = [120] + [12] * 7
+    rows = packing._rows_for(skewed, 2048, hidden_size=512)
+    assert len(rows) < len(skewed) and sorted(i for row in rows for i in row) == list(range(8))
+    chosen = packing.layout_cost(rows, skewed, 512)
+    assert chosen < packing.layout_cost([[i] for i in range(8)], skewed, 512)
+    assert chosen <= packing.layout_cost(packing._first_fit(skewed, 2048), skewed, 512)
+    assert max(sum(skewed[i] for i in row) for row in rows) <= 2048
+    assert packing._rows_for(skewed, 0, hidden_size=512) == [[i] for i in range(8)]  # 0: one pair per row
