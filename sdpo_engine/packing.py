@@ -16,7 +16,9 @@ token attends to exactly the keys, at exactly the positions, it attends to in TR
 Several pairs share a row (`pack_tokens`, the step spec's; `pack_examples`' `row_tokens`): whole
 pairs back to back, first-fit by decreasing length into rows of at most that many tokens, each under
 its own diagonal block of the mask with positions restarting at 0, so a batch carries padding only at
-the tail of a row. The batch's pairs, their order in TRL's layout and so the loss are unchanged: only
+the tail of a row. The step's collator treats `pack_tokens` as a cap and gives each batch the layout of
+least estimated FLOPs (`layout_cost`): a dense mask makes a long packed row pay attention across all of
+its pairs, so equal-length pairs stay one per row and uneven ones share rows. The batch's pairs, their order in TRL's layout and so the loss are unchanged: only
 the tensors the model runs differ (bench/pack_floor.py: 1.01-1.03 tokens computed per unique token on
 the benchmark's shapes, against 1.07-1.83 with one pair per row and 1.8-3.3 for TRL).
 
@@ -57,11 +59,11 @@ PACKABLE_ATTENTION = frozenset({"sdpa", "eager", flex.FLEX_ATTENTION})
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                      "logits_scaling")
 
-# Packed row budget when the step spec leaves `pack_tokens` null: several pairs per row, at most this
-# many tokens. Measured on CPU against one pair per row (bench/README.md, issue #21: 1.14x the CPU
-# seconds of training on short pairs, padding 1.83 -> 1.02 tokens per unique token on the skewed mix);
-# 2048 bounds a row's mask (rows x 2048^2) and holds a batch of 8 pairs of max_length 128 in one row.
-# Not measured on a GPU, where one dense mask over a long row loses the causal kernels' skipping.
+# Packed row budget when the step spec leaves `pack_tokens` null: at most this many tokens per row, a
+# cap within which each batch's layout is chosen by `layout_cost` (bench/README.md, issue #21: several
+# per row won on short and skewed pairs, padding 1.83 -> 1.02 tokens per unique token on the skewed mix;
+# one per row won where pairs are of a length). 2048 bounds a row's mask (rows x 2048^2) and holds a
+# batch of 8 pairs of max_length 128 in one row. Not measured on a GPU.
 DEFAULT_PACK_TOKENS = 2048
 
 try:  # TRL's chunked log-prob kernel: the fused LM head without materialising the logits
