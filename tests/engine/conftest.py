@@ -41,3 +41,20 @@ def notemplate_model(tiny_model, tmp_path_factory):
     for name in ("chat_template.jinja", "chat_template.json"):
         (out / name).unlink(missing_ok=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def family_root(tmp_path_factory):
+    """A folder per test module for the decoder families built from the tiny model (llama, qwen2, qwen3...)."""
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    """12 pairs mixing both sources, a long context on some prompts, so prompts and answers differ in length
+    (the packing equivalence tests: test_perf_equivalence.py, test_flex_attention.py)."""
+    pairs = make_pairs(6, seed=5)
+    for i, p in enumerate(pairs):
+        if i % 3 == 0:
+            p["prompt"] = "Please answer politely and check your numbers. " + p["prompt"]
+    return write_jsonl(pairs, tmp_path / "pairs.jsonl")

@@ -29,7 +29,6 @@ import torch
 from sdpo_engine import flex, packing
 from sdpo_engine.config import StepConfig
 from sdpo_engine.data import load_pairs
-from sdpo_engine.sample_data import make_pairs, write_jsonl
 from sdpo_engine.step import SpecError, StepSpec, build_trainer, dpo_config, load_policy, to_trl_rows
 from tests.engine.test_perf_equivalence import (
     EDGE_EXAMPLES,
@@ -48,21 +47,6 @@ UNEVEN = EDGE_EXAMPLES + [
 # (max_length, row_tokens, pad_to_multiple_of): one pair per row; several pairs in some rows (25) with
 # truncation; every pair in one row; rows rounded up to 64 as on a GPU (padding tail in every row)
 LAYOUTS = ((None, None, None), (12, 25, None), (None, 1000, None), (None, 40, 64))
-
-
-@pytest.fixture(scope="module")
-def family_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("flex-families")
-
-
-@pytest.fixture()
-def pairs_file(tmp_path):
-    # as test_perf_equivalence's: 12 pairs, a long context on some prompts
-    pairs = make_pairs(6, seed=5)
-    for i, p in enumerate(pairs):
-        if i % 3 == 0:
-            p["prompt"] = "Please answer politely and check your numbers. " + p["prompt"]
-    return write_jsonl(pairs, tmp_path / "pairs.jsonl")
 
 
 @pytest.fixture()

@@ -21,7 +21,6 @@ import torch
 from sdpo_engine import packing
 from sdpo_engine.config import StepConfig
 from sdpo_engine.data import load_pairs
-from sdpo_engine.sample_data import make_pairs, write_jsonl
 from sdpo_engine.step import build_trainer, dpo_config, load_policy, run_step, to_trl_rows
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -54,21 +53,6 @@ def _family_model(root, family: str, tiny_model, *, attn: str = "sdpa"):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-@pytest.fixture(scope="module")
-def family_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("families")
-
-
-@pytest.fixture()
-def pairs_file(tmp_path):
-    # 12 pairs mixing both sources; a long context on some prompts so prompts and answers differ in length
-    pairs = make_pairs(6, seed=5)
-    for i, p in enumerate(pairs):
-        if i % 3 == 0:
-            p["prompt"] = "Please answer politely and check your numbers. " + p["prompt"]
-    return write_jsonl(pairs, tmp_path / "pairs.jsonl")
 
 
 def _two_sequence_logps64(model, examples, max_length):
