@@ -27,6 +27,18 @@ def _trainer_checkpoints(home, host: str, job_id: str, index: int = 1) -> list[i
                   for p in root.glob("attempt-*/trainer/checkpoint-*/trainer_state.json"))
 
 
+def _on_s3(make, moto_server, local: str, env: dict | None = None):
+    """A service whose store is a fresh moto bucket; its API's local folder is `local` (each worker
+    later gets its own by setting SDPO_STORAGE_DIR before it starts). Returns (service, bucket)."""
+    svc = make(env=env)
+    bucket = moto_server.new_bucket()
+    svc.env.update(moto_server.env())
+    svc.env["SDPO_STORAGE_URL"] = f"s3://{bucket}/sdpo"
+    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / local)
+    svc.start_api()
+    return svc, bucket
+
+
 def _bucket_keys(server, bucket: str) -> list[str]:
     return [o["Key"] for o in server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
 
@@ -34,12 +46,7 @@ def _bucket_keys(server, bucket: str) -> list[str]:
 @pytest.mark.slow
 def test_a_step_paused_on_one_host_resumes_on_another_from_the_same_global_step(
         make_service, moto_server, tmp_path):  # noqa: F811 (make_service: the imported fixture)
-    svc = make_service()
-    bucket = moto_server.new_bucket()
-    svc.env.update(moto_server.env())
-    svc.env["SDPO_STORAGE_URL"] = f"s3://{bucket}/sdpo"
-    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "api-local")
-    svc.start_api()
+    svc, bucket = _on_s3(make_service, moto_server, "api-local")
     svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "w1-local")
     w1 = svc.start_worker("w1")
     client = svc.client()
@@ -117,12 +124,7 @@ def test_a_training_file_the_store_cannot_serve_fails_the_step_with_storage_unav
     would spend every attempt on the same outage and end in `retries_exhausted`."""
     from tests.s3server import free_port
 
-    svc = make_service(env={"AWS_MAX_ATTEMPTS": "2"})
-    bucket = moto_server.new_bucket()
-    svc.env.update(moto_server.env())
-    svc.env["SDPO_STORAGE_URL"] = f"s3://{bucket}/sdpo"
-    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "api-local")
-    svc.start_api()
+    svc, bucket = _on_s3(make_service, moto_server, "api-local", env={"AWS_MAX_ATTEMPTS": "2"})
     svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "light-local")
     svc.start_worker("light", queues="light")  # prepares the job: reads the file from the store
     svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "train-local")
@@ -152,12 +154,7 @@ def test_a_crash_after_a_save_stores_the_state_and_spent_retries_remove_it(
     """A training process killed after a save (the OOM killer): its save goes into the bucket for
     the next attempt on any host; when the last attempt dies too, the job fails with
     retries_exhausted and its stored trainer state is removed."""
-    svc = make_service(env={"SDPO_MAX_STEP_ATTEMPTS": "2"})
-    bucket = moto_server.new_bucket()
-    svc.env.update(moto_server.env())
-    svc.env["SDPO_STORAGE_URL"] = f"s3://{bucket}/sdpo"
-    svc.env["SDPO_STORAGE_DIR"] = str(svc.home / "w1-local")
-    svc.start_api()
+    svc, bucket = _on_s3(make_service, moto_server, "w1-local", env={"SDPO_MAX_STEP_ATTEMPTS": "2"})
     svc.start_worker("w1")
     client = svc.client()
     file_id = upload_rows(client, tmp_path, training_rows(12))
