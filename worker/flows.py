@@ -48,6 +48,7 @@ import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -213,7 +214,7 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
     attempt_dir = workdir.new_attempt_dir(work, attempt)
     out_dir = attempt_dir / "output"
     resume_from = trainer_state.resume_point(db.storage(), job_id, index, attempt, work,
-                                             note=lambda *a, **k: _step_event(job_id, index, *a, **k))
+                                             note=partial(_step_event, job_id, index))
     recorded = claim.recorded_global_step
     if resume_from is not None:
         recorded = db.retrying(lambda: backfill_metrics(job_id, index, resume_from, recorded),
@@ -289,7 +290,7 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         # The child saved its trainer state and exited (a pause, or a SIGTERM from elsewhere); into
         # the store before the pause is recorded, so a resume on any host finds it.
         trainer_state.put_or_note(db.storage(), job_id, index, attempt, work,
-                                  note=lambda *a, **k: _step_event(job_id, index, *a, **k))
+                                  note=partial(_step_event, job_id, index))
         _in_session(lifecycle.step_paused, app, job_id, claim.step_id, attempt, outcome.stopped,
                     event_id=ids.new_id(ids.EVENT), what=f"record the pause of step {index} of {job_id}")
         return Outcome.STOP
@@ -306,7 +307,7 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             code = str(err["code"]) if err.get("code") in TRAINING_DATA_CODES else "invalid_training_data"
             return _fail_job(job_id, index, code, f"Step {index} failed: {message}")
         trainer_state.put_or_note(db.storage(), job_id, index, attempt, work,  # its last save, for any host
-                                  note=lambda *a, **k: _step_event(job_id, index, *a, **k))
+                                  note=partial(_step_event, job_id, index))
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
     done = _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work,
