@@ -66,11 +66,25 @@ CHILD_ENV_PREFIXES = ("PYTHON", "LC_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "
                       "OPENBLAS_", "GOTO_", "VECLIB_", "NUMEXPR_")
 
 
+# Credentials inside an allowed prefix: HF_TOKEN, HUGGING_FACE_HUB_TOKEN, HF_HUB_TOKEN, a *_API_KEY... The
+# engine never reaches a model hub (models are resolved to local or store paths before the step starts,
+# offline), so a hub token would only hand user-supplied files and templates a credential to leak.
+CHILD_ENV_SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "API_KEY", "ACCESS_KEY",
+                            "PRIVATE_KEY", "AUTH")
+
+
+def _child_may_see(name: str) -> bool:
+    if name in CHILD_ENV_NAMES:  # exact names, e.g. TOKENIZERS_PARALLELISM (a setting, not a token)
+        return True
+    upper = name.upper()
+    return name.startswith(CHILD_ENV_PREFIXES) and not any(marker in upper for marker in CHILD_ENV_SECRET_MARKERS)
+
+
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment an engine process gets: the allow-listed part of this process's
-    (`CHILD_ENV_NAMES`, `CHILD_ENV_PREFIXES`), unbuffered output, no progress bars, then `extra`."""
-    env = {name: value for name, value in os.environ.items()
-           if name in CHILD_ENV_NAMES or name.startswith(CHILD_ENV_PREFIXES)}
+    (`CHILD_ENV_NAMES`, `CHILD_ENV_PREFIXES`, minus credential-looking names inside the prefixes:
+    `CHILD_ENV_SECRET_MARKERS`), unbuffered output, no progress bars, then `extra`."""
+    env = {name: value for name, value in os.environ.items() if _child_may_see(name)}
     return {**env, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(extra or {})}
 
 

@@ -86,7 +86,8 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
     engine needs."""
     secrets = {"SDPO_ADMIN_KEY": service.admin_key, "SDPO_METRICS_TOKEN": "metrics-token-for-the-test",
                "AWS_SECRET_ACCESS_KEY": "aws-secret-for-the-test", "SDPO_DATABASE_URL": service.database_url,
-               "SDPO_BROKER_URL": service.broker_url}
+               "SDPO_BROKER_URL": service.broker_url, "HF_TOKEN": "hf_hub-token-for-the-test",
+               "HUGGING_FACE_HUB_TOKEN": "hf_legacy-token-for-the-test"}
     service.env.update({k: v for k, v in secrets.items() if k not in service.env})
     service.env["SDPO_PACKING"] = "off"  # a training setting: it must reach the step through its spec
     service.start_api()
