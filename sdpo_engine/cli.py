@@ -19,7 +19,16 @@ import json
 import sys
 from typing import TextIO
 
-from .protocol import ACTIVATION_CHECKPOINTING, DEVICES, PARTITION_STRATEGIES, TEXT_FORMATS
+from .protocol import (
+    ACTIVATION_CHECKPOINTING,
+    ATTENTION,
+    COMPILE_MODES,
+    DEVICES,
+    MAX_REFERENCE_BATCH_SIZE,
+    PARAM_DTYPES,
+    PARTITION_STRATEGIES,
+    TEXT_FORMATS,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +89,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="several pairs per packed row of at most N tokens (0: one pair per row; default: the engine's)")
     r.add_argument("--activation-checkpointing", choices=list(ACTIVATION_CHECKPOINTING), default="auto",
                    help="auto (default): only where a batch's activations would not fit in memory")
+    # The step spec's other training levers, with its names and values: param_dtype, compile, group_by_length and
+    # reference_batch_size are the worker's SDPO_PARAM_DTYPE, SDPO_COMPILE, SDPO_GROUP_BY_LENGTH and
+    # SDPO_REFERENCE_BATCH_SIZE; attention has no worker setting (the spec's default there).
+    r.add_argument("--attention", choices=list(ATTENTION), default="auto",
+                   help="auto (default): the model's own (sdpa where transformers has it); sdpa; flex: FlexAttention "
+                        "over the packed rows (CUDA and packing only)")
+    r.add_argument("--param-dtype", choices=list(PARAM_DTYPES), default="auto",
+                   help="auto (default): float32 weights, bf16 autocast on a GPU that has it; float32; bfloat16 (pure "
+                        "bf16, small updates lost); bfloat16-master (bf16 weights, AdamW over float32 masters); "
+                        "bfloat16-sr (bf16 weights, torchao's stochastic rounding: the perf extra)")
+    r.add_argument("--compile", choices=list(COMPILE_MODES), default="off",
+                   help="off (default): eager; layers: torch.compile of each decoder layer (same loss)")
+    r.add_argument("--group-by-length", action="store_true",
+                   help="batches of pairs of similar length (every pair once per epoch, same batch sizes, less "
+                        "padding) instead of TRL's order")
+    r.add_argument("--reference-batch-size", type=_reference_batch_size, metavar="N",
+                   help=f"pairs per batch of the reference pass, 1..{MAX_REFERENCE_BATCH_SIZE} (no gradients: larger "
+                        "fits; default: the engine's, max(batch size, 8)); same reference log-probs")
     r.add_argument("--quiet", action="store_true", help="print only the final table")
 
     s = sub.add_parser("step", help="run one step from a JSON spec (JSON lines on stdout)")
@@ -129,6 +156,17 @@ def _numbers(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+
+
+def _reference_batch_size(text: str) -> int:
+    """`--reference-batch-size`: a whole number in the spec's range (protocol.check_training_settings)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_REFERENCE_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_REFERENCE_BATCH_SIZE}, got {text!r}")
+    return value
 
 
 def _fmt(v, spec=".4f"):
@@ -298,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             lora={"r": args.lora_r, "alpha": 2 * args.lora_r} if args.lora_r else None, device=args.device,
             text_format=args.text_format, chat_template=chat_template, packing=args.packing,
             pad_to_multiple_of=args.pad_to_multiple_of, activation_checkpointing=args.activation_checkpointing,
-            pack_tokens=args.pack_tokens, emit=emit)
+            pack_tokens=args.pack_tokens, attention=args.attention, param_dtype=args.param_dtype,
+            compile=args.compile, group_by_length=args.group_by_length,
+            reference_batch_size=args.reference_batch_size, emit=emit)
     except (ConfigError, DataError, ModelError, PartitionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e, DataError) and e.report:

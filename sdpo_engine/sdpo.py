@@ -140,11 +140,14 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
              source_field: str = "source", lora: dict | None = None, device: str = "auto",
              text_format: str = "chat", chat_template: str | None = None, packing: bool = True,
              pad_to_multiple_of: int | None = None, activation_checkpointing: str = "auto",
-             pack_tokens: int | None = None, emit: Callable[[dict], None] | None = None) -> dict:
+             pack_tokens: int | None = None, attention: str = "auto", param_dtype: str = "auto",
+             compile: str = "off", group_by_length: bool = False, reference_batch_size: int | None = None,
+             emit: Callable[[dict], None] | None = None) -> dict:
     """Run a whole sDPO job in this process and return the summary (also written to summary.json).
 
-    `packing`, `pack_tokens`, `pad_to_multiple_of` and `activation_checkpointing` go into every step's spec
-    (protocol.StepSpec, which says what they do).
+    `packing`, `pack_tokens`, `pad_to_multiple_of`, `activation_checkpointing`, `attention`, `param_dtype`,
+    `compile`, `group_by_length` and `reference_batch_size` go into every step's spec (protocol.StepSpec,
+    which says what they do).
 
     Every input file is checked against the base model's tokenizer first (markup.check_pairs,
     naming the user's own lines): a file that cannot be trained as asked raises
@@ -165,7 +168,9 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     hyperparameters.setdefault("seed", seed)
     cfg = StepConfig.from_dict(hyperparameters)  # fail before any work on a bad value
     check_training_settings(device=device, packing=packing, pad_to_multiple_of=pad_to_multiple_of,
-                            activation_checkpointing=activation_checkpointing, pack_tokens=pack_tokens)
+                            activation_checkpointing=activation_checkpointing, pack_tokens=pack_tokens,
+                            attention=attention, param_dtype=param_dtype, compile=compile,
+                            group_by_length=group_by_length, reference_batch_size=reference_batch_size)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     user_emit = emit or (lambda e: None)
@@ -216,6 +221,8 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
                     "source_field": source_field, "text_format": text_format, "chat_template": chat_template,
                     "packing": packing, "pad_to_multiple_of": pad_to_multiple_of,
                     "activation_checkpointing": activation_checkpointing, "pack_tokens": pack_tokens,
+                    "attention": attention, "param_dtype": param_dtype, "compile": compile,
+                    "group_by_length": group_by_length, "reference_batch_size": reference_batch_size,
                 }, emit=relay)
             else:  # finished in an earlier run of the same command
                 summary = {**manifest["metrics"], "reference": manifest["reference"],

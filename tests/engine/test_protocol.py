@@ -150,3 +150,59 @@ def test_run_checks_the_training_settings_before_any_work(tmp_path, tiny_model, 
     assert main([*argv, "--out", str(tmp_path / "rows"), "--pack-tokens", "256"]) == 0
     manifest = read_manifest(tmp_path / "rows" / "step-1")
     assert manifest["training_settings"]["pack_tokens"] == manifest["training_applied"]["pack_tokens"] == 256
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--attention", "eager"), ("--param-dtype", "float16"), ("--compile", "model"),
+    ("--reference-batch-size", "0"), ("--reference-batch-size", "4097"), ("--reference-batch-size", "8.5"),
+])
+def test_run_refuses_a_bad_training_lever_naming_the_flag(tmp_path, flag, value, capsys):
+    from sdpo_engine.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--model", "sdpo-tiny", "--step-file", "a.jsonl", "--out", str(tmp_path / "run"), flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_passes_the_step_spec_training_levers_to_every_step(tmp_path, tiny_model, capsys, monkeypatch):
+    """attention, param_dtype, compile, group_by_length and reference_batch_size: the worker's step-spec keys,
+    here flags of the same names, recorded in the manifest as asked and as applied."""
+    from sdpo_engine import step
+    from sdpo_engine.cli import main
+
+    data = write_jsonl(make_pairs(8, seed=2), tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_model), "--step-file", str(data), "--out", str(out), "--device", "cpu",
+            "--batch-size", "4", "--max-length", "48", "--quiet"]
+    # Checked before any work, as in a spec: flex has no backward on CPU.
+    assert main([*argv, "--attention", "flex"]) == 2
+    assert "attention flex needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main([*argv, "--attention", "sdpa", "--param-dtype", "bfloat16-master", "--group-by-length",
+                 "--reference-batch-size", "16"]) == 0
+    manifest = read_manifest(out / "step-1")
+    assert manifest["training_settings"] == {
+        "device": "cpu", "packing": True, "pad_to_multiple_of": None, "activation_checkpointing": "auto",
+        "pack_tokens": None, "attention": "sdpa", "group_by_length": True, "reference_batch_size": 16,
+        "param_dtype": "bfloat16-master", "compile": "off"}
+    applied = manifest["training_applied"]
+    assert (applied["attention"], applied["param_dtype"], applied["group_by_length"],
+            applied["reference_batch_size"], applied["compiled_layers"]) == ("sdpa", "bfloat16-master", True, 16, 0)
+
+    # compile layers (CPU inductor takes minutes to train): the step's spec is what the flag asked for.
+    specs = []
+
+    class SpecSeen(Exception):  # not one main() turns into an exit code: the run stops at the first step
+        pass
+
+    def spec_only(spec, emit=None):
+        specs.append(spec)
+        raise SpecSeen
+
+    monkeypatch.setattr(step, "run_step", spec_only)
+    with pytest.raises(SpecSeen):
+        main([*argv, "--out", str(tmp_path / "compiled"), "--compile", "layers"])
+    assert StepSpec.from_dict(specs[0]).training_settings()["compile"] == "layers"
