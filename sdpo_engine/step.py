@@ -1082,7 +1082,12 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
                              "pad_to_multiple_of": args.pad_to_multiple_of,
                              "pack_tokens": trainer.pack_tokens,
                              "activation_checkpointing": memory["activation_checkpointing"],
-                             "param_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                             # The weights' dtype; bf16 weights of a bf16 setting by that setting's name, the
+                             # three differing only in the optimizer use_param_dtype_optimizer installed (it
+                             # refuses rather than falls back).
+                             "param_dtype": (spec.param_dtype if param_torch_dtype(spec.param_dtype) == "bfloat16"
+                                             and next(model.parameters()).dtype == torch.bfloat16
+                                             else str(next(model.parameters()).dtype).removeprefix("torch.")),
                              "autocast": "bfloat16" if args.bf16 else None,
                              "compiled_layers": compiled_layers(model),
                              "group_by_length": trainer.group_by_length,

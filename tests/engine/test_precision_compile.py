@@ -313,7 +313,9 @@ def test_master_weights_follow_the_float32_loss_curve_where_pure_bf16_stalls(tmp
     out = tmp_path / "out-bfloat16-master"
     manifest = read_manifest(out)
     assert manifest["training_settings"]["param_dtype"] == "bfloat16-master"
-    assert manifest["training_applied"]["param_dtype"] == "bfloat16" and manifest["training_applied"]["autocast"] is None
+    # Applied names the bf16 setting, not just the weights' dtype (all three train bf16 weights).
+    assert manifest["training_applied"]["param_dtype"] == "bfloat16-master"
+    assert manifest["training_applied"]["autocast"] is None
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     _, base = load_policy(tiny_model, "cpu", param_dtype="bfloat16-master")
@@ -390,8 +392,8 @@ def test_stochastic_rounding_follows_the_float32_loss_curve(tmp_path, tiny_model
     # Seen: at most 2.3e-4 apart per step, the last losses 1.4e-5 apart. The same bounds as the masters'.
     assert learned["bfloat16-sr"] > 0.85 * learned["float32"] > 0
     assert abs(curves["bfloat16-sr"][-1] - curves["float32"][-1]) < 0.1 * (LN2 - curves["float32"][-1])
-    states = read_manifest(tmp_path / "out-bfloat16-sr")["training_settings"]
-    assert states["param_dtype"] == "bfloat16-sr"
+    manifest = read_manifest(tmp_path / "out-bfloat16-sr")
+    assert manifest["training_settings"]["param_dtype"] == manifest["training_applied"]["param_dtype"] == "bfloat16-sr"
 
 
 # ---------------------------------------------------------------------------------------------
