@@ -106,8 +106,10 @@ def error_text(exc: APIError) -> str:
     return text
 
 
-def _print_json(data: Any, out: TextIO = sys.stdout) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
+def _print_json(data: Any, out: TextIO | None = None) -> None:
+    # The stream is read at call time (here and below): a default bound at import would keep a replaced
+    # sys.stdout (pytest's capture, a redirect) that may be closed since.
+    print(json.dumps(data, indent=2, ensure_ascii=False), file=out or sys.stdout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +259,9 @@ def _jobs_get(args: argparse.Namespace) -> int:
             _print_json(job)
         else:
             print(_job_line(job))
-            print_lineage(job, client.jobs.steps(args.job_id)["data"])
+            steps = client.jobs.steps(args.job_id)["data"]
+            print_lineage(job, steps)
+            print_gate(job, steps)
     return 0
 
 
@@ -326,7 +330,8 @@ class ProgressView:
             self.out.flush()
 
 
-def print_lineage(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO = sys.stdout) -> None:
+def print_lineage(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     chain = [job["model"]] + [s.get("output_checkpoint") or f"(step {s['index']} {s['status']})" for s in steps]
     print("lineage: " + " -> ".join(chain), file=out)
     print(f"{'step':>4}  {'status':<10} {'reference':<31} {'output':<31} {'first_loss':>10} {'gamma_ref':>9} "
@@ -341,6 +346,64 @@ def print_lineage(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO 
               f"{str(s.get('output_checkpoint') or '-'):<31} {f(m.get('first_loss')):>10} "
               f"{f(m.get('mean_gamma_ref'), '.3f'):>9} {f(m.get('last_loss')):>9} "
               f"{f(m.get('reward_accuracy'), '.3f'):>7} {f(m.get('reward_margin'), '.3f'):>7}", file=out)
+
+
+def _num(value: Any, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _gate_metric(metrics: dict[str, Any] | None, metric: str) -> float | None:
+    """A step's value of the gate's `metric` ("eval.<key>": its held-out metrics against the base)."""
+    section, _, key = metric.partition(".")
+    value = ((metrics or {}).get(section) or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def print_gate(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO | None = None) -> None:
+    """A gated sDPO job's gate (`method.sdpo.gate`) and its outcome per step; nothing for a job without one.
+
+    Per step: `passed` for a succeeded step that did not end the job (the server checks the gate in every
+    step's "succeeded" transaction, core/jobs/gates.py), `failed (reason)` for the job's `gate.failed_step`,
+    `-` for a step that did not succeed. Its value of the gate's metric, the delta the gate compares with
+    `min_delta` (step 1 against the base: 0 for the reward metrics, `drift.base_preference_accuracy` for
+    preference accuracy) and `drift.max_abs_per_token` (nats per token, against `max_drift`). The failed
+    step's numbers are the server's own (`job.gate`), then what the job's result is."""
+    out = out or sys.stdout
+    gate = ((job.get("method") or {}).get("sdpo") or {}).get("gate")
+    if not isinstance(gate, dict):
+        return
+    metric = gate.get("metric") or "-"
+    outcome = job.get("gate") or {}
+    failed = outcome.get("failed_step") if outcome.get("status") == "failed" else None
+    status = outcome.get("status") or "no outcome yet (checked after each step)"
+    if outcome.get("status") == "passed":
+        status += f" ({outcome.get('steps_checked')} steps checked)"
+    print(f"gate: {metric}, min_delta {_num(gate.get('min_delta'))}, max_drift {_num(gate.get('max_drift'))}, "
+          f"on_fail {gate.get('on_fail', 'stop')}: {status}", file=out)
+    print(f"{'step':>4}  {'gate':<20} {'value':>9} {'delta':>9} {'drift':>9}", file=out)
+    previous: float | None = None
+    for s in steps:
+        m = s.get("metrics") or {}
+        value = _gate_metric(m, metric)
+        if s["index"] == 1:
+            base = ((m.get("drift") or {}).get("base_preference_accuracy") if metric == "eval.preference_accuracy"
+                    else 0.0)
+            previous = float(base) if isinstance(base, (int, float)) else None
+        drift = (m.get("drift") or {}).get("max_abs_per_token")
+        delta = value - previous if value is not None and previous is not None else None
+        if s["index"] == failed:
+            verdict = f"failed ({outcome.get('reason')})"
+            value, delta, drift = outcome.get("value"), outcome.get("delta"), outcome.get("drift")
+        elif s["status"] == "succeeded":
+            verdict = "passed"
+        else:
+            verdict = f"- ({s['status']})"
+        print(f"{s['index']:>4}  {verdict:<20} {_num(value):>9} {_num(delta, '+.4f'):>9} {_num(drift):>9}", file=out)
+        previous = _gate_metric(m, metric)
+    if failed is not None:
+        then = ("rolled back to" if outcome.get("rolled_back") else "stopped; the result is")
+        print(f"gate failed after step {failed}: {then} step {outcome.get('result_step')} "
+              f"({outcome.get('result_checkpoint')}), {outcome.get('fine_tuned_model') or '-'}", file=out)
 
 
 def watch_job(client: SDPOClient, job_id: str, *, out: TextIO = sys.stdout) -> int:
@@ -359,6 +422,7 @@ def watch_job(client: SDPOClient, job_id: str, *, out: TextIO = sys.stdout) -> i
     steps = client.jobs.steps(job_id)["data"]
     print("", file=out)
     print_lineage(job, steps, out=out)
+    print_gate(job, steps, out=out)
     print(f"\njob {job['id']} {job['status']}" + (f": {job['fine_tuned_model']}" if job.get("fine_tuned_model") else "")
           + (f" ({job['error']['message']})" if job.get("error") else ""), file=out)
     return 0 if job["status"] == "succeeded" else 1
