@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for shape in ("short", "prompt3x", "multiturn", "skewed"):
             data = Path(tmp) / f"{shape}.jsonl"
-            make_shape(data, shape, args.pairs, seed=0)
+            make_shape(data, shape, args.pairs, seed=0, tokenizer=tok, max_length=ml)
             examples = [chat_tokenize(tok, row) for row in to_trl_rows(load_pairs(data), tok)]
             lengths = [packing.truncated_lengths(e, ml) for e in examples]
             unique = sum(sum(x) for x in lengths)

@@ -133,9 +133,12 @@ def main() -> None:
           "batch_size": args.batch_size, "max_length": args.max_length, "warmup_ratio": 0.0, "seed": 0}
     sides = ("a'", "b", "b3")
     runs: dict[str, list[_Clock]] = {s: [] for s in sides}
+    from transformers import AutoTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "pairs.jsonl"
-        make_shape(data, args.shape, args.pairs, seed=0)
+        make_shape(data, args.shape, args.pairs, seed=0, tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                   max_length=args.max_length)
         for _ in range(args.repeats):
             for side in sides:
                 runs[side].append(_run(side, model_dir, data, hp))

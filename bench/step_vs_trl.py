@@ -25,6 +25,9 @@ claims. Columns:
   floor a'/b      tokens each side's forward passes cover per unique token of the data (prompt +
                   answers after truncation, no padding): TRL runs the prompt twice, the engine once
                   plus one token per pair; padding comes on top of both
+  run a'/b        tokens each side's forward passes did run per unique token and pass (reference pass +
+                  each epoch), padding included: counted at the embedding in the timed runs, so the
+                  FLOP-floor ratio as measured (1.00 = every unique token once per pass)
 With --unpacked, (b2) is the engine with packing off (the spec's `packing: false`) (two sequences per pair, as TRL).
 With --one-per-row, (b3) is the engine packing one pair per row (the spec's `pack_tokens: 0`, the layout
 before issue #21's multi-pair rows): column `wall b3/b`. --pack-tokens N sets (b)'s `pack_tokens`
@@ -75,8 +78,30 @@ def make_data(path: Path, n_pairs: int, prompt_ratio: float, seed: int) -> None:
     write_jsonl(rows, path)
 
 
-def make_shape(path: Path, shape: str, n_pairs: int, seed: int) -> None:
-    """Pairs of one of the data shapes of issue #21 (see the module docstring)."""
+def _long_prompt(prompt: str, answer: str, tokenizer, target_tokens: int) -> str:
+    """`prompt` behind as many words of FILLER as bring prompt + `answer` to about `target_tokens` tokens
+    of `tokenizer` (the chat template's few tokens on top)."""
+    words = (FILLER * (4 * target_tokens // len(FILLER.split()) + 4)).split()
+
+    def length(k: int) -> int:
+        return len(tokenizer(" ".join(words[:k] + [prompt, answer]))["input_ids"])
+
+    lo, hi = 0, len(words)  # the least k whose length reaches the target (length grows with k)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if length(mid) < target_tokens else (lo, mid)
+    return " ".join(words[:lo] + [prompt])
+
+
+def make_shape(path: Path, shape: str, n_pairs: int, seed: int, *, tokenizer=None,
+               max_length: int | None = None) -> None:
+    """Pairs of one of the data shapes of issue #21 (see the module docstring).
+
+    `skewed` with `tokenizer` and `max_length`: its long pairs take 50-90 % of `max_length` in that
+    tokenizer's tokens, so they are trained, not dropped, whatever the model. Without them the long
+    prompts are FILLER x 3, which on a small vocabulary (the tiny models' 512 tokens: FILLER is 71 of
+    them) is longer than a max_length of 128: TRL and the engine both drop such pairs (the prompt fills
+    max_length), and the mix trained is not skewed at all."""
     from sdpo_engine.sample_data import make_pairs, write_jsonl
 
     if shape == "prompt3x":
@@ -97,14 +122,19 @@ def make_shape(path: Path, shape: str, n_pairs: int, seed: int) -> None:
     elif shape == "skewed":
         for r in rows:
             if rng.random() < 0.125:
-                r["prompt"] = FILLER * 3 + r["prompt"]
+                if tokenizer is None or not max_length:
+                    r["prompt"] = FILLER * 3 + r["prompt"]
+                else:
+                    answer = max(r["chosen"], r["rejected"], key=len)
+                    r["prompt"] = _long_prompt(r["prompt"], answer, tokenizer, int(max_length * rng.uniform(0.5, 0.9)))
     elif shape != "short":
         raise SystemExit(f"unknown shape {shape}")
     write_jsonl(rows, path)
 
 
-def floor_ratios(model_dir: str, data: Path, max_length: int) -> tuple[float, float]:
-    """(TRL, engine) tokens computed per unique token, without padding (see the docstring)."""
+def floor_ratios(model_dir: str, data: Path, max_length: int) -> tuple[float, float, int]:
+    """(TRL, engine) tokens computed per unique token, without padding (see the docstring), and the
+    unique tokens of the pairs both train (a prompt that fills max_length drops its pair in both)."""
     from transformers import AutoTokenizer
 
     from sdpo_engine.data import load_pairs
@@ -115,12 +145,30 @@ def floor_ratios(model_dir: str, data: Path, max_length: int) -> tuple[float, fl
     trl = engine = unique = 0
     for row in to_trl_rows(load_pairs(data), tok):
         ids = chat_tokenize(tok, row)
-        p = min(len(ids["prompt_ids"]), max_length)
+        if len(ids["prompt_ids"]) >= max_length:
+            continue
+        p = len(ids["prompt_ids"])
         c, r = (min(len(ids[k]), max_length - p) for k in ("chosen_ids", "rejected_ids"))
         unique += p + c + r
         trl += 2 * p + c + r
         engine += p + 1 + c + r
-    return trl / unique, engine / unique
+    return trl / unique, engine / unique, unique
+
+
+def count_forward_tokens() -> list[int]:
+    """A one-item list that counts the token positions every forward pass of any model runs (the
+    input_ids its input embedding looks up, padding included) from now on in this process."""
+    import torch
+
+    seen = [0]
+
+    def hook(module, args):
+        if isinstance(module, torch.nn.Embedding) and args and isinstance(args[0], torch.Tensor) \
+                and not args[0].is_floating_point():
+            seen[0] += args[0].numel()
+
+    torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    return seen
 
 
 def child(args) -> None:
@@ -135,6 +183,7 @@ def child(args) -> None:
 
     from sdpo_engine.step import run_step
 
+    forward_tokens = count_forward_tokens()
     t0 = time.perf_counter()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     hp = json.loads(args.hparams)
@@ -163,6 +212,7 @@ def child(args) -> None:
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     print(json.dumps({"variant": args.child, "wall": wall, "cpu": cpu, "train_seconds": train_seconds,
                       "reference_seconds": reference_seconds, "tokens": tokens, "peak_mb": r1.ru_maxrss / 1024,
+                      "forward_tokens": forward_tokens[0],
                       "losses": losses}))
 
 
@@ -222,17 +272,20 @@ def main() -> None:
               f"{'|loss a-b|':>11} {'a wall s':>9} {'b wall s':>9} {'b ref s':>8} {'a MB':>6} {'b MB':>6}")
     if args.tuned:
         header += (f" {'wall a`/b':>10} {'cpu a`/b':>9} {'mem b/a`':>9} {'|loss a`-b|':>12} {'a` wall s':>10}"
-                   f" {'floor a`':>8} {'floor b':>8}")
+                   f" {'floor a`':>8} {'floor b':>8} {'run a`':>7} {'run b':>6}")
     if args.unpacked:
         header += f" {'wall a/b2':>10} {'mem b2/a':>9}"
     if args.one_per_row:
         header += f" {'wall b3/b':>10} {'cpu b3/b':>9} {'mem b/b3':>9}"
     print(header)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # sizes the skewed mix's long pairs (make_shape)
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes or args.prompt_ratio:
             data = Path(tmp) / f"pairs-{shape}.jsonl"
             if args.shapes:
-                make_shape(data, shape, args.pairs, seed=0)
+                make_shape(data, shape, args.pairs, seed=0, tokenizer=tokenizer, max_length=args.max_length)
             else:
                 make_data(data, args.pairs, shape, seed=0)
             floor = floor_ratios(model_dir, data, args.max_length) if args.tuned else None
@@ -261,6 +314,9 @@ def main() -> None:
                 def tps(x):
                     return x["tokens"] / x["train_seconds"]
 
+                def run_ratio(x, unique, epochs):  # forward tokens per unique token and pass
+                    return med(lambda one: one[x]["forward_tokens"] / (unique * (1 + epochs)))
+
                 def loss_diff(x, runs=runs):
                     return max(max((abs(u - v) for u, v in zip(r[x]["losses"], r["b"]["losses"], strict=True)),
                                    default=float("nan")) for r in runs)
@@ -281,7 +337,8 @@ def main() -> None:
                     line += (f" {med(lambda r: r['t']['wall'] / r['b']['wall']):>10.2f} "
                              f"{med(lambda r: r['t']['cpu'] / r['b']['cpu']):>9.2f} "
                              f"{med(lambda r: r['b']['peak_mb'] / r['t']['peak_mb']):>9.2f} {loss_diff('t'):>12.1e} "
-                             f"{med(lambda r: r['t']['wall']):>10.1f} {floor[0]:>8.2f} {floor[1]:>8.2f}")
+                             f"{med(lambda r: r['t']['wall']):>10.1f} {floor[0]:>8.2f} {floor[1]:>8.2f}"
+                             f" {run_ratio('t', floor[2], epochs):>7.2f} {run_ratio('b', floor[2], epochs):>6.2f}")
                 if args.unpacked:
                     line += (f" {med(lambda r: r['a']['wall'] / r['b2']['wall']):>10.2f} "
                              f"{med(lambda r: r['b2']['peak_mb'] / r['a']['peak_mb']):>9.2f}")
