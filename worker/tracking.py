@@ -2,11 +2,16 @@
 already recorded, by the worker process, after each step and when the job ends.
 
 The worker calls `step_succeeded` once a step's checkpoint is recorded and `job_ended` when the
-job ends: it succeeded, failed, or was cancelled while a step ran (worker/flows.py). Both read the job from the database (the step rows, their
-checkpoints and the per-optimizer-step `metrics` events the relay wrote) and send it to each
-integration. So the training child never talks to a tracker (it needs no network to one, and a
-slow tracker never slows training), and what is tracked is exactly what the job's log says,
-backfilled metrics of a resumed attempt included.
+job ends: it succeeded, failed, or was cancelled while a step ran (worker/flows.py). A job cancelled
+while no step ran (queued, paused, between two steps) has no worker to see it: the cancel
+(core.jobs.lifecycle.cancel_job) sends task `sdpo.job_ended` for a job with integrations, and a
+light worker runs `job_ended` for it. Each call reads the job from the database (the step rows,
+their checkpoints and the per-optimizer-step `metrics` events the relay wrote) and sends it to each
+integration; on Postgres the calls for one job take turns (an advisory lock), so a cancel's task
+and the worker that stopped the running step never both create the job's MLflow run. So the
+training child never talks to a tracker (it needs no network to one, and a slow tracker never
+slows training), and what is tracked is exactly what the job's log says, backfilled metrics of a
+resumed attempt included.
 
 A tracker that fails (down, refused, slow, a bad setting) never fails the step or the job: the
 failure becomes a `warn` event on the job (data `{"integration", "error"}`) and training goes on.
@@ -19,7 +24,11 @@ was away is written by the next call.
   axis (`_step`) is the optimizer step counted across the job; each row also carries `sdpo_step`
   (k) and `global_step` (within step k). Train metrics are `train/<TRL name>`; each step's results
   `step/<name>` (first_loss, last_loss, mean_gamma_ref, reward_accuracy, reward_margin, pairs,
-  pairs_used, train_seconds) and held-out ones `eval/<name>`, at the step's last optimizer step.
+  pairs_used, train_seconds), held-out ones `eval/<name>` and the policy's drift from the job's
+  base model on the held-out pairs `drift/<name>` (sdpo_engine/drift.py: pairs, chosen_logratio,
+  rejected_logratio in nats per answer, chosen_logratio_per_token, rejected_logratio_per_token,
+  max_abs_per_token in nats per token, reward_margin, base_preference_accuracy), at the step's
+  last optimizer step.
   The config holds the job's settings and, per step, its hyperparameters and lineage
   (`steps.<k>.reference_checkpoint`, `…reference_sha256`, `…output_checkpoint`, `…output_sha256`);
   the summary has `final_checkpoint`, `final_checkpoint_sha256` and `fine_tuned_model` once the
@@ -28,7 +37,8 @@ was away is written by the next call.
 - **mlflow**: one parent run per job (tag `sdpo.job_id`, name `run_name` or the job id) in
   `experiment_name` (default `sdpo`); one nested run per step (tags `mlflow.parentRunId`,
   `sdpo.step`; name `step-k`) with the step's hyperparameters as params, its metrics per optimizer
-  step (MLflow step = global_step), its results, and its lineage as tags
+  step (MLflow step = global_step), its results (`step/…`, `eval/…`, `drift/…`, as for W&B), and
+  its lineage as tags
   (`sdpo.reference_checkpoint`, `sdpo.reference_sha256`, `sdpo.policy_init_checkpoint`,
   `sdpo.output_checkpoint`, `sdpo.output_sha256`; step 1 of a job on a registered model has
   `sdpo.reference_model` instead). The parent has the job's params, each step's results as
@@ -57,9 +67,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from celery import shared_task
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core.jobs import repository
+from core.jobs.lifecycle import JOB_ENDED
 from core.jobs.repository import add_event
 from core.settings import Settings, get_settings
 from worker import db
@@ -160,15 +173,46 @@ def job_ended(job_id: str, settings: Settings | None = None) -> None:
     _track(job_id, None, settings or get_settings())
 
 
+@shared_task(name=JOB_ENDED, ignore_result=True)
+def job_ended_task(job_id: str) -> None:
+    """Task `sdpo.job_ended` (job_id), sent by the cancel of a job with integrations (no worker may
+    be running one of its steps to see the cancel): `job_ended` with the worker's settings.
+    A shared task, so importing this module (worker.tasks does, through worker.flows) registers
+    it on the worker's app without importing worker.app here."""
+    job_ended(job_id)
+
+
 def _track(job_id: str, index: int | None, settings: Settings) -> None:
     try:
         with db.session() as s:
+            if _take_turn(s, job_id):  # held until this session ends: read and write in turn
+                _write_all(read_job(s, job_id), index, settings)
+                return
             job = read_job(s, job_id)
     except Exception:  # the database away: tracking is not worth failing the step for
         log.warning("tracking of %s: the job could not be read", job_id, exc_info=True)
         return
+    _write_all(job, index, settings)
+
+
+def _take_turn(session: Session, job_id: str) -> bool:
+    """Postgres: wait for the job's other tracking call (a cancel's `sdpo.job_ended` task and the
+    worker that stopped the running step both end the job's runs) and hold a transaction-scoped
+    advisory lock until `session` ends; True. SQLite: False, nothing taken (its transactions hold
+    the one write lock, so none may stay open across a tracker's I/O; the embedded mode's single
+    worker process runs one task at a time anyway)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"tracking:{job_id}"})
+    return True
+
+
+def _write_all(job: JobRecord | None, index: int | None, settings: Settings) -> None:
+    """Send `job` to each of its integrations (a failure is a warn event); nothing for no job, or
+    for the end (`index` None) of a job that has not ended. Never raises."""
     if job is None or (index is None and job.status not in _ENDED):
         return
+    job_id = job.id
     for integration in job.integrations:
         kind = integration.get("type")
         try:
@@ -199,11 +243,13 @@ def _numbers(values: dict[str, Any], skip: set[str] | frozenset[str] = frozenset
 
 
 def _step_results(step: StepRecord) -> dict[str, float]:
-    """`step/<name>` and `eval/<name>` of a step's results."""
+    """`step/<name>`, `eval/<name>` and `drift/<name>` of a step's results (the numbers only: a
+    step without a held-out set has no eval and no drift)."""
     out = {f"step/{k}": v for k, v in _numbers({k: step.results.get(k) for k in _STEP_RESULTS}).items()}
-    evaluation = step.results.get("eval")
-    if isinstance(evaluation, dict):
-        out.update({f"eval/{k}": v for k, v in _numbers(evaluation).items()})
+    for group in ("eval", "drift"):
+        values = step.results.get(group)
+        if isinstance(values, dict):
+            out.update({f"{group}/{k}": v for k, v in _numbers(values).items()})
     return out
 
 
@@ -350,7 +396,8 @@ def write_mlflow(job: JobRecord, cfg: dict[str, Any], settings: Settings) -> str
             client.log_batch(parent_id, tags=[RunTag(f"sdpo.{k}", str(v)) for k, v in job.final.items() if v])
         if job.status in _ENDED:
             client.set_tag(parent_id, "sdpo.status", job.status)
-            client.set_terminated(parent_id, _ENDED[job.status])
+            if parent.info.status != _ENDED[job.status]:  # once: a second end call keeps the end time
+                client.set_terminated(parent_id, _ENDED[job.status])
         return parent_id
 
 

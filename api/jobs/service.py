@@ -121,7 +121,7 @@ def change_state(db: Session, services: AppServices, principal: Principal, job_i
     """Cancel, pause or resume the owner's job (409 where its status does not allow it); return it."""
     job = find_job(db, principal, job_id, for_update=True)
     if action == "cancel":
-        cancel_job(db, job)
+        cancel_job(db, job, services.celery)
     elif action == "pause":
         pause_job(db, job)
     elif action == "resume":

@@ -62,12 +62,19 @@ def create_job(session: Session, app: Celery, job: Job, steps: list[JobStep], *,
     return job
 
 
-def cancel_job(session: Session, job: Job) -> Job:
+# (job_id): the job ended outside a worker's step (a cancel); its integrations' runs are closed
+# (worker/tracking.py). A name, like core.celery_config's: the API never imports the worker.
+JOB_ENDED = "sdpo.job_ended"
+
+
+def cancel_job(session: Session, job: Job, app: Celery) -> Job:
     """Cancel now: the job and every unfinished step become `cancelled` in this transaction.
 
     A running step is marked cancelled too; the worker sees that on its next heartbeat and stops
     the training process. Cancelling is immediate (like OpenAI's) rather than a request, so a
-    job is never left waiting on a worker that may be gone.
+    job is never left waiting on a worker that may be gone. A job with integrations also gets
+    task `sdpo.job_ended` after the commit: when no step is running (queued, paused, between
+    steps) no worker would otherwise close its tracked runs (MLflow: KILLED).
     """
     if job.status not in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING,
                           JobStatus.PAUSING, JobStatus.PAUSED):
@@ -79,6 +86,8 @@ def cancel_job(session: Session, job: Job) -> Job:
             transition(step, StepStatus.CANCELLED)
     add_event(session, job.id, "Job cancelled.")
     session.flush()
+    if job.integrations:
+        enqueue_after_commit(session, app.signature(JOB_ENDED, args=(job.id,), immutable=True))
     return job
 
 

@@ -141,6 +141,8 @@ def test_mlflow_and_wandb_track_a_two_step_job(service, mlflow_server, tmp_path)
         assert tags["sdpo.output_sha256"] == sha[step["output_checkpoint"]]
         assert run.data.metrics["step/first_loss"] == pytest.approx(step["metrics"]["first_loss"])
         assert run.data.metrics["eval/reward_accuracy"] == pytest.approx(step["metrics"]["eval"]["reward_accuracy"])
+        drift = {k[len("drift/"):]: v for k, v in run.data.metrics.items() if k.startswith("drift/")}
+        assert drift == pytest.approx(step["metrics"]["drift"])  # the held-out pairs' drift from the base
     assert "sdpo.reference_checkpoint" not in children[1].data.tags  # step 1's reference is the base model
     assert children[1].data.tags["sdpo.reference_model"] == "sdpo-tiny"
     assert children[2].data.tags["sdpo.reference_checkpoint"] == steps[1]["output_checkpoint"]  # sDPO's chain
@@ -182,3 +184,32 @@ def test_a_tracker_that_is_down_warns_and_training_goes_on(service, tmp_path):
                            lambda found: len(found) >= 3, "the job's end")
     assert [w["step"] for w in warnings] == [1, 2, None], warnings  # each step, then the job's end
     assert all(w["level"] == "warn" and "training goes on" in w["message"] for w in warnings)
+
+
+def test_a_job_cancelled_while_queued_ends_its_mlflow_run_killed(service, mlflow_server, tmp_path):
+    """No worker is running (so none runs a step of it) when the job is cancelled: the cancel's
+    `sdpo.job_ended` task, taken by the worker once it starts, closes the job's run as KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    service.env["SDPO_MLFLOW_TRACKING_URI"] = mlflow_server
+    service.start_api()
+    client = service.client()
+    train, _held = sample_files(tmp_path)
+    body = sdpo_job("sdpo-tiny", upload(client, train))
+    body["integrations"] = [{"type": "mlflow", "mlflow": {"experiment_name": "sdpo-e2e-cancel"}}]
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    job_id = r.json()["id"]
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    service.start_worker("w1")
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server)
+    runs = _eventually(
+        lambda: (mlflow.search_runs([e.experiment_id], filter_string=f"tags.`sdpo.job_id` = '{job_id}'")
+                 if (e := mlflow.get_experiment_by_name("sdpo-e2e-cancel")) else []),
+        lambda runs: any(r.info.status != "RUNNING" for r in runs), "the cancel")
+    [parent] = runs  # the job's run only: no step ran
+    assert (parent.info.status, parent.data.tags["sdpo.status"]) == ("KILLED", "cancelled"), service.logs()
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "cancelled"
+    assert not [e for e in _events(client, job_id) if (e["data"] or {}).get("integration")]

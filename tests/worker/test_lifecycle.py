@@ -298,17 +298,40 @@ def test_create_job_rolled_back_writes_and_sends_nothing(db, clean_state, base_m
     assert _chains(redis_client, settings, job.id) == []
 
 
-def test_cancel_job_cancels_the_job_and_its_unfinished_steps_once(db, make_job):
+def _tasks(redis_client, settings, job_id: str) -> list[str]:
+    """The single tasks (no chain) waiting for `job_id` in the light queue, by name."""
+    out = []
+    for message in queued_messages(redis_client, settings.light_queue):
+        args, _kwargs, embed = json.loads(base64.b64decode(message["body"]))
+        if args[:1] == [job_id] and not embed["chain"]:
+            out.append(message["headers"]["task"])
+    return out
+
+
+def test_cancel_job_cancels_the_job_and_its_unfinished_steps_once(db, make_job, app, redis_client, settings):
     job = make_job(steps=("succeeded", "running"))
-    lifecycle.cancel_job(db, db.get(Job, job.id))
+    lifecycle.cancel_job(db, db.get(Job, job.id), app)
     db.commit()
     assert _statuses(db, job.id) == ("cancelled", ["succeeded", "cancelled"])
     assert _messages(db, job.id) == ["Job cancelled."]
+    assert _tasks(redis_client, settings, job.id) == []  # no integrations: nothing to close
     with pytest.raises(Conflict) as refused:
-        lifecycle.cancel_job(db, db.get(Job, job.id))
+        lifecycle.cancel_job(db, db.get(Job, job.id), app)
     assert refused.value.code == "job_not_cancellable"
     db.rollback()
     assert _messages(db, job.id) == ["Job cancelled."]
+
+
+def test_cancelling_a_tracked_job_sends_job_ended_after_the_commit(db, make_job, app, redis_client, settings):
+    job = make_job(status="paused", steps=("succeeded", "pending"))
+    job.integrations = [{"type": "mlflow", "mlflow": {"tracking_uri": None, "experiment_name": None,
+                                                      "run_name": None}}]
+    db.commit()
+    lifecycle.cancel_job(db, db.get(Job, job.id), app)
+    assert _tasks(redis_client, settings, job.id) == []  # nothing is sent before the commit
+    db.commit()
+    assert _tasks(redis_client, settings, job.id) == [lifecycle.JOB_ENDED]  # no worker runs a step to see it
+    assert _statuses(db, job.id) == ("cancelled", ["succeeded", "cancelled"])
 
 
 def test_pause_job_pauses_a_queued_job_at_once_and_asks_a_running_one(db, make_job):

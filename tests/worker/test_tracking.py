@@ -22,6 +22,11 @@ from tests.wandb_offline import wandb_run
 from worker import tracking
 
 LOSSES = {1: {1: 0.6931, 2: 0.61, 3: 0.55}, 2: {1: 0.6931, 2: 0.66}}
+# A step's drift from the base (sdpo_engine/drift.py's keys), as the step's metrics hold it.
+DRIFT = {k: {"pairs": 4, "chosen_logratio": -0.5 * k, "rejected_logratio": -1.5 * k,
+             "chosen_logratio_per_token": -0.05 * k, "rejected_logratio_per_token": -0.125 * k,
+             "reward_margin": 0.1 * k, "max_abs_per_token": 0.125 * k, "base_preference_accuracy": 0.75}
+         for k in (1, 2)}
 
 
 @pytest.fixture
@@ -59,7 +64,7 @@ def make_job(db, clean_state, base_model, worker_db):
             step.output_checkpoint_id, step.status = output.id, "succeeded"
             step.hyperparameters = {"beta": 0.1 * k, "learning_rate": 1e-3, "seed": 0}
             step.metrics = {"first_loss": LOSSES[k][1], "last_loss": LOSSES[k][max(LOSSES[k])],
-                            "eval": {"pairs": 4, "reward_accuracy": 0.25 * k}}
+                            "eval": {"pairs": 4, "reward_accuracy": 0.25 * k}, "drift": DRIFT[k]}
             if k == 2:
                 job.status, job.fine_tuned_model = "succeeded", f"ft:tiny-base:alice::{job.id}"
             db.commit()
@@ -107,11 +112,14 @@ def test_steps_and_the_end_reach_mlflow_and_wandb_once(make_job, settings, tmp_p
         assert run.data.params["beta"] == str(0.1 * k)
         assert run.data.tags["sdpo.output_sha256"] == f"{k}" * 64
         assert run.data.metrics["eval/reward_accuracy"] == 0.25 * k
+        assert {k_[len("drift/"):]: v for k_, v in run.data.metrics.items() if k_.startswith("drift/")} == DRIFT[k]
     assert steps[2].data.tags["sdpo.reference_checkpoint"] == steps[1].data.tags["sdpo.output_checkpoint"]
     assert steps[2].data.tags["sdpo.reference_sha256"] == "1" * 64
     assert steps[1].data.tags["sdpo.reference_model"] == "tiny-base"
     assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "eval/reward_accuracy")] \
         == [(1, 0.25), (2, 0.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "drift/max_abs_per_token")] \
+        == [(1, 0.125), (2, 0.25)]  # the gate's max_drift quantity, by sDPO step
 
     history, config, summary = wandb_run(tracking.wandb_dir(settings, job.id))
     rows = {(r["sdpo_step"], r["global_step"]): r["train/loss"] for r in history}
@@ -119,6 +127,8 @@ def test_steps_and_the_end_reach_mlflow_and_wandb_once(make_job, settings, tmp_p
     assert [r["_step"] for r in history] == [1, 2, 3, 4, 5]  # the optimizer step across the job
     assert config["steps"]["2"]["reference_sha256"] == "1" * 64 and config["hp.beta"] == 0.1
     assert summary["final_checkpoint_sha256"] == "2" * 64 and summary["fine_tuned_model"] == job.fine_tuned_model
+    assert [(r["sdpo_step"], r["drift/chosen_logratio"]) for r in history if "drift/chosen_logratio" in r] \
+        == [(1, -0.5), (2, -1.0)]
     assert len(list(tracking.wandb_dir(settings, job.id).parent.iterdir())) == 1  # no staging folder left
 
 
@@ -224,3 +234,73 @@ def test_a_failed_job_closes_its_runs_as_failed_and_a_running_one_is_left_alone(
     assert (parent.info.status, parent.data.tags["sdpo.status"]) == ("FAILED", "failed")
     assert "sdpo.final_checkpoint" not in parent.data.tags
     assert [r.data.tags["sdpo.step"] for r in runs if r.data.tags["sdpo.kind"] == "step"] == ["1"]
+
+
+def _mlflow_job(make_job, tmp_path, settings):
+    """A running 2-step job tracked to a real MLflow store (SQLite); (job, succeed, settings, client)."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = settings.model_copy(update={"mlflow_tracking_uri": store})
+    job, succeed = make_job([{"type": "mlflow", "mlflow": {"tracking_uri": None, "experiment_name": "e",
+                                                           "run_name": None}}])
+    return job, succeed, settings, MlflowClient(tracking_uri=store)
+
+
+def _job_runs(client, job_id: str) -> tuple[list, list]:
+    """(the job's parent runs, its step runs) in experiment `e`."""
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id],
+                              filter_string=f"tags.`sdpo.job_id` = '{job_id}'")
+    return ([r for r in runs if r.data.tags["sdpo.kind"] == "job"],
+            [r for r in runs if r.data.tags["sdpo.kind"] == "step"])
+
+
+def test_a_job_cancelled_between_steps_gets_its_run_killed_by_the_cancels_task(make_job, settings, tmp_path, db,
+                                                                               monkeypatch, redis_client):
+    from core.jobs import lifecycle
+    from core.queue import make_celery
+    from tests.conftest import queued_messages
+
+    job, succeed, settings, client = _mlflow_job(make_job, tmp_path, settings)
+    succeed(1)
+    tracking.step_succeeded(job.id, 1, settings)
+    [parent], _ = _job_runs(client, job.id)
+    assert parent.info.status == "RUNNING"
+
+    # The user cancels while step 2 waits for a worker: no worker's step sees it, the cancel's task must.
+    lifecycle.cancel_job(db, db.get(Job, job.id), make_celery(settings))
+    db.commit()
+    [message] = [m for m in queued_messages(redis_client, settings.light_queue)
+                 if m["headers"]["task"] == lifecycle.JOB_ENDED]
+    assert message["headers"]["argsrepr"] == repr((job.id,))
+    monkeypatch.setattr(tracking, "get_settings", lambda: settings)  # the worker's settings, as the task reads them
+    tracking.job_ended_task(job.id)  # what the light worker runs for that message
+    tracking.job_ended_task(job.id)  # and a redelivery: the end time stays
+    [parent], [step] = _job_runs(client, job.id)
+    assert (parent.info.status, parent.data.tags["sdpo.status"]) == ("KILLED", "cancelled")
+    assert step.data.tags["sdpo.step"] == "1" and step.info.status == "FINISHED"
+    assert parent.info.end_time is not None and _warnings(db, job.id) == []
+
+
+def test_two_end_calls_for_one_job_take_turns_and_create_one_parent_run(make_job, settings, tmp_path, db,
+                                                                       db_engine):
+    """A cancel's task and the worker that stopped the running step both end the job; on Postgres
+    the second waits for the first, so it finds the first's parent run instead of creating one."""
+    from sqlalchemy import text
+
+    job, succeed, settings, client = _mlflow_job(make_job, tmp_path, settings)
+    db.get(Job, job.id).status = "cancelled"  # cancelled during step 1: no run of the job exists yet
+    db.commit()
+    with db_engine.connect() as other:  # another tracking call of this job, holding its turn
+        other.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": f"tracking:{job.id}"})
+        waiting = threading.Thread(target=tracking.job_ended, args=(job.id, settings))
+        waiting.start()
+        waiting.join(1.5)
+        assert waiting.is_alive() and client.get_experiment_by_name("e") is None  # it waits its turn
+        other.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": f"tracking:{job.id}"})
+        other.commit()
+    waiting.join(60)
+    assert not waiting.is_alive()
+    tracking.job_ended(job.id, settings)  # the other caller, after it
+    [parent], steps = _job_runs(client, job.id)
+    assert (parent.info.status, steps) == ("KILLED", [])
