@@ -57,7 +57,7 @@ from celery import Celery
 from core import ids
 from core.clock import utcnow
 from core.jobs import lifecycle, repository
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from core.states import JOB_TERMINAL, JobStatus, StepStatus
 from core.storage import CorruptObject, StorageUnavailable
 from sdpo_engine.manifest import read_manifest, verify_checkpoint
@@ -282,15 +282,13 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
             log.warning("step %s of %s: attempt %s superseded by a newer attempt; stopped", index, job_id, attempt)
             return Outcome.STOP
         shutil.rmtree(work.parent, ignore_errors=True)  # the job is over: its trainer state goes
-        trainer_state.discard_job(db.storage(), job_id)
         _in_session(lifecycle.step_stopped_by_cancel, job_id, index, what="record a cancel")
-        tracking.job_ended(job_id, settings)
+        _job_ended(job_id, settings)
         return Outcome.STOP
     if outcome.returncode == ExitCode.STOPPED:
         # The child saved its trainer state and exited (a pause, or a SIGTERM from elsewhere); into
         # the store before the pause is recorded, so a resume on any host finds it.
-        trainer_state.put_or_note(db.storage(), job_id, index, attempt, work,
-                                  note=partial(_step_event, job_id, index))
+        _attempt_ended(job_id, index, attempt, work)
         _in_session(lifecycle.step_paused, app, job_id, claim.step_id, attempt, outcome.stopped,
                     event_id=ids.new_id(ids.EVENT), what=f"record the pause of step {index} of {job_id}")
         return Outcome.STOP
@@ -306,15 +304,11 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         if outcome.returncode == ExitCode.BAD_INPUT:  # bad spec or data: no retry can help
             code = str(err["code"]) if err.get("code") in TRAINING_DATA_CODES else "invalid_training_data"
             return _fail_job(job_id, index, code, f"Step {index} failed: {message}")
-        trainer_state.put_or_note(db.storage(), job_id, index, attempt, work,  # its last save, for any host
-                                  note=partial(_step_event, job_id, index))
+        _attempt_ended(job_id, index, attempt, work)  # its last save, for the next attempt on any host
         return _retry_or_fail(job_id, index, attempt, f"the training process failed ({message})",
                               settings=settings, app=app)
-    done = _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work,
+    return _succeeded(job_id, index, attempt, out_dir, outcome.result["summary"], outcome.last_metrics or {}, work,
                       settings)
-    if done is Outcome.CONTINUE:
-        tracking.step_succeeded(job_id, index, settings)  # the job's integrations; never raises
-    return done
 
 
 def _record_cache(job_id: str, index: int, name: str, folder: Path, hit: bool) -> None:
@@ -362,7 +356,8 @@ def _rescore(job_id: str, index: int, attempt: int, model: Path, claim: lifecycl
 def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: dict[str, Any],
                last_metrics: dict[str, Any], work: Path, settings: Settings) -> Outcome:
     """The engine exited 0 with its result (`summary`) and the checkpoint in `out_dir`: store it,
-    then record the step as succeeded; the trainer state in `work` goes."""
+    then record the step as succeeded and go through the step's end transition (or the job's, when
+    the job's gate ended it here)."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         return _fail_job(job_id, index, "step_failed", f"Step {index} wrote no checkpoint manifest")
@@ -391,15 +386,11 @@ def _succeeded(job_id: str, index: int, attempt: int, out_dir: Path, summary: di
     if recorded is None:
         db.storage().delete(uri)  # cancelled or handed to another attempt meanwhile
         return Outcome.STOP
-    # The trainer checkpoints (optimizer state included) are of no use once the step is done.
-    shutil.rmtree(work, ignore_errors=True)
-    trainer_state.discard_step(db.storage(), job_id, index)
     if recorded == lifecycle.ENDED_BY_GATE:  # the job's gate ended it here: as after finalize_job
         shutil.rmtree(work.parent, ignore_errors=True)
-        trainer_state.discard_job(db.storage(), job_id)
-        tracking.step_succeeded(job_id, index, settings)
-        tracking.job_ended(job_id, settings)
+        _job_ended(job_id, settings, last_step=index)
         return Outcome.STOP
+    _step_ended(job_id, index, work, settings)
     return Outcome.CONTINUE
 
 
@@ -407,19 +398,58 @@ def _retry_or_fail(job_id: str, index: int, attempt: int, reason: str, *, settin
                    app: Celery) -> Outcome:
     _in_session(lifecycle.attempt_failed, app, job_id, index, attempt, reason,
                 max_attempts=settings.max_step_attempts, what=f"requeue step {index} of {job_id}")
-    if _in_session(lambda s: getattr(repository.get_job(s, job_id), "status", None) in JOB_TERMINAL,
-                   what=f"read the status of {job_id}"):  # the retries are spent: no attempt resumes
-        trainer_state.discard_job(db.storage(), job_id)
-    tracking.job_ended(job_id, settings)  # when the retries are spent: the job failed
+    _end_if_failed(job_id, settings)
     return Outcome.STOP
 
 
 def _fail_job(job_id: str, index: int | None, code: str, message: str) -> Outcome:
     """The job fails with a readable error; its unfinished steps are cancelled (the failed one failed)."""
     _in_session(lifecycle.fail_job, job_id, index, code, message, what=f"fail {job_id}")
-    trainer_state.discard_job(db.storage(), job_id)
-    tracking.job_ended(job_id)  # closes the job's tracked runs as failed; never raises
+    _job_ended(job_id)
     return Outcome.STOP
+
+
+# ----------------------------------------------------------------------------------------------
+# The end transitions, one function each: what the end of an attempt, a step or a job does besides
+# its lifecycle call, whoever ended it (this worker, the job's gate, a cancel, the reaper).
+
+
+def _attempt_ended(job_id: str, index: int, attempt: int, work: Path) -> None:
+    """Attempt `attempt` of step `index` ended and another attempt may resume the step (a pause or a
+    SIGTERM: engine exit 75; a training process that failed in a way a retry may fix): the newest
+    complete trainer checkpoint in this host's work folder `work` goes into the store, for the next
+    attempt on any host. A failed upload is an event of the step (`trainer_state.put_or_note`)."""
+    trainer_state.put_or_note(db.storage(), job_id, index, attempt, work, note=partial(_step_event, job_id, index))
+
+
+def _step_ended(job_id: str, index: int, work: Path, settings: Settings) -> None:
+    """Step `index` succeeded and the job goes on: its trainer checkpoints (optimizer state
+    included), in this host's work folder `work` and in the store, are of no use any more, and the
+    job's integrations get the step (`tracking.step_succeeded`). A step that fails or is cancelled
+    ends its job with it: `_job_ended`. Never raises."""
+    shutil.rmtree(work, ignore_errors=True)
+    trainer_state.discard_step(db.storage(), job_id, index)
+    tracking.step_succeeded(job_id, index, settings)
+
+
+def _job_ended(job_id: str, settings: Settings | None = None, *, last_step: int | None = None) -> None:
+    """The job succeeded, failed or was cancelled: no attempt of any of its steps resumes, so their
+    stored trainer state goes, and its integrations get the end (`tracking.job_ended`: the final
+    checkpoint, or the runs closed as failed or killed). `last_step`: the step whose success ended
+    the job (its gate), tracked first. `settings`: the worker's (`get_settings()` when not given).
+    Never raises."""
+    trainer_state.discard_job(db.storage(), job_id)
+    if last_step is not None:
+        tracking.step_succeeded(job_id, last_step, settings or get_settings())
+    tracking.job_ended(job_id, settings)
+
+
+def _end_if_failed(job_id: str, settings: Settings, *, seconds: float | None = None) -> None:
+    """After `lifecycle.requeue_or_fail_step` (a failed attempt, or one the reaper found lost): the
+    job's end transition when that spent the step's retries and failed the job."""
+    if _in_session(lambda s: getattr(repository.get_job(s, job_id), "status", None) in JOB_TERMINAL,
+                   what=f"read the status of {job_id}", seconds=seconds):
+        _job_ended(job_id, settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,8 +462,7 @@ def finalize_job(job_id: str, *, settings: Settings) -> Outcome:
     if name is None:
         return Outcome.STOP
     shutil.rmtree(workdir.job_work_dir(settings, job_id), ignore_errors=True)
-    trainer_state.discard_job(db.storage(), job_id)
-    tracking.job_ended(job_id, settings)  # final checkpoint to the job's integrations; never raises
+    _job_ended(job_id, settings)
     return Outcome.CONTINUE
 
 
@@ -464,12 +493,21 @@ def _stale_cutoff(settings: Settings) -> datetime:
 
 
 def requeue_stale_steps(settings: Settings, app: Celery) -> int:
+    """Requeue the stale running step of each job (`lifecycle.requeue_stale_step`); one whose
+    retries that spent fails its job, which then goes through the job's end transition as a job
+    failed by its worker does. Returns how many steps were requeued."""
     seconds = _reap_retry_seconds(settings)
     stale = _in_session(lambda s: repository.jobs_with_stale_steps(s, _stale_cutoff(settings)),
                         what="find stale steps", seconds=seconds)
-    return sum(_in_session(lambda s, job_id=job_id: lifecycle.requeue_stale_step(
-                   s, app, job_id, _stale_cutoff(settings), max_attempts=settings.max_step_attempts),
-               what=f"requeue stale steps of {job_id}", seconds=seconds) for job_id in stale)
+    requeued = 0
+    for job_id in stale:
+        if _in_session(lambda s, job_id=job_id: lifecycle.requeue_stale_step(
+                           s, app, job_id, _stale_cutoff(settings), max_attempts=settings.max_step_attempts),
+                       what=f"requeue stale steps of {job_id}", seconds=seconds):
+            requeued += 1
+        else:  # its step beat meanwhile, or its retries are spent and the job failed
+            _end_if_failed(job_id, settings, seconds=seconds)
+    return requeued
 
 
 def resend_lost_work(settings: Settings, app: Celery, *, startup: bool = False) -> int:

@@ -1,20 +1,28 @@
 """A stopped step's trainer checkpoint through the store (worker/trainer_state.py), against the local
 folder store and the S3 store (a real moto server over HTTP, `moto_server` in tests/conftest.py):
 put on one "host" (a work folder), fetched by another (a work folder of its own), removed when the
-step or the job is over; a stored state that cannot be used is an event, never an error."""
+step or the job is over; a stored state that cannot be used is an event, never an error. And the
+reaper's end of a step (worker/flows.py) on real Postgres: a step whose retries it spends fails its
+job, whose stored trainer state goes as when its worker had failed it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from core.clock import utcnow
+from core.jobs import get_steps
+from core.models import Job
+from core.queue import make_celery
 from core.storage import LocalStorage, Storage
 from sdpo_engine.protocol import TRAINER_CHECKPOINT_SEAL
-from worker import trainer_state
+from tests.api.factories import file_row, job_row
+from worker import flows, trainer_state
 from worker.workdir import TRAINER_STATE
 
 JOB = "ftjob-abc"
@@ -195,3 +203,49 @@ def test_an_unreachable_store_is_an_event_not_an_error(tmp_path, monkeypatch):
     assert all("could not be reached" in d["reason"] for _, _, d in seen)
     assert "resumes from this worker's global step 4" in seen[1][1]
     trainer_state.discard_job(store, JOB)  # never raises
+
+
+# The reaper (worker/flows.py: requeue_stale_steps) against real Postgres and Redis, with the worker's
+# own store (the local folder store of `settings`).
+
+
+@pytest.fixture
+def worker_store(monkeypatch, settings, clean_state):
+    """worker.db's sessions and store on the test database and store (the worker reads its settings
+    from the environment)."""
+    import worker.db
+
+    monkeypatch.setattr(worker.db, "get_settings", lambda: settings)
+    worker.db.reset()
+    worker.db.storage.cache_clear()
+    yield worker.db.storage()
+    worker.db.reset()
+    worker.db.storage.cache_clear()
+
+
+def test_a_step_the_reaper_fails_after_its_retries_loses_its_stored_state_and_a_requeued_one_keeps_it(
+        db, settings, clean_state, base_model, worker_store, tmp_path):
+    stale = utcnow() - timedelta(seconds=settings.step_stale_seconds + 60)
+    jobs = {}
+    for name, failed_before in (("spent", settings.max_step_attempts - 1), ("requeued", 0)):
+        job = job_row(db, "alice", file_row(db, "alice").id, status="running", n_steps=2)
+        step = get_steps(db, job.id)[0]
+        step.status, step.attempt, step.failed_attempts = "running", failed_before + 1, failed_before
+        step.worker, step.heartbeat_at = "host:1", stale  # its worker died (a SIGKILL, a lost host)
+        db.commit()
+        _checkpoint(tmp_path / name, failed_before + 1, 6)
+        assert trainer_state.put(worker_store, job.id, 1, failed_before + 1, tmp_path / name) is not None
+        jobs[name] = job.id
+
+    assert flows.requeue_stale_steps(settings, make_celery(settings)) == 1
+    db.expire_all()
+    spent, requeued = db.get(Job, jobs["spent"]), db.get(Job, jobs["requeued"])
+    assert (spent.status, spent.error["code"]) == ("failed", "retries_exhausted")
+    assert [st.status for st in get_steps(db, spent.id)] == ["failed", "cancelled"]
+    assert requeued.status == "running" and get_steps(db, requeued.id)[0].status == "queued"
+    # No attempt resumes the failed job's step: its stored state is gone. The requeued step's next
+    # attempt, on any host, resumes from its own.
+    assert not (worker_store.root / "jobs" / spent.id).exists()
+    assert trainer_state.read_record(worker_store, requeued.id, 1).global_step == 6
+    fetched, _, why = trainer_state.fetch(worker_store, requeued.id, 1, tmp_path / "next")
+    assert why is None and fetched is not None and fetched.name == "checkpoint-6"
