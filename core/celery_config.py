@@ -12,6 +12,9 @@ PREPARE_JOB = "sdpo.prepare_job"  # (job_id): build the chunks, move the job to 
 RUN_STEP = "sdpo.run_step"  # (job_id, index): claim and train one step in a child process
 FINALIZE_JOB = "sdpo.finalize_job"  # (job_id): mark succeeded, register the fine-tuned model
 REAP = "sdpo.reap"  # (): periodic; requeue steps whose worker died
+# (job_id): a job ended outside a worker's step (a cancel while no step ran): its stored trainer state
+# is discarded and its integrations' runs are closed (worker/flows.py: end_job)
+JOB_ENDED = "sdpo.job_ended"
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -43,6 +46,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             PREPARE_JOB: {"queue": light},
             FINALIZE_JOB: {"queue": light},
             REAP: {"queue": light},
+            JOB_ENDED: {"queue": light},
         },
         "broker_transport_options": _transport_options(settings),
         "broker_connection_retry_on_startup": True,

@@ -444,6 +444,17 @@ def _job_ended(job_id: str, settings: Settings | None = None, *, last_step: int 
     tracking.job_ended(job_id, settings)
 
 
+def end_job(job_id: str, *, settings: Settings) -> None:
+    """Task `sdpo.job_ended` (job_id): the API cancelled the job (core.jobs.lifecycle.cancel_job), maybe
+    while none of its steps ran (queued, paused, between steps), so no worker saw the cancel. The
+    job's end transition (`_job_ended`): stored trainer state discarded, integrations' runs closed.
+    Idempotent: a redelivery, or a worker that also saw the cancel, discards nothing twice and the
+    tracking end is written once. Nothing for a job that has not ended."""
+    if _in_session(lambda s: getattr(repository.get_job(s, job_id), "status", None) in JOB_TERMINAL,
+                   what=f"read the status of {job_id}"):
+        _job_ended(job_id, settings)
+
+
 def _end_if_failed(job_id: str, settings: Settings, *, seconds: float | None = None) -> None:
     """After `lifecycle.requeue_or_fail_step` (a failed attempt, or one the reaper found lost): the
     job's end transition when that spent the step's retries and failed the job."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from celery.exceptions import Ignore
 
-from core.celery_config import FINALIZE_JOB, PREPARE_JOB, REAP, RUN_STEP
+from core.celery_config import FINALIZE_JOB, JOB_ENDED, PREPARE_JOB, REAP, RUN_STEP
 from worker import flows
 from worker.app import app, settings
 from worker.webhooks import deliver_webhooks  # noqa: F401  (registers sdpo.deliver_webhooks; JSON logs)
@@ -32,6 +32,11 @@ def run_step(job_id: str, index: int) -> None:
 @app.task(name=FINALIZE_JOB, ignore_result=True)
 def finalize_job(job_id: str) -> None:
     _chain_on(flows.finalize_job(job_id, settings=settings))
+
+
+@app.task(name=JOB_ENDED, ignore_result=True)
+def job_ended(job_id: str) -> None:
+    flows.end_job(job_id, settings=settings)
 
 
 @app.task(name=REAP, ignore_result=True)

@@ -67,12 +67,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from celery import shared_task
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core.jobs import repository
-from core.jobs.lifecycle import JOB_ENDED
 from core.jobs.repository import add_event
 from core.settings import Settings, get_settings
 from worker import db
@@ -171,15 +169,6 @@ def job_ended(job_id: str, settings: Settings | None = None) -> None:
     runs are closed as such (MLflow FAILED / KILLED). Nothing for a job that has not ended.
     `settings`: the worker's (`get_settings()` when not given)."""
     _track(job_id, None, settings or get_settings())
-
-
-@shared_task(name=JOB_ENDED, ignore_result=True)
-def job_ended_task(job_id: str) -> None:
-    """Task `sdpo.job_ended` (job_id), sent by the cancel of a job with integrations (no worker may
-    be running one of its steps to see the cancel): `job_ended` with the worker's settings.
-    A shared task, so importing this module (worker.tasks does, through worker.flows) registers
-    it on the worker's app without importing worker.app here."""
-    job_ended(job_id)
 
 
 def _track(job_id: str, index: int | None, settings: Settings) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from core.celery_config import JOB_ENDED
 from core.clock import utcnow
 from core.errors import Conflict
 from core.jobs import gates
@@ -62,9 +63,6 @@ def create_job(session: Session, app: Celery, job: Job, steps: list[JobStep], *,
     return job
 
 
-# (job_id): the job ended outside a worker's step (a cancel); its integrations' runs are closed
-# (worker/tracking.py). A name, like core.celery_config's: the API never imports the worker.
-JOB_ENDED = "sdpo.job_ended"
 
 
 def cancel_job(session: Session, job: Job, app: Celery) -> Job:
@@ -72,9 +70,11 @@ def cancel_job(session: Session, job: Job, app: Celery) -> Job:
 
     A running step is marked cancelled too; the worker sees that on its next heartbeat and stops
     the training process. Cancelling is immediate (like OpenAI's) rather than a request, so a
-    job is never left waiting on a worker that may be gone. A job with integrations also gets
-    task `sdpo.job_ended` after the commit: when no step is running (queued, paused, between
-    steps) no worker would otherwise close its tracked runs (MLflow: KILLED).
+    job is never left waiting on a worker that may be gone. Task `sdpo.job_ended` follows after
+    the commit: when no step is running (queued, paused, between
+    steps) no worker would otherwise discard its stored trainer state or close its tracked runs
+    (MLflow: KILLED). Every cancelled job gets it: a paused job may have trainer state in the store
+    whether or not it has integrations.
     """
     if job.status not in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING,
                           JobStatus.PAUSING, JobStatus.PAUSED):
@@ -86,8 +86,7 @@ def cancel_job(session: Session, job: Job, app: Celery) -> Job:
             transition(step, StepStatus.CANCELLED)
     add_event(session, job.id, "Job cancelled.")
     session.flush()
-    if job.integrations:
-        enqueue_after_commit(session, app.signature(JOB_ENDED, args=(job.id,), immutable=True))
+    enqueue_after_commit(session, app.signature(JOB_ENDED, args=(job.id,), immutable=True))
     return job
 
 

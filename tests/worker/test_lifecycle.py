@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from core import ids
+from core.celery_config import JOB_ENDED
 from core.clock import utcnow
 from core.errors import Conflict
 from core.jobs import get_steps, lifecycle
@@ -314,7 +315,8 @@ def test_cancel_job_cancels_the_job_and_its_unfinished_steps_once(db, make_job, 
     db.commit()
     assert _statuses(db, job.id) == ("cancelled", ["succeeded", "cancelled"])
     assert _messages(db, job.id) == ["Job cancelled."]
-    assert _tasks(redis_client, settings, job.id) == []  # no integrations: nothing to close
+    # Sent on every cancel: no worker may run a step to see it (stored trainer state, tracked runs).
+    assert _tasks(redis_client, settings, job.id) == [JOB_ENDED]
     with pytest.raises(Conflict) as refused:
         lifecycle.cancel_job(db, db.get(Job, job.id), app)
     assert refused.value.code == "job_not_cancellable"
@@ -322,15 +324,13 @@ def test_cancel_job_cancels_the_job_and_its_unfinished_steps_once(db, make_job, 
     assert _messages(db, job.id) == ["Job cancelled."]
 
 
-def test_cancelling_a_tracked_job_sends_job_ended_after_the_commit(db, make_job, app, redis_client, settings):
+def test_cancelling_a_paused_job_sends_job_ended_after_the_commit(db, make_job, app, redis_client, settings):
     job = make_job(status="paused", steps=("succeeded", "pending"))
-    job.integrations = [{"type": "mlflow", "mlflow": {"tracking_uri": None, "experiment_name": None,
-                                                      "run_name": None}}]
     db.commit()
     lifecycle.cancel_job(db, db.get(Job, job.id), app)
     assert _tasks(redis_client, settings, job.id) == []  # nothing is sent before the commit
     db.commit()
-    assert _tasks(redis_client, settings, job.id) == [lifecycle.JOB_ENDED]  # no worker runs a step to see it
+    assert _tasks(redis_client, settings, job.id) == [JOB_ENDED]  # no worker runs a step to see it
     assert _statuses(db, job.id) == ("cancelled", ["succeeded", "cancelled"])
 
 

@@ -257,9 +257,11 @@ def _job_runs(client, job_id: str) -> tuple[list, list]:
 
 def test_a_job_cancelled_between_steps_gets_its_run_killed_by_the_cancels_task(make_job, settings, tmp_path, db,
                                                                                monkeypatch, redis_client):
+    from core.celery_config import JOB_ENDED
     from core.jobs import lifecycle
     from core.queue import make_celery
     from tests.conftest import queued_messages
+    from worker import flows
 
     job, succeed, settings, client = _mlflow_job(make_job, tmp_path, settings)
     succeed(1)
@@ -271,11 +273,11 @@ def test_a_job_cancelled_between_steps_gets_its_run_killed_by_the_cancels_task(m
     lifecycle.cancel_job(db, db.get(Job, job.id), make_celery(settings))
     db.commit()
     [message] = [m for m in queued_messages(redis_client, settings.light_queue)
-                 if m["headers"]["task"] == lifecycle.JOB_ENDED]
+                 if m["headers"]["task"] == JOB_ENDED]
     assert message["headers"]["argsrepr"] == repr((job.id,))
     monkeypatch.setattr(tracking, "get_settings", lambda: settings)  # the worker's settings, as the task reads them
-    tracking.job_ended_task(job.id)  # what the light worker runs for that message
-    tracking.job_ended_task(job.id)  # and a redelivery: the end time stays
+    flows.end_job(job.id, settings=settings)  # what the light worker runs for that message (worker.tasks)
+    flows.end_job(job.id, settings=settings)  # and a redelivery: the end time stays
     [parent], [step] = _job_runs(client, job.id)
     assert (parent.info.status, parent.data.tags["sdpo.status"]) == ("KILLED", "cancelled")
     assert step.data.tags["sdpo.step"] == "1" and step.info.status == "FINISHED"

@@ -249,3 +249,28 @@ def test_a_step_the_reaper_fails_after_its_retries_loses_its_stored_state_and_a_
     assert trainer_state.read_record(worker_store, requeued.id, 1).global_step == 6
     fetched, _, why = trainer_state.fetch(worker_store, requeued.id, 1, tmp_path / "next")
     assert why is None and fetched is not None and fetched.name == "checkpoint-6"
+
+
+def test_a_paused_job_cancelled_through_the_api_loses_its_stored_state_by_the_cancels_task(
+        db, settings, clean_state, base_model, worker_store, tmp_path):
+    """No worker runs a step of a paused job, so none sees its cancel: the cancel's `sdpo.job_ended`
+    task (flows.end_job) is what discards the trainer state the pause stored."""
+    from core.celery_config import JOB_ENDED
+    from core.jobs import lifecycle
+
+    job = job_row(db, "alice", file_row(db, "alice").id, status="paused", n_steps=2)
+    step = get_steps(db, job.id)[0]
+    step.status, step.attempt = "pending", 1  # paused after attempt 1 stored its state
+    db.commit()
+    _checkpoint(tmp_path / "paused", 1, 4)
+    assert trainer_state.put(worker_store, job.id, 1, 1, tmp_path / "paused") is not None
+
+    flows.end_job(job.id, settings=settings)  # a message for a job that has not ended: nothing goes
+    assert trainer_state.read_record(worker_store, job.id, 1).global_step == 4
+    app = make_celery(settings)
+    lifecycle.cancel_job(db, db.get(Job, job.id), app)
+    db.commit()
+    assert app.conf.task_routes[JOB_ENDED] == {"queue": settings.light_queue}
+    flows.end_job(job.id, settings=settings)  # what the light worker runs for that message
+    flows.end_job(job.id, settings=settings)  # a redelivery: nothing left, no error
+    assert not (worker_store.root / "jobs" / job.id).exists()
