@@ -149,6 +149,10 @@ class Settings(BaseSettings):
         "AdamW's states in bf16 (pure bf16: half the memory; at DPO's learning rates most updates are lost); "
         "bfloat16-master: bf16 weights, AdamW over float32 masters; bfloat16-sr: bf16 weights, torchao's stochastic "
         "rounding (the perf extra). Checkpoints of the bf16 settings are saved in bf16.")
+    attention: Literal["auto", "sdpa", "flex"] = Field(
+        "auto", description="Engine: the policy's attention. auto: the model's default (sdpa where transformers has "
+        "it); sdpa; flex: torch's FlexAttention with a block mask over the packed rows (CUDA and packing only). "
+        "Same loss either way.")
     compile: Literal["off", "layers"] = Field(
         "off", description="Engine: layers compiles each decoder layer with torch.compile (one graph the layers "
         "share; the step's first batches pay the compile time); off: eager. Same loss either way.")

@@ -244,7 +244,7 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         "pad_to_multiple_of": settings.pad_to_multiple_of, "pack_tokens": settings.pack_tokens,
         "group_by_length": settings.group_by_length, "reference_batch_size": settings.reference_batch_size,
         "activation_checkpointing": settings.activation_checkpointing,
-        "param_dtype": settings.param_dtype, "compile": settings.compile,
+        "param_dtype": settings.param_dtype, "compile": settings.compile, "attention": settings.attention,
         "distributed": settings.step_distributed()})
 
     stopped_because: list[str] = []

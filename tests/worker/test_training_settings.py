@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from core.settings import Settings
 from sdpo_engine.protocol import (
     ACTIVATION_CHECKPOINTING,
+    ATTENTION,
     DEVICES,
     MAX_PACK_TOKENS,
     MAX_PAD_TO_MULTIPLE_OF,
@@ -21,12 +22,14 @@ from sdpo_engine.protocol import (
 )
 
 TRAINING_SETTINGS = ("device", "packing", "pad_to_multiple_of", "activation_checkpointing", "pack_tokens",
-                     "group_by_length", "reference_batch_size")
+                     "group_by_length", "reference_batch_size", "attention")
 
 
 @pytest.mark.parametrize(("env", "expected"), [
     ({}, {"device": "auto", "packing": True, "pad_to_multiple_of": None, "activation_checkpointing": "auto",
-          "pack_tokens": None, "group_by_length": False, "reference_batch_size": None}),
+          "pack_tokens": None, "group_by_length": False, "reference_batch_size": None, "attention": "auto"}),
+    ({"SDPO_ATTENTION": "sdpa"}, {"attention": "sdpa"}),
+    ({"SDPO_ATTENTION": "flex", "SDPO_DEVICE": "cuda"}, {"attention": "flex", "device": "cuda"}),
     ({"SDPO_GROUP_BY_LENGTH": "true"}, {"group_by_length": True}),
     ({"SDPO_REFERENCE_BATCH_SIZE": "64"}, {"reference_batch_size": 64}),
     ({"SDPO_REFERENCE_BATCH_SIZE": ""}, {"reference_batch_size": None}),
@@ -55,7 +58,7 @@ def test_settings_read_the_training_variables(monkeypatch, tmp_path, env, expect
     ("SDPO_PAD_TO_MULTIPLE_OF", "sixty"), ("SDPO_PAD_TO_MULTIPLE_OF", "-1"), ("SDPO_PAD_TO_MULTIPLE_OF", "4097"),
     ("SDPO_PACK_TOKENS", "-1"), ("SDPO_PACK_TOKENS", "65537"), ("SDPO_PACK_TOKENS", "many"),
     ("SDPO_REFERENCE_BATCH_SIZE", "0"), ("SDPO_REFERENCE_BATCH_SIZE", "4097"), ("SDPO_GROUP_BY_LENGTH", "often"),
-    ("SDPO_PACKING", "sometimes"), ("SDPO_ACTIVATION_CHECKPOINTING", "always"), ("SDPO_DEVICE", "tpu"),
+    ("SDPO_PACKING", "sometimes"), ("SDPO_ACTIVATION_CHECKPOINTING", "always"), ("SDPO_DEVICE", "tpu"), ("SDPO_ATTENTION", "flash"),
 ])
 def test_a_bad_training_variable_stops_the_process_at_start_up(monkeypatch, tmp_path, name, value):
     monkeypatch.setenv(name, value)
@@ -68,6 +71,7 @@ def test_settings_and_the_step_spec_agree_on_names_and_choices():
     assert set(TRAINING_SETTINGS) <= spec_fields and set(TRAINING_SETTINGS) <= set(Settings.model_fields)
     assert Settings.model_fields["device"].annotation.__args__ == DEVICES
     assert Settings.model_fields["activation_checkpointing"].annotation.__args__ == ACTIVATION_CHECKPOINTING
+    assert Settings.model_fields["attention"].annotation.__args__ == ATTENTION
     # The same bound on both sides: what the settings accept, the spec accepts.
     Settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF)
     check_training_settings(pad_to_multiple_of=MAX_PAD_TO_MULTIPLE_OF)
