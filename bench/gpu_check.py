@@ -44,6 +44,7 @@ from common import run_child  # noqa: E402
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocabulary
     "0.5b": (1536, 20, 12, 2, 4096, 32000),
     "tiny": (64, 2, 4, 2, 128, 512),
+    "19m": (512, 7, 8, 8, 1024, 512),  # tiny19m's width and depth (issue #21's CPU model), as a Qwen2
 }
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
