@@ -338,25 +338,26 @@ def print_lineage(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO 
           f"{'last_loss':>9} {'rew_acc':>7} {'margin':>7}", file=out)
     for s in steps:
         m = s.get("metrics") or {}
-
-        def f(v, spec=".4f"):
-            return "-" if v is None else format(v, spec)
-
         print(f"{s['index']:>4}  {s['status']:<10} {str(s.get('reference_checkpoint') or job['model']):<31} "
-              f"{str(s.get('output_checkpoint') or '-'):<31} {f(m.get('first_loss')):>10} "
-              f"{f(m.get('mean_gamma_ref'), '.3f'):>9} {f(m.get('last_loss')):>9} "
-              f"{f(m.get('reward_accuracy'), '.3f'):>7} {f(m.get('reward_margin'), '.3f'):>7}", file=out)
+              f"{str(s.get('output_checkpoint') or '-'):<31} {_num(m.get('first_loss')):>10} "
+              f"{_num(m.get('mean_gamma_ref'), '.3f'):>9} {_num(m.get('last_loss')):>9} "
+              f"{_num(m.get('reward_accuracy'), '.3f'):>7} {_num(m.get('reward_margin'), '.3f'):>7}", file=out)
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float where it is a JSON number (not a bool), else None."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _num(value: Any, spec: str = ".4f") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+    number = _number(value)
+    return "-" if number is None else format(number, spec)
 
 
 def _gate_metric(metrics: dict[str, Any] | None, metric: str) -> float | None:
     """A step's value of the gate's `metric` ("eval.<key>": its held-out metrics against the base)."""
     section, _, key = metric.partition(".")
-    value = ((metrics or {}).get(section) or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return _number(((metrics or {}).get(section) or {}).get(key))
 
 
 def print_gate(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO | None = None) -> None:
@@ -388,7 +389,7 @@ def print_gate(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO | N
         if s["index"] == 1:
             base = ((m.get("drift") or {}).get("base_preference_accuracy") if metric == "eval.preference_accuracy"
                     else 0.0)
-            previous = float(base) if isinstance(base, (int, float)) else None
+            previous = _number(base)
         drift = (m.get("drift") or {}).get("max_abs_per_token")
         delta = value - previous if value is not None and previous is not None else None
         if s["index"] == failed:

@@ -89,9 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="several pairs per packed row of at most N tokens (0: one pair per row; default: the engine's)")
     r.add_argument("--activation-checkpointing", choices=list(ACTIVATION_CHECKPOINTING), default="auto",
                    help="auto (default): only where a batch's activations would not fit in memory")
-    # The step spec's other training levers, with its names and values: param_dtype, compile, group_by_length and
-    # reference_batch_size are the worker's SDPO_PARAM_DTYPE, SDPO_COMPILE, SDPO_GROUP_BY_LENGTH and
-    # SDPO_REFERENCE_BATCH_SIZE; attention has no worker setting (the spec's default there).
+    # The step spec's other training levers, with its names and values (the worker's SDPO_ATTENTION,
+    # SDPO_PARAM_DTYPE, SDPO_COMPILE, SDPO_GROUP_BY_LENGTH and SDPO_REFERENCE_BATCH_SIZE).
     r.add_argument("--attention", choices=list(ATTENTION), default="auto",
                    help="auto (default): the model's own (sdpa where transformers has it); sdpa; flex: FlexAttention "
                         "over the packed rows (CUDA and packing only)")

@@ -398,7 +398,7 @@ def _retry_or_fail(job_id: str, index: int, attempt: int, reason: str, *, settin
                    app: Celery) -> Outcome:
     _in_session(lifecycle.attempt_failed, app, job_id, index, attempt, reason,
                 max_attempts=settings.max_step_attempts, what=f"requeue step {index} of {job_id}")
-    _end_if_failed(job_id, settings)
+    end_job(job_id, settings=settings)
     return Outcome.STOP
 
 
@@ -444,20 +444,15 @@ def _job_ended(job_id: str, settings: Settings | None = None, *, last_step: int 
     tracking.job_ended(job_id, settings)
 
 
-def end_job(job_id: str, *, settings: Settings) -> None:
-    """Task `sdpo.job_ended` (job_id): the API cancelled the job (core.jobs.lifecycle.cancel_job), maybe
-    while none of its steps ran (queued, paused, between steps), so no worker saw the cancel. The
-    job's end transition (`_job_ended`): stored trainer state discarded, integrations' runs closed.
-    Idempotent: a redelivery, or a worker that also saw the cancel, discards nothing twice and the
-    tracking end is written once. Nothing for a job that has not ended."""
-    if _in_session(lambda s: getattr(repository.get_job(s, job_id), "status", None) in JOB_TERMINAL,
-                   what=f"read the status of {job_id}"):
-        _job_ended(job_id, settings)
-
-
-def _end_if_failed(job_id: str, settings: Settings, *, seconds: float | None = None) -> None:
-    """After `lifecycle.requeue_or_fail_step` (a failed attempt, or one the reaper found lost): the
-    job's end transition when that spent the step's retries and failed the job."""
+def end_job(job_id: str, *, settings: Settings, seconds: float | None = None) -> None:
+    """The job's end transition (`_job_ended`) if the job has ended; nothing otherwise. Called where
+    something else may have ended it:
+      - task `sdpo.job_ended` (job_id): the API cancelled the job (core.jobs.lifecycle.cancel_job),
+        maybe while none of its steps ran (queued, paused, between steps), so no worker saw the cancel;
+      - after a failed attempt, or one the reaper found lost (`lifecycle.attempt_failed`,
+        `lifecycle.requeue_stale_step`): the step's retries may be spent and the job failed.
+    Idempotent: a redelivery, or a worker that also saw the end, discards nothing twice and the
+    tracking end is written once. `seconds`: how long to retry the status read (`_in_session`)."""
     if _in_session(lambda s: getattr(repository.get_job(s, job_id), "status", None) in JOB_TERMINAL,
                    what=f"read the status of {job_id}", seconds=seconds):
         _job_ended(job_id, settings)
@@ -517,7 +512,7 @@ def requeue_stale_steps(settings: Settings, app: Celery) -> int:
                        what=f"requeue stale steps of {job_id}", seconds=seconds):
             requeued += 1
         else:  # its step beat meanwhile, or its retries are spent and the job failed
-            _end_if_failed(job_id, settings, seconds=seconds)
+            end_job(job_id, settings=settings, seconds=seconds)
     return requeued
 
 

@@ -4,8 +4,8 @@ already recorded, by the worker process, after each step and when the job ends.
 The worker calls `step_succeeded` once a step's checkpoint is recorded and `job_ended` when the
 job ends: it succeeded, failed, or was cancelled while a step ran (worker/flows.py). A job cancelled
 while no step ran (queued, paused, between two steps) has no worker to see it: the cancel
-(core.jobs.lifecycle.cancel_job) sends task `sdpo.job_ended` for a job with integrations, and a
-light worker runs `job_ended` for it. Each call reads the job from the database (the step rows,
+(core.jobs.lifecycle.cancel_job) sends task `sdpo.job_ended`, and a light worker runs the job's end
+transition for it (worker/flows.py: end_job), which calls `job_ended`. Each call reads the job from the database (the step rows,
 their checkpoints and the per-optimizer-step `metrics` events the relay wrote) and sends it to each
 integration; on Postgres the calls for one job take turns (an advisory lock), so a cancel's task
 and the worker that stopped the running step never both create the job's MLflow run. So the

@@ -63,17 +63,14 @@ def create_job(session: Session, app: Celery, job: Job, steps: list[JobStep], *,
     return job
 
 
-
-
 def cancel_job(session: Session, job: Job, app: Celery) -> Job:
     """Cancel now: the job and every unfinished step become `cancelled` in this transaction.
 
     A running step is marked cancelled too; the worker sees that on its next heartbeat and stops
     the training process. Cancelling is immediate (like OpenAI's) rather than a request, so a
     job is never left waiting on a worker that may be gone. Task `sdpo.job_ended` follows after
-    the commit: when no step is running (queued, paused, between
-    steps) no worker would otherwise discard its stored trainer state or close its tracked runs
-    (MLflow: KILLED). Every cancelled job gets it: a paused job may have trainer state in the store
+    the commit: when no step is running (queued, paused, between steps) no worker would otherwise
+    discard its stored trainer state or close its tracked runs (MLflow: KILLED). Every cancelled job gets it: a paused job may have trainer state in the store
     whether or not it has integrations.
     """
     if job.status not in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING,
