@@ -10,7 +10,10 @@ gradient checkpointing stays on. With --tuned, (a') is TRL as a user who read it
 sets it up for this case: `precompute_ref_log_probs=True` (no second model) and gradient
 checkpointing off, everything else as (a). (b) is `sdpo_engine.step.run_step` as the worker runs it: the
 reference log-probs precomputed once by the initial policy, shared-prompt packing, and the
-checkpoint saved and hashed (b's wall time includes that; a's has no save).
+checkpoint saved and hashed (b's wall time includes that; a's has no save). Both sides import
+everything before the clock starts; b's process also runs `sdpo_engine.step.preload()` first, as the
+worker's warm step process does before its step arrives (transformers' conversion tables built, the
+import-time heap frozen for the garbage collector): a user's own TRL script pays those two in its run.
 Each variant runs in its own process (so peak RSS is its own) on the same data, seed and
 hyperparameters, alternating a/b to spread machine noise; each ratio is the median over the
 repeats of the ratio of an a run and the b run right after it. Prints ratios, never absolute
@@ -181,8 +184,12 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    from sdpo_engine.step import run_step
+    from sdpo_engine.step import preload, run_step
 
+    if args.child.startswith("engine"):
+        # As the worker's warm step process (`python -m sdpo_engine warm`) before its step arrives:
+        # the imports above, transformers' conversion tables, the import-time heap collected and frozen.
+        preload()
     forward_tokens = count_forward_tokens()
     t0 = time.perf_counter()
     r0 = resource.getrusage(resource.RUSAGE_SELF)

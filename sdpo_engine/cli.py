@@ -314,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.chat_template_file, encoding="utf-8") as fh:
             chat_template = fh.read()
 
+    from .step import preload
+
+    preload()  # once for all steps: among others, the import-time heap frozen (later collections skip it)
+
     def emit(event):
         if args.quiet:
             return

@@ -363,12 +363,31 @@ def _trainer_class():
 def preload() -> None:
     """Import what every step needs (torch, transformers, TRL, datasets: about 8 s of a 2-core
     machine) and define the trainer class, before the step is known: `python -m sdpo_engine warm`
-    does this while the previous step still trains, so the next step starts without it."""
+    does this while the previous step still trains, so the next step starts without it.
+
+    Then pay two more costs every step would pay, and move them off its path too:
+    - transformers' table of checkpoint conversions, built on the first `from_pretrained` of a
+      process (0.17 s here: thousands of regular expressions) and cached for the process;
+    - the garbage collector's walk over the import-time heap: about 500,000 objects, which every full
+      collection visits (0.45 s on 2 cores), and the Trainer forces one at the start of `train()`
+      (accelerate's `free_memory`); `sdpo_engine run` another between steps. They are collected once
+      here and frozen (`gc.freeze`): they live as long as the process, so later collections skip them.
+    """
+    import gc
+
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     _trainer_class()
+    try:  # transformers >= 5 (absent elsewhere: nothing to warm)
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        pass
+    else:
+        get_checkpoint_conversion_mapping("llama")  # builds the whole table, whatever the name
+    gc.collect()
+    gc.freeze()
 
 
 def _define_trainer_class():

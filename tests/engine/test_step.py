@@ -171,3 +171,25 @@ def test_pair_logps_is_trl_reference_pass(tmp_path, tiny_model, chunk_files):
     trainer = build_trainer(model, tok, to_trl_rows(pairs, tok), dpo_config(cfg, str(tmp_path / "t"), "cpu"))
     assert c == pytest.approx(list(trainer.train_dataset["ref_chosen_logps"]), abs=1e-5)
     assert r == pytest.approx(list(trainer.train_dataset["ref_rejected_logps"]), abs=1e-5)
+
+
+def test_preload_takes_the_first_from_pretrained_and_the_import_heap_off_the_step(monkeypatch):
+    """`preload()` (the warm step process, `sdpo_engine run`) builds transformers' conversion tables and
+    freezes the import-time heap, so the full collection the Trainer forces at train() start
+    (accelerate's free_memory) no longer walks it. Undone afterwards: this is the test process."""
+    import gc
+
+    from transformers import conversion_mapping
+
+    from sdpo_engine.step import preload
+
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    assert gc.get_freeze_count() == 0
+    try:
+        preload()
+        assert conversion_mapping._checkpoint_conversion_mapping_cache is not None
+        # torch, transformers and TRL are imported: far more than 50,000 objects, now all frozen
+        assert gc.get_freeze_count() > 50_000
+        assert len(gc.get_objects()) < 1_000  # what a collection still walks: only what came after
+    finally:
+        gc.unfreeze()
