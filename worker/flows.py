@@ -437,11 +437,23 @@ def _job_ended(job_id: str, settings: Settings | None = None, *, last_step: int 
     stored trainer state goes, and its integrations get the end (`tracking.job_ended`: the final
     checkpoint, or the runs closed as failed or killed). `last_step`: the step whose success ended
     the job (its gate), tracked first. `settings`: the worker's (`get_settings()` when not given).
-    Never raises."""
-    trainer_state.discard_job(db.storage(), job_id)
+    Never raises.
+
+    Done, it is recorded on the job (`end_transition_at`); until then the reaper does it again
+    (`end_overdue_jobs`): a cancel's sdpo.job_ended message the broker lost, a worker that died
+    between a job's end and this, a store that could not be reached. Tracking failures are the
+    tracker's own (logged, tracking.py): they do not keep the transition due."""
+    discarded = trainer_state.discard_job(db.storage(), job_id)
     if last_step is not None:
         tracking.step_succeeded(job_id, last_step, settings or get_settings())
     tracking.job_ended(job_id, settings)
+    if not discarded:
+        return
+    try:
+        _in_session(repository.mark_end_transition_done, job_id, what=f"record the end transition of {job_id}",
+                    seconds=REAP_RETRY_SECONDS)
+    except Exception:  # the database away: the reaper finds the job still due and does it again
+        log.warning("%s: its end transition could not be recorded; the reaper will redo it", job_id, exc_info=True)
 
 
 def end_job(job_id: str, *, settings: Settings, seconds: float | None = None) -> None:
@@ -486,7 +498,9 @@ def reap(*, settings: Settings, app: Celery, startup: bool = False) -> int:
     waits; a new chain from the first unfinished step is sent, and the claim makes any late
     redelivery harmless. Past `max_step_attempts` the job fails instead.
     """
-    return requeue_stale_steps(settings, app) + resend_lost_work(settings, app, startup=startup)
+    requeued = requeue_stale_steps(settings, app) + resend_lost_work(settings, app, startup=startup)
+    end_overdue_jobs(settings)
+    return requeued
 
 
 def _reap_retry_seconds(settings: Settings) -> float:
@@ -514,6 +528,20 @@ def requeue_stale_steps(settings: Settings, app: Celery) -> int:
         else:  # its step beat meanwhile, or its retries are spent and the job failed
             end_job(job_id, settings=settings, seconds=seconds)
     return requeued
+
+
+def end_overdue_jobs(settings: Settings) -> int:
+    """Do the end transition (`_job_ended`) of each job that ended more than `step_stale_seconds` ago
+    without it: nothing else would ever discard its stored trainer state or close its tracked runs.
+    Returns how many it found due."""
+    seconds = _reap_retry_seconds(settings)
+    due = _in_session(lambda s: repository.jobs_with_end_transition_due(s, _stale_cutoff(settings)),
+                      what="find jobs whose end transition is due", seconds=seconds)
+    for job_id in due:
+        log.warning("%s ended without its end transition (a lost sdpo.job_ended message, or its worker "
+                    "died); doing it now", job_id)
+        _job_ended(job_id, settings)
+    return len(due)
 
 
 def resend_lost_work(settings: Settings, app: Celery, *, startup: bool = False) -> int:

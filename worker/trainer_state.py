@@ -208,16 +208,19 @@ def discard_step(store: Storage, job_id: str, index: int) -> None:
         _delete_quietly(store, record.uri)
 
 
-def discard_job(store: Storage, job_id: str) -> None:
-    """Remove the stored trainer state of every step of a job that has ended. Never raises."""
-    _delete_quietly(store, store.uri_for(job_key(job_id)))
+def discard_job(store: Storage, job_id: str) -> bool:
+    """Remove the stored trainer state of every step of a job that has ended. Never raises: False
+    when the store could not be reached (or refused), so the caller can try again later."""
+    return _delete_quietly(store, store.uri_for(job_key(job_id)))
 
 
-def _delete_quietly(store: Storage, uri: str) -> None:
+def _delete_quietly(store: Storage, uri: str) -> bool:
     try:
         store.delete(uri)
     except OSError:
         log.warning("could not remove %s from the store", uri, exc_info=True)
+        return False
+    return True
 
 
 def _why(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from core import ids
 from core.clock import utcnow
 from core.models import Checkpoint, Event, File, Job, JobStep, RegisteredModel
 from core.models.event import CACHE_FIELD
-from core.states import JOB_ACTIVE, JobStatus, StepStatus, sources
+from core.states import JOB_ACTIVE, JOB_TERMINAL, JobStatus, StepStatus, sources
 
 EVENT_LEVELS = ("info", "warn", "error")
 EVENT_TYPES = ("message", "metrics")
@@ -201,6 +201,22 @@ def jobs_waiting_on_message(session: Session, cutoff: datetime) -> list[str]:
     return list(session.scalars(select(Job.id).where(
         Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]), Job.updated_at < cutoff,
         Job.id.not_in(busy)).order_by(Job.created_at)))
+
+
+def jobs_with_end_transition_due(session: Session, cutoff: datetime) -> list[str]:
+    """Ids of ended jobs (succeeded, failed, cancelled), oldest first, whose end transition was not
+    done (`end_transition_at` NULL) and that have not changed since `cutoff`: the worker that ended
+    them, or the cancel's sdpo.job_ended message, had that long to do it."""
+    return list(session.scalars(select(Job.id).where(
+        Job.end_transition_at.is_(None), Job.status.in_([s.value for s in JOB_TERMINAL]),
+        Job.updated_at < cutoff).order_by(Job.updated_at)))
+
+
+def mark_end_transition_done(session: Session, job_id: str) -> None:
+    """Record that the end transition of ended job `job_id` was done (its first time counts)."""
+    session.execute(update(Job).where(Job.id == job_id, Job.end_transition_at.is_(None),
+                                      Job.status.in_([s.value for s in JOB_TERMINAL]))
+                    .values(end_transition_at=utcnow()))
 
 
 def starting_model(session: Session, job: Job) -> tuple[str, str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from core.clock import utcnow
@@ -17,6 +17,10 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_owner_created_at", "owner", "created_at"),
         Index("ix_jobs_status", "status"),
+        # The reaper looks for ended jobs whose end transition is still due at every tick: a partial
+        # index holds only the jobs without it (the active ones and those few), not the history.
+        Index("ix_jobs_end_transition_due", "updated_at", postgresql_where=text("end_transition_at IS NULL"),
+              sqlite_where=text("end_transition_at IS NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -55,6 +59,10 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # When the job's end transition was done (worker/flows.py, _job_ended: the stored trainer state
+    # discarded, the integrations told). NULL while the job runs, and after its end until then: the
+    # reaper finishes one that stays NULL (its sdpo.job_ended message lost, its worker dead mid-way).
+    end_transition_at: Mapped[datetime | None]
 
     steps: Mapped[list[JobStep]] = relationship(
         back_populates="job", lazy="raise", order_by="JobStep.index", cascade="all, delete-orphan")

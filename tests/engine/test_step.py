@@ -184,6 +184,7 @@ def test_preload_takes_the_first_from_pretrained_and_the_import_heap_off_the_ste
     from sdpo_engine.step import preload
 
     monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    gc.unfreeze()  # an earlier in-process `sdpo_engine run` (tests/engine/test_protocol.py) froze this heap
     assert gc.get_freeze_count() == 0
     try:
         preload()

@@ -19,7 +19,7 @@ from core.clock import utcnow
 from core.jobs import get_steps
 from core.models import Job
 from core.queue import make_celery
-from core.storage import LocalStorage, Storage
+from core.storage import LocalStorage, Storage, StorageUnavailable
 from sdpo_engine.protocol import TRAINER_CHECKPOINT_SEAL
 from tests.api.factories import file_row, job_row
 from worker import flows, trainer_state
@@ -274,3 +274,50 @@ def test_a_paused_job_cancelled_through_the_api_loses_its_stored_state_by_the_ca
     flows.end_job(job.id, settings=settings)  # what the light worker runs for that message
     flows.end_job(job.id, settings=settings)  # a redelivery: nothing left, no error
     assert not (worker_store.root / "jobs" / job.id).exists()
+    db.expire_all()
+    assert db.get(Job, job.id).end_transition_at is not None  # the reaper has nothing left to do for it
+    assert flows.end_overdue_jobs(settings) == 0
+
+
+def test_the_reaper_ends_a_job_whose_job_ended_message_was_lost_and_only_once(
+        db, settings, clean_state, base_model, worker_store, tmp_path, monkeypatch):
+    """A cancel whose sdpo.job_ended message the broker lost (or a worker dead between a job's end and
+    its end transition): the job is ended but its stored trainer state stays and its tracked runs stay
+    open. The reaper does the transition once the job has been quiet for step_stale_seconds, records
+    it, and never again; while the store cannot be reached the transition stays due."""
+    from sqlalchemy import update
+
+    old = utcnow() - timedelta(seconds=settings.step_stale_seconds + 60)
+    jobs = {}
+    for name, status, updated in (("lost", "cancelled", old), ("store_down", "failed", old),
+                                  ("just_ended", "cancelled", utcnow()), ("paused", "paused", old)):
+        job = job_row(db, "alice", file_row(db, "alice").id, status=status, n_steps=2)
+        db.execute(update(Job).where(Job.id == job.id).values(updated_at=updated))
+        db.commit()
+        _checkpoint(tmp_path / name, 1, 4)
+        assert trainer_state.put(worker_store, job.id, 1, 1, tmp_path / name) is not None
+        jobs[name] = job.id
+
+    real_delete = type(worker_store).delete
+
+    def delete(store, uri):
+        if jobs["store_down"] in uri:
+            raise StorageUnavailable("the store could not be reached")
+        return real_delete(store, uri)
+
+    monkeypatch.setattr(type(worker_store), "delete", delete)
+    assert flows.reap(settings=settings, app=make_celery(settings)) == 0  # nothing requeued or re-sent
+    db.expire_all()
+    ended = {name: db.get(Job, job_id).end_transition_at for name, job_id in jobs.items()}
+    assert ended["lost"] is not None and ended["store_down"] is None
+    assert ended["just_ended"] is None and ended["paused"] is None  # not due yet; not ended
+    assert not (worker_store.root / "jobs" / jobs["lost"]).exists()
+    for name in ("store_down", "just_ended", "paused"):
+        assert trainer_state.read_record(worker_store, jobs[name], 1).global_step == 4, name
+
+    monkeypatch.setattr(type(worker_store), "delete", real_delete)  # the store is back
+    assert flows.end_overdue_jobs(settings) == 1  # store_down only: `lost` is done, never redone
+    db.expire_all()
+    assert db.get(Job, jobs["store_down"]).end_transition_at is not None
+    assert not (worker_store.root / "jobs" / jobs["store_down"]).exists()
+    assert flows.end_overdue_jobs(settings) == 0
