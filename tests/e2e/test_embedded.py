@@ -10,12 +10,14 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from sdpo_cli.demo import run_demo
 
 from .conftest import free_port
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_sdpo_up_runs_the_two_step_demo_job_without_redis_or_postgres(tmp_path):
     home = tmp_path / "home"
     port = free_port()

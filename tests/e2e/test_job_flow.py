@@ -10,6 +10,7 @@ import sys
 import tarfile
 from collections import Counter
 
+import pytest
 from sqlalchemy import select
 
 from core.db import make_engine, make_session_factory, session_scope
@@ -106,6 +107,7 @@ def test_job_through_the_openai_sdk(service, tmp_path):
     assert len(ckpts.data) == 1 and ckpts.data[0].fine_tuning_job_id == job.id
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_two_workers_three_jobs_hand_checkpoints_over_through_storage(service, tmp_path):
     service.start_api()
     service.start_worker("w1")
@@ -135,6 +137,7 @@ def test_two_workers_three_jobs_hand_checkpoints_over_through_storage(service, t
     assert any(len(ws) == 2 for ws in per_job.values()), f"no job had its steps on two workers: {per_job}"
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_corrupt_checkpoint_fails_the_job_with_a_readable_error(service, tmp_path):
     service.start_api()
     service.start_worker("w1")
@@ -163,6 +166,7 @@ def test_corrupt_checkpoint_fails_the_job_with_a_readable_error(service, tmp_pat
     assert all(s["status"] != "running" for s in (s1, s2))
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_plain_dpo_job_matches_the_engine_run(service, tmp_path, tiny_model_dir):
     """`{"type": "dpo"}` is one step, and trains exactly what `python -m sdpo_engine run` trains."""
     service.start_api()

@@ -9,6 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -96,6 +97,7 @@ def _moe_with_router_jitter(tiny_model_dir: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_dropout_model_starts_at_ln2_and_router_jitter_is_a_warning(service, tiny_model_dir, tmp_path):
     """Shared case 17 (attention_dropout 0.5 in config.json): two steps, each first loss ln 2, no
     warning. A model with training-only noise that is not dropout: the step succeeds with a warn event."""

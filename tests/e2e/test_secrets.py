@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from .conftest import free_port, sample_files, upload, wait_job
 
@@ -116,6 +117,7 @@ def test_training_processes_get_an_allow_listed_environment(service, tmp_path):
         assert manifest["training_applied"]["packing"].startswith("two_sequences: disabled")
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_sdpo_up_under_a_fresh_home_makes_only_owner_only_files(tmp_path):
     """`sdpo up` started with the common umask 022 in a fresh SDPO_HOME; after an upload and a
     one-step job, nothing under the home is readable by group or others: the databases and their

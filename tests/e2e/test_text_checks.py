@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from .conftest import upload, wait_job
 
 CASES = Path(__file__).resolve().parents[2].parent / "shared" / "cases"
@@ -22,6 +24,7 @@ def _events(client, job_id: str) -> list[dict]:
     return client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_markup_and_no_signal_through_the_api(service, tmp_path):
     service.start_api()
     service.start_worker("w1")

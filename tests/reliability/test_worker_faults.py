@@ -127,6 +127,7 @@ def test_worker_process_killed_its_training_child_saves_and_the_step_resumes_the
 # 2. Duplicate delivery
 
 
+@pytest.mark.slow  # 20-60 s of worker processes: in CI's slow run, out of the default run's ~15 min
 def test_a_step_delivered_three_times_trains_once(make_service, tmp_path):
     """The job's chain is sent three times (as a redelivery would): three run_step(1) messages wait
     in the broker when two training workers start at once; one claim wins, the others exit."""
