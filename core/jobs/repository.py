@@ -22,6 +22,7 @@ from core.models.event import CACHE_FIELD
 from core.states import JOB_ACTIVE, JOB_TERMINAL, JobStatus, StepStatus, sources
 
 EVENT_LEVELS = ("info", "warn", "error")
+_ENDED = sorted(s.value for s in JOB_TERMINAL)  # the job statuses of an ended job, for IN (...)
 EVENT_TYPES = ("message", "metrics")
 
 
@@ -208,14 +209,14 @@ def jobs_with_end_transition_due(session: Session, cutoff: datetime) -> list[str
     done (`end_transition_at` NULL) and that have not changed since `cutoff`: the worker that ended
     them, or the cancel's sdpo.job_ended message, had that long to do it."""
     return list(session.scalars(select(Job.id).where(
-        Job.end_transition_at.is_(None), Job.status.in_([s.value for s in JOB_TERMINAL]),
+        Job.end_transition_at.is_(None), Job.status.in_(_ENDED),
         Job.updated_at < cutoff).order_by(Job.updated_at)))
 
 
 def mark_end_transition_done(session: Session, job_id: str) -> None:
     """Record that the end transition of ended job `job_id` was done (its first time counts)."""
     session.execute(update(Job).where(Job.id == job_id, Job.end_transition_at.is_(None),
-                                      Job.status.in_([s.value for s in JOB_TERMINAL]))
+                                      Job.status.in_(_ENDED))
                     .values(end_transition_at=utcnow()))
 
 
