@@ -123,8 +123,10 @@ def upload_file(client: SDPOClient, path: Path) -> dict[str, Any]:
     return client.files.create(path)
 
 
-def print_warnings(file: dict[str, Any], out: TextIO = sys.stderr) -> None:
-    """The validation report's warnings, one per line with its sample line (Parquet: row) numbers."""
+def print_warnings(file: dict[str, Any], out: TextIO | None = None) -> None:
+    """The validation report's warnings, one per line with its sample line (Parquet: row) numbers.
+    `out`: default the current sys.stderr (looked up per call, not bound at import)."""
+    out = out or sys.stderr
     unit = "rows" if file.get("file_type") == "parquet" else "lines"
     for warning in file.get("warnings") or []:
         more = "…" if warning["count"] > len(warning["lines"]) else ""
@@ -407,8 +409,10 @@ def print_gate(job: dict[str, Any], steps: list[dict[str, Any]], out: TextIO | N
               f"({outcome.get('result_checkpoint')}), {outcome.get('fine_tuned_model') or '-'}", file=out)
 
 
-def watch_job(client: SDPOClient, job_id: str, *, out: TextIO = sys.stdout) -> int:
-    """Follow a job to its end (server-sent events). Exit code 0 when it succeeded, 1 otherwise."""
+def watch_job(client: SDPOClient, job_id: str, *, out: TextIO | None = None) -> int:
+    """Follow a job to its end (server-sent events). Exit code 0 when it succeeded, 1 otherwise.
+    `out`: default the current sys.stdout (looked up per call, not bound at import)."""
+    out = out or sys.stdout
     job = client.jobs.retrieve(job_id)
     view = ProgressView(out)
     for data in client.jobs.stream_events(job_id):

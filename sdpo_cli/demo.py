@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from sdpo_cli import up as up_cmd
 from sdpo_cli.report import follow, print_table
@@ -33,10 +34,12 @@ def asset(name: str) -> Path:
     return Path(str(importlib.resources.files("sdpo_engine") / "assets" / name))
 
 
-def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out=sys.stdout,
+def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out: TextIO | None = None,
              storage_dir: Path | None = None) -> dict:
     """Upload, submit, follow, report over HTTP (sdpo_cli.sdk). Returns the finished job object.
-    `storage_dir`: the service's store, when it is on this machine (its checkpoint path is printed)."""
+    `storage_dir`: the service's store, when it is on this machine (its checkpoint path is printed).
+    `out`: default the current sys.stdout (looked up per call, not bound at import)."""
+    out = out or sys.stdout
     with SDPOClient(url, key) as client:
         files = {}
         for purpose_name, name in (("training", "sample_train.jsonl"), ("validation", "sample_heldout.jsonl")):

@@ -117,9 +117,11 @@ def _final_model_dir(client: SDPOClient, job: dict, storage_dir: Path, work: Pat
 
 
 def run_smollm2_demo(url: str, key: str, *, storage_dir: Path, timeout: float = 1800,
-                     out: TextIO = sys.stdout) -> dict:
+                     out: TextIO | None = None) -> dict:
     """Register, answer, train (2-step sDPO), answer again, over HTTP (sdpo_cli.sdk). `storage_dir`:
-    the store of a service on this machine (the model is converted into it). Returns the finished job."""
+    the store of a service on this machine (the model is converted into it). Returns the finished job.
+    `out`: default the current sys.stdout (looked up per call, not bound at import)."""
+    out = out or sys.stdout
     started = time.time()
     with SDPOClient(url, key, timeout=120) as client:
         return _run(client, storage_dir, timeout, out, started)
