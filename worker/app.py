@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 from core.celery_config import REAP
 from core.permissions import restrict_umask
@@ -36,6 +36,21 @@ app.conf.update(
     },
     worker_hijack_root_logger=False,
 )
+
+
+@worker_init.connect
+def _refuse_settings_this_host_cannot_train(sender=None, **_kwargs):
+    # A training worker whose settings cannot train here (SDPO_ATTENTION=flex on a host without CUDA,
+    # SDPO_DEVICE=cuda without one, flex without packing) stops now with the reason, instead of failing
+    # every user's job at its first step. A light-only worker trains nothing: not checked.
+    queues = set(getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None) or ())
+    if queues and settings.train_queue not in queues:
+        return
+    from worker.checks import training_host_problem
+
+    if problem := training_host_problem(settings):
+        logging.getLogger(__name__).critical("this worker cannot train: %s", problem)
+        raise SystemExit(f"sdpo worker: this host cannot train with its settings: {problem}")
 
 
 @worker_process_init.connect

@@ -1,14 +1,69 @@
-"""The text checks a job passes before any chunk or step: every file against the model's tokenizer
-(markup in the text, message lists without a chat template), so a job that cannot train as asked
-fails at preparation, not hours later."""
+"""Checks before training: the text checks a job passes before any chunk or step (every file against
+the model's tokenizer: markup in the text, message lists without a chat template), so a job that
+cannot train as asked fails at preparation, not hours later; and the check a training worker passes
+at start (`training_host_problem`), so a setting this host cannot train with stops the worker, not
+every user's job at its first step."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+from core.settings import Settings
 from sdpo_engine.data import DataError, load_numbered_pairs, validate_file
 from sdpo_engine.markup import check_pairs, read_tokenizer_files
+from sdpo_engine.protocol import SpecError, check_training_settings
 from worker.workdir import local_path
+
+# Run in a child with the engine's environment (the worker's GPUs): torch is imported there, never in the
+# worker. Exits 1 with the reason on its last stderr line.
+_DEVICE_PROBE = """
+import sys
+from sdpo_engine.protocol import SpecError
+from sdpo_engine.step import resolve_device
+try:
+    device = resolve_device(sys.argv[1])
+except SpecError as e:
+    sys.exit(f"SDPO_DEVICE={sys.argv[1]}: {e}")
+if sys.argv[2] == "flex":
+    from sdpo_engine.flex import unavailable
+    if why := unavailable(device):
+        sys.exit(f"SDPO_ATTENTION=flex (SDPO_DEVICE={sys.argv[1]}, here {device}): {why}")
+"""
+
+
+def training_host_problem(settings: Settings, *, timeout: float = 300.0) -> str | None:
+    """Why this host cannot train a step with the worker's training settings, or None.
+
+    Every setting goes through the step spec's own check (protocol.check_training_settings: e.g.
+    SDPO_ATTENTION=flex with SDPO_PACKING off, SDPO_PARAM_DTYPE=bfloat16-sr without torchao); where
+    the answer depends on the host (SDPO_DEVICE=cuda, SDPO_ATTENTION=flex), a child process with the
+    engine's environment asks torch (a few seconds; nothing is imported here). Without this, each of
+    these settings failed every job at its first step with the spec's error.
+    """
+    try:
+        check_training_settings(
+            device=settings.device, packing=settings.packing, pad_to_multiple_of=settings.pad_to_multiple_of,
+            activation_checkpointing=settings.activation_checkpointing, pack_tokens=settings.pack_tokens,
+            attention=settings.attention, group_by_length=settings.group_by_length,
+            reference_batch_size=settings.reference_batch_size, param_dtype=settings.param_dtype,
+            compile=settings.compile)
+    except SpecError as e:
+        return f"the worker's training settings (SDPO_*): {e}"
+    if settings.device != "cuda" and settings.attention != "flex":
+        return None  # auto and cpu train on any host
+    env = {**os.environ, **(settings.engine_environment() or {})}
+    try:
+        probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, settings.device, settings.attention],
+                               env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"the device check (torch) did not answer within {timeout:.0f} s"
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        return lines[-1] if lines else f"the device check exited {probe.returncode}"
+    return None
 
 
 def check_text(files: list[tuple[str, str]], base: Path, model_id: str, text_format: str,

@@ -90,3 +90,29 @@ def test_settings_and_the_step_spec_agree_on_names_and_choices():
     check_training_settings(reference_batch_size=MAX_REFERENCE_BATCH_SIZE)
     with pytest.raises(ValidationError):
         Settings(reference_batch_size=MAX_REFERENCE_BATCH_SIZE + 1)
+
+
+def test_the_worker_start_check_asks_torch_only_for_host_dependent_settings(monkeypatch, tmp_path):
+    """worker.checks.training_host_problem: the spec's own rules without a child; a child (torch) only for
+    SDPO_DEVICE=cuda or SDPO_ATTENTION=flex. The worker process itself never imports torch."""
+    import subprocess
+
+    from worker import checks
+
+    calls: list[list[str]] = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "", "Traceback...\nSDPO_DEVICE=cuda: no CUDA here\n")
+
+    monkeypatch.setattr(checks.subprocess, "run", fake_run)
+    for env in ({}, {"device": "cpu"}, {"attention": "sdpa", "packing": False}, {"device": "auto", "compile": "layers"}):
+        assert checks.training_host_problem(Settings(home=tmp_path, **env)) is None
+    assert calls == []
+    problem = checks.training_host_problem(Settings(home=tmp_path, attention="flex", packing=False))
+    assert problem is not None and "needs packing true" in problem and calls == []
+    problem = checks.training_host_problem(Settings(home=tmp_path, attention="flex", device="cpu"))
+    assert problem is not None and "needs a CUDA device" in problem and calls == []
+    # The child's last stderr line is the reason.
+    assert checks.training_host_problem(Settings(home=tmp_path, device="cuda")) == "SDPO_DEVICE=cuda: no CUDA here"
+    assert calls[-1][-2:] == ["cuda", "auto"]
