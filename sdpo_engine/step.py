@@ -141,6 +141,29 @@ def load_policy(path: str | Path, device: str, attention: str = "auto", param_dt
     return tokenizer, model.to(device)  # type: ignore[arg-type]
 
 
+def own_weights(model) -> int:
+    """Copy a CPU model's parameters out of the checkpoint file's memory mapping into the process's own
+    memory, before a step trains them; returns the bytes copied.
+
+    transformers loads safetensors memory-mapped, private (copy-on-write): on CPU the loaded weights ARE
+    the file's pages, so the first optimizer step's writes take one copy-on-write page fault per 4 KiB
+    page of weights. SmolLM2-135M on this 2-core machine: ~131,000 more faults, and the first optimizer
+    step took 1.9-2.0 s against 1.0 s with the copy (`bench/own_weights.py`; bench/README.md "The
+    weights' copy-on-write pages"); one clone per tensor costs ~0.13 s. Resident memory does not grow past the step's
+    peak (the optimizer states come later): a mapped tensor's pages go with it. Tied weights stay tied
+    (one Parameter, its data replaced). Not for a GPU (`.to(device)` already copied) nor under LoRA
+    (the base weights are never written, so their pages stay shared with the page cache).
+    """
+    import torch
+
+    copied = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+            copied += param.numel() * param.element_size()
+    return copied
+
+
 def _is_dropout_name(name: str) -> bool:
     name = name.lower()
     return "dropout" in name or name.endswith("pdrop") or name == "layerdrop"
@@ -969,6 +992,8 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
     # Seed before the model (and a LoRA adapter) exist: the Trainer seeds only later.
     set_seed(cfg.seed)
     tokenizer, model = load_policy(spec.policy_init, device, spec.attention, param_dtype=spec.param_dtype)
+    if device == "cpu" and not spec.lora:  # LoRA never writes the base weights: their pages stay shared
+        own_weights(model)
     if spec.chat_template:
         # Saved with the checkpoint's tokenizer: the next step, and inference, use the same template.
         tokenizer.chat_template = spec.chat_template

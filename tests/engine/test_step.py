@@ -17,6 +17,7 @@ from sdpo_engine.step import (
     dpo_config,
     gammas,
     load_policy,
+    own_weights,
     pair_logps,
     run_step,
     to_trl_rows,
@@ -171,6 +172,41 @@ def test_pair_logps_is_trl_reference_pass(tmp_path, tiny_model, chunk_files):
     trainer = build_trainer(model, tok, to_trl_rows(pairs, tok), dpo_config(cfg, str(tmp_path / "t"), "cpu"))
     assert c == pytest.approx(list(trainer.train_dataset["ref_chosen_logps"]), abs=1e-5)
     assert r == pytest.approx(list(trainer.train_dataset["ref_rejected_logps"]), abs=1e-5)
+
+
+def _in_file_mappings(model) -> int:
+    """Parameters whose data lies in a memory mapping of a .safetensors file (/proc/self/maps: Linux)."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) > 5 and parts[5].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((lo, hi))
+    return sum(any(lo <= p.data_ptr() < hi for lo, hi in spans) for p in model.parameters())
+
+
+def test_own_weights_takes_a_cpu_policy_out_of_its_checkpoints_mapping(tmp_path, tiny_model, chunk_files, monkeypatch):
+    """transformers maps safetensors copy-on-write; a trained policy's weights are copied into the
+    process's memory first (the first AdamW step otherwise takes a page fault per 4 KiB of weights):
+    same values, ties kept, and run_step does it for a full-weight step on CPU only, not under LoRA."""
+    _, model = load_policy(tiny_model, "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_params = len(list(model.parameters()))
+    assert _in_file_mappings(model) == n_params  # the premise: loaded weights are the file's pages
+    assert own_weights(model) == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert _in_file_mappings(model) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tie_word_embeddings
+
+    import sdpo_engine.step as step
+
+    calls = []
+    monkeypatch.setattr(step, "own_weights", lambda m: calls.append(_in_file_mappings(m)) or 0)
+    run_step(_spec(tmp_path, tiny_model, chunk_files[0], hyperparameters={**TINY_HPARAMS, "n_epochs": 1}))
+    assert calls == [n_params]
+    run_step(_spec(tmp_path, tiny_model, chunk_files[0], index=2, lora={"r": 2, "alpha": 4}))
+    assert calls == [n_params]
 
 
 def test_preload_takes_the_first_from_pretrained_and_the_import_heap_off_the_step(monkeypatch):
