@@ -20,9 +20,15 @@ from worker.workdir import local_path
 # Run in a child with the engine's environment (the worker's GPUs): torch is imported there, never in the
 # worker. Exits 1 with the reason on its last stderr line.
 _DEVICE_PROBE = """
+import os
 import sys
 from sdpo_engine.protocol import SpecError
 from sdpo_engine.step import resolve_device
+if expected := int(sys.argv[3]):
+    import torch
+    if (seen := torch.cuda.device_count()) != expected:
+        sys.exit(f"SDPO_WORKER_GPUS names {expected} GPU(s) but torch sees {seen} "
+                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
 try:
     device = resolve_device(sys.argv[1])
 except SpecError as e:
@@ -39,9 +45,10 @@ def training_host_problem(settings: Settings, *, timeout: float = 300.0) -> str 
 
     Every setting goes through the step spec's own check (protocol.check_training_settings: e.g.
     SDPO_ATTENTION=flex with SDPO_PACKING off, SDPO_PARAM_DTYPE=bfloat16-sr without torchao); where
-    the answer depends on the host (SDPO_DEVICE=cuda, SDPO_ATTENTION=flex), a child process with the
-    engine's environment asks torch (a few seconds; nothing is imported here). Without this, each of
-    these settings failed every job at its first step with the spec's error.
+    the answer depends on the host (SDPO_DEVICE=cuda, SDPO_ATTENTION=flex, SDPO_WORKER_GPUS), a child
+    process with the engine's environment asks torch (a few seconds; nothing is imported here). Without
+    this, the first two failed every job at its first step with the spec's error, and GPUs the host
+    lacks (CUDA_VISIBLE_DEVICES naming none that exist) left `auto` training on the CPU, silently.
     """
     try:
         check_training_settings(
@@ -52,11 +59,12 @@ def training_host_problem(settings: Settings, *, timeout: float = 300.0) -> str 
             compile=settings.compile)
     except SpecError as e:
         return f"the worker's training settings (SDPO_*): {e}"
-    if settings.device != "cuda" and settings.attention != "flex":
+    if settings.device != "cuda" and settings.attention != "flex" and not settings.worker_gpus:
         return None  # auto and cpu train on any host
     env = {**os.environ, **(settings.engine_environment() or {})}
     try:
-        probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, settings.device, settings.attention],
+        probe = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, settings.device, settings.attention,
+                                str(len(settings.worker_gpus))],
                                env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return f"the device check (torch) did not answer within {timeout:.0f} s"

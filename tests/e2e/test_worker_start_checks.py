@@ -13,7 +13,7 @@ import torch
 
 from tests.e2e.conftest import Service
 
-# Four real worker starts, three of them importing torch for the device check: ~30 s. The unit test
+# Five real worker starts, four of them importing torch for the device check: ~30 s. The unit test
 # (tests/worker/test_training_settings.py) covers the check's logic in the default run.
 pytestmark = pytest.mark.slow
 
@@ -31,18 +31,20 @@ def _start(service: Service, name: str, queues: str, env: dict[str, str]) -> tup
     return proc, log_path.read_text()
 
 
-@pytest.mark.parametrize(("env", "reason"), [
+@pytest.mark.parametrize(("env", "reason", "host_trains"), [
     # Host-independent: the spec's own rule, no torch asked.
-    ({"SDPO_ATTENTION": "flex", "SDPO_PACKING": "off", "SDPO_DEVICE": "auto"}, "needs packing true"),
+    ({"SDPO_ATTENTION": "flex", "SDPO_PACKING": "off", "SDPO_DEVICE": "auto"}, "needs packing true", lambda: False),
     # This host: CI has no CUDA, so auto resolves to cpu, where FlexAttention has no backward.
-    ({"SDPO_ATTENTION": "flex", "SDPO_DEVICE": "auto"}, "SDPO_ATTENTION=flex (SDPO_DEVICE=auto, here cpu)"),
-    ({"SDPO_DEVICE": "cuda"}, "SDPO_DEVICE=cuda: device cuda requested but no CUDA device is available"),
+    ({"SDPO_ATTENTION": "flex", "SDPO_DEVICE": "auto"}, "SDPO_ATTENTION=flex (SDPO_DEVICE=auto, here cpu)",
+     torch.cuda.is_available),
+    ({"SDPO_DEVICE": "cuda"}, "SDPO_DEVICE=cuda: device cuda requested but no CUDA device is available",
+     torch.cuda.is_available),
+    # GPUs the host lacks: `auto` would have trained on the CPU without a word.
+    ({"SDPO_WORKER_GPUS": "0,1"}, "SDPO_WORKER_GPUS names 2 GPU(s) but torch sees", lambda: torch.cuda.device_count() >= 2),
 ])
-def test_a_training_worker_refuses_settings_its_host_cannot_train(service, env, reason):
-    if torch.cuda.is_available() and "packing" not in reason:
-        reason = None  # a CUDA host trains these: the worker must start
+def test_a_training_worker_refuses_settings_its_host_cannot_train(service, env, reason, host_trains):
     proc, log = _start(service, "train", f"{service.env['SDPO_TRAIN_QUEUE']},{service.env['SDPO_LIGHT_QUEUE']}", env)
-    if reason is None:
+    if host_trains():  # a host with the GPUs trains these: the worker must start
         assert proc.poll() is None and "ready" in log, log[-3000:]
         return
     assert proc.wait(timeout=30) != 0, log[-3000:]

@@ -115,4 +115,6 @@ def test_the_worker_start_check_asks_torch_only_for_host_dependent_settings(monk
     assert problem is not None and "needs a CUDA device" in problem and calls == []
     # The child's last stderr line is the reason.
     assert checks.training_host_problem(Settings(home=tmp_path, device="cuda")) == "SDPO_DEVICE=cuda: no CUDA here"
-    assert calls[-1][-2:] == ["cuda", "auto"]
+    assert calls[-1][-3:] == ["cuda", "auto", "0"]
+    checks.training_host_problem(Settings(home=tmp_path, worker_gpus="0,1"))  # GPUs the host may lack
+    assert calls[-1][-3:] == ["auto", "auto", "2"]
