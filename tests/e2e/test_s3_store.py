@@ -132,12 +132,17 @@ def test_the_store_killed_while_a_step_stores_its_checkpoint(service, tmp_path):
         _start_worker(service, "w1")
         client = service.client()
         train, _ = sample_files(tmp_path)
-        r = client.post("/v1/fine_tuning/jobs", json=sdpo_job("sdpo-tiny", upload(client, train)))
+        # 3 epochs: step 2 trains for a few seconds, so the store dies during its training, not after its upload.
+        r = client.post("/v1/fine_tuning/jobs", json=sdpo_job("sdpo-tiny", upload(client, train), n_epochs=3))
         job_id = r.json()["id"]
         # Step 2 on the same worker: its reference comes from the cache, no download.
         hit = _wait(lambda: [e for e in _events(client, job_id) if e["message"].startswith("Checkpoint cache")],
                     300, "step 2 to start")
         assert hit[0]["message"].startswith("Checkpoint cache hit"), hit
+        # Its training data still comes from the store after that event: kill the store only once the
+        # engine has started (its first event), or the step fails reading its data (storage_unavailable).
+        _wait(lambda: [e for e in _events(client, job_id) if e["message"].startswith("Step 2: ")
+                       and "pairs on" in e["message"]], 300, "step 2's engine to start")
         stored = [o["Key"] for o in server.client().list_objects_v2(Bucket=bucket)["Contents"]
                   if o["Key"].startswith(f"sdpo/checkpoints/{job_id}/") and o["Key"].endswith(INDEX)]
         assert len(stored) == 1
