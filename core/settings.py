@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sdpo_engine.protocol import TRAINING_SETTINGS
+
 MIN_PRODUCTION_ADMIN_KEY_LENGTH = 32
 
 
@@ -247,6 +249,11 @@ class Settings(BaseSettings):
         if self.step_ranks <= 1:
             return None
         return {"num_processes": self.step_ranks, "strategy": self.distributed_strategy}
+
+    def training_settings(self) -> dict[str, Any]:
+        """The step spec's training settings from this worker's (sdpo_engine.protocol.TRAINING_SETTINGS:
+        passed in every step's spec, checked at a training worker's start)."""
+        return {name: getattr(self, name) for name in TRAINING_SETTINGS}
 
     def engine_environment(self) -> dict[str, str] | None:
         """What the worker adds to its engine processes' environment: the GPUs it owns."""

@@ -55,6 +55,7 @@ __all__ = [
     "TEXT_FORMATS",
     "TORCHAO_MISSING",
     "TRAINING_DATA_CODES",
+    "TRAINING_SETTINGS",
     "TrainEndInfo",
     "WarningEvent",
     "check_training_settings",
@@ -311,6 +312,12 @@ class SpecError(ValueError):
     """The step spec itself is wrong (missing key, bad path, bad value). No retry helps (exit 2)."""
 
 
+# The operator's settings that change how a step trains: check_training_settings' arguments, StepSpec's
+# fields of the same names (recorded in the manifest) and core.settings.Settings' fields (SDPO_*).
+TRAINING_SETTINGS = ("device", "param_dtype", "compile", "packing", "pad_to_multiple_of", "activation_checkpointing",
+                     "pack_tokens", "attention", "group_by_length", "reference_batch_size")
+
+
 def check_training_settings(*, device: str = "auto", packing: bool = True, pad_to_multiple_of: int | None = None,
                             activation_checkpointing: str = "auto", pack_tokens: int | None = None,
                             attention: str = "auto", group_by_length: bool = False,
@@ -505,11 +512,7 @@ class StepSpec:
             raise SpecError(f"text_format must be one of {', '.join(TEXT_FORMATS)}")
         if spec.chat_template is not None and (not isinstance(spec.chat_template, str) or not spec.chat_template.strip()):
             raise SpecError("chat_template must be a non-empty Jinja template string")
-        check_training_settings(param_dtype=spec.param_dtype, compile=spec.compile, device=spec.device,
-                                packing=spec.packing, pad_to_multiple_of=spec.pad_to_multiple_of,
-                                activation_checkpointing=spec.activation_checkpointing, pack_tokens=spec.pack_tokens,
-                                attention=spec.attention, group_by_length=spec.group_by_length,
-                                reference_batch_size=spec.reference_batch_size)
+        check_training_settings(**spec.training_settings())
         if spec.param_dtype in ("bfloat16-master", "bfloat16-sr") and spec.strategy == "fsdp":
             raise SpecError(f"param_dtype {spec.param_dtype} is not proven with distributed.strategy fsdp (sharded "
                             "master weights); use ddp, or param_dtype auto")
@@ -519,11 +522,7 @@ class StepSpec:
 
     def training_settings(self) -> dict[str, Any]:
         """The operator's settings that change how the step trains (recorded in the manifest)."""
-        return {"device": self.device, "param_dtype": self.param_dtype, "compile": self.compile,
-                "packing": self.packing, "pad_to_multiple_of": self.pad_to_multiple_of,
-                "activation_checkpointing": self.activation_checkpointing, "pack_tokens": self.pack_tokens,
-                "attention": self.attention, "group_by_length": self.group_by_length,
-                "reference_batch_size": self.reference_batch_size}
+        return {name: getattr(self, name) for name in TRAINING_SETTINGS}
 
     @property
     def num_processes(self) -> int:

@@ -43,7 +43,7 @@ def _refuse_settings_this_host_cannot_train(sender=None, **_kwargs):
     # A training worker whose settings cannot train here (SDPO_ATTENTION=flex on a host without CUDA,
     # SDPO_DEVICE=cuda without one, flex without packing) stops now with the reason, instead of failing
     # every user's job at its first step. A light-only worker trains nothing: not checked.
-    queues = set(getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None) or ())
+    queues = set((sender.app if sender is not None else app).amqp.queues.consume_from or ())
     if queues and settings.train_queue not in queues:
         return
     from worker.checks import training_host_problem

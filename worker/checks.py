@@ -51,12 +51,7 @@ def training_host_problem(settings: Settings, *, timeout: float = 300.0) -> str 
     lacks (CUDA_VISIBLE_DEVICES naming none that exist) left `auto` training on the CPU, silently.
     """
     try:
-        check_training_settings(
-            device=settings.device, packing=settings.packing, pad_to_multiple_of=settings.pad_to_multiple_of,
-            activation_checkpointing=settings.activation_checkpointing, pack_tokens=settings.pack_tokens,
-            attention=settings.attention, group_by_length=settings.group_by_length,
-            reference_batch_size=settings.reference_batch_size, param_dtype=settings.param_dtype,
-            compile=settings.compile)
+        check_training_settings(**settings.training_settings())
     except SpecError as e:
         return f"the worker's training settings (SDPO_*): {e}"
     if settings.device != "cuda" and settings.attention != "flex" and not settings.worker_gpus:

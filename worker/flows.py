@@ -238,14 +238,9 @@ def _train_claimed_step(job_id: str, index: int, claim: lifecycle.StepClaim, set
         "hyperparameters": claim.hyperparameters,
         "eval_file": str(eval_file) if eval_file else None,
         "eval_reference": str(base) if eval_file else None,
-        "device": settings.device, "source_field": claim.source_field,
-        "save_steps": settings.step_save_steps, "text_format": claim.text_format,
-        "chat_template": claim.chat_template, "packing": settings.packing,
-        "pad_to_multiple_of": settings.pad_to_multiple_of, "pack_tokens": settings.pack_tokens,
-        "group_by_length": settings.group_by_length, "reference_batch_size": settings.reference_batch_size,
-        "activation_checkpointing": settings.activation_checkpointing,
-        "param_dtype": settings.param_dtype, "compile": settings.compile, "attention": settings.attention,
-        "distributed": settings.step_distributed()})
+        "source_field": claim.source_field, "save_steps": settings.step_save_steps,
+        "text_format": claim.text_format, "chat_template": claim.chat_template,
+        **settings.training_settings(), "distributed": settings.step_distributed()})
 
     stopped_because: list[str] = []
 
