@@ -10,11 +10,18 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MANIFEST_NAME = "sdpo_manifest.json"
 _CHUNK = 1 << 20
+# The largest safetensors file of a checkpoint the engine writes (`save_pretrained(max_shard_size=...)`).
+# transformers 5 writes up to 50 GB per file; sha256 runs ~1.1 GB/s on one core and cannot split a file,
+# so a 7B float32 checkpoint in one 28 GB file took ~25 s to hash after writing and again at every
+# verification. At 5 GB (the hub's long-standing shard size) its 6 files hash on 6 cores at once.
+CHECKPOINT_SHARD_SIZE = "5GB"
 
 
 def sha256_file(path: str | Path) -> str:
@@ -25,14 +32,28 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def file_hashes(root: str | Path) -> dict[str, str]:
-    """sha256 of every regular file under `root` except the manifest, keyed by POSIX relative path."""
+def hash_workers(n_files: int) -> int:
+    """Threads to hash `n_files` with: one per file up to the CPUs this process may use (at most 16)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_files, cpus, 16))
+
+
+def file_hashes(root: str | Path, *, workers: int | None = None) -> dict[str, str]:
+    """sha256 of every regular file under `root` except the manifest, keyed by POSIX relative path.
+
+    Files are hashed in parallel, `workers` threads (default `hash_workers`): hashlib releases the GIL
+    while it hashes a block, so a sharded checkpoint takes about as long as its largest shard."""
     root = Path(root)
-    out = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            out[path.relative_to(root).as_posix()] = sha256_file(path)
-    return out
+    paths = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME]
+    workers = workers or hash_workers(len(paths))
+    if workers == 1:
+        digests = [sha256_file(p) for p in paths]
+    else:
+        # The largest first, so one big file does not start last.
+        with ThreadPoolExecutor(workers, thread_name_prefix="sdpo-sha256") as pool:
+            futures = {p: pool.submit(sha256_file, p) for p in sorted(paths, key=lambda p: -p.stat().st_size)}
+            digests = [futures[p].result() for p in paths]
+    return {p.relative_to(root).as_posix(): d for p, d in zip(paths, digests, strict=True)}
 
 
 def tree_digest(hashes: dict[str, str]) -> str:
@@ -72,11 +93,14 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     return problems
 
 
-def _fsync_tree(root: Path) -> None:
+def _fsync_files(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _fsync_dirs(root: Path) -> None:
     for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -99,10 +123,31 @@ def write_checkpoint_atomically(out_dir: str | Path, write: Callable[[Path], Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
-        hashes = file_hashes(tmp)
+        # The files go to disk while they are hashed (both read the same page cache; fsync waits on the
+        # disk, hashing on the CPU), instead of one after the other.
+        synced: list[BaseException | None] = []
+
+        def sync() -> None:
+            try:
+                _fsync_files(tmp)
+                synced.append(None)
+            except BaseException as e:  # raised below, in the caller's thread
+                synced.append(e)
+
+        syncer = threading.Thread(target=sync, name="sdpo-fsync", daemon=True)
+        syncer.start()
+        try:
+            hashes = file_hashes(tmp)
+        finally:
+            syncer.join()
+        if synced[0] is not None:
+            raise synced[0]
         manifest = {**manifest, "files": hashes, "checkpoint_sha256": tree_digest(hashes)}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_tree(tmp)
+        manifest_path = tmp / MANIFEST_NAME
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        with open(manifest_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_dirs(tmp)
         os.rename(tmp, out)
         fd = os.open(out.parent, os.O_RDONLY)
         try:

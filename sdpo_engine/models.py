@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .manifest import CHECKPOINT_SHARD_SIZE
+
 BUILTIN = ("sdpo-tiny", "smollm2-135m")
 
 
@@ -61,7 +63,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        plain.save_pretrained(tmp, safe_serialization=True)
+        plain.save_pretrained(tmp, safe_serialization=True, max_shard_size=CHECKPOINT_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         (tmp / "sdpo_model.json").write_text(json.dumps({"source": "gguf", "gguf_file": str(gguf_file)}, indent=2))
         os.replace(tmp, out)

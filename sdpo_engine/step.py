@@ -34,7 +34,7 @@ from . import distributed
 from .config import ConfigError, StepConfig
 from .data import DataError, fingerprint, load_numbered_pairs, load_pairs
 from .drift import drift_metrics
-from .manifest import checkpoint_identity, write_checkpoint_atomically
+from .manifest import CHECKPOINT_SHARD_SIZE, checkpoint_identity, write_checkpoint_atomically
 
 # StepSpec, LoraSpec and SpecError are the contract's (protocol.py); re-exported for callers.
 from .protocol import ExitCode, LoraSpec, SpecError, StepSpec  # noqa: F401
@@ -1144,7 +1144,7 @@ def run_step(spec: StepSpec | dict, emit: Emit | None = None) -> dict:
 
     def write(tmp: Path):
         _restore_dropout_config(model)
-        to_save.save_pretrained(tmp, safe_serialization=True)
+        to_save.save_pretrained(tmp, safe_serialization=True, max_shard_size=CHECKPOINT_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
 
     written = distributed.on_main_rank(lambda: write_checkpoint_atomically(out_dir, write, manifest))
