@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
+import shlex
 import socket
 import sys
 import time
@@ -35,9 +36,13 @@ def asset(name: str) -> Path:
 
 
 def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out: TextIO | None = None,
-             storage_dir: Path | None = None) -> dict:
+             storage_dir: Path | None = None, key_shell: str | None = None, service_stays: bool = True) -> dict:
     """Upload, submit, follow, report over HTTP (sdpo_cli.sdk). Returns the finished job object.
     `storage_dir`: the service's store, when it is on this machine (its checkpoint path is printed).
+    `key_shell`: a shell expression that gives the key (`"$SDPO_API_KEY"`, `"$(cat …/admin_key)"`; the
+    key itself is never printed) for the printed curl command; None: no curl command.
+    `service_stays`: False when the service stops after the demo: the download commands then say to
+    start it first (a pasted command must work).
     `out`: default the current sys.stdout (looked up per call, not bound at import)."""
     out = out or sys.stdout
     with SDPOClient(url, key) as client:
@@ -60,8 +65,16 @@ def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out
             return job
         final = max(client.jobs.checkpoints(job["id"], limit=100)["data"], key=lambda c: c["step_index"])
     print(f"\nfine-tuned model: {job['fine_tuned_model']}", file=out)
-    print(f"final checkpoint: {final['id']}  download: curl -H 'Authorization: Bearer $KEY' "
-          f"{url}/v1/fine_tuning/jobs/{job['id']}/checkpoints/{final['id']}/content -o model.tar", file=out)
+    print(f"final checkpoint: {final['id']}", file=out)
+    cli = f"sdpo checkpoints download {job['id']} -o model --extract"
+    if service_stays:
+        print(f"download: {cli}", file=out)
+        if key_shell:
+            print(f"      or: curl -fH \"Authorization: Bearer {key_shell}\" "
+                  f"{url}/v1/fine_tuning/jobs/{job['id']}/checkpoints/{final['id']}/content -o model.tar", file=out)
+    else:
+        print(f"download: the demo's service has stopped (`sdpo demo --keep-running` leaves it up); "
+              f"`sdpo up`, then {cli}", file=out)
     local = storage_dir / "checkpoints" / job["id"] / final["id"] if storage_dir else None
     if local is not None and local.is_dir():
         print(f"on this machine: {local}", file=out)
@@ -86,13 +99,25 @@ def _demo(args: argparse.Namespace) -> int:
         if args.model == "smollm2-135m":
             job = run_smollm2_demo(url, key, storage_dir=settings.storage_dir)
         else:
-            job = run_demo(url, key, n_epochs=args.epochs, storage_dir=settings.storage_dir)
+            job = run_demo(url, key, n_epochs=args.epochs, storage_dir=settings.storage_dir,
+                           key_shell=_key_shell(settings), service_stays=started is None or args.keep_running)
     finally:
         if started is not None and not args.keep_running:
             up_cmd.stop(started)
             up_cmd.service_file(settings).unlink(missing_ok=True)
     print(f"\ndemo finished in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0 if job["status"] == "succeeded" else 1
+
+
+def _key_shell(settings) -> str | None:
+    """How a shell gets the key the demo used, without printing it: the variable it came from, or the
+    admin key's file."""
+    if os.environ.get("SDPO_API_KEY"):
+        return "$SDPO_API_KEY"
+    if settings.admin_key:
+        return "$SDPO_ADMIN_KEY" if os.environ.get("SDPO_ADMIN_KEY") else None
+    path = settings.home / "admin_key"
+    return f"$(cat {shlex.quote(str(path.resolve()))})" if path.is_file() else None
 
 
 def register_demo(commands: argparse._SubParsersAction) -> None:

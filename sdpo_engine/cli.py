@@ -216,7 +216,24 @@ def main_warm() -> int:
     return main(argv)
 
 
+def quiet_known_import_noise() -> None:
+    """Drop two kinds of log lines that every engine process printed while importing transformers, and that
+    read as failures in a step's log and in `sdpo up`'s terminal, though neither concerns the step:
+
+    - transformers imports torchao when it is installed (the `perf` extra, for `bfloat16-sr`). On a
+      CPU-only torch, torchao warns once per CUDA kernel library it cannot load (`Failed to load
+      .../_C_mxfp8...so`). Its errors still show.
+    - torch 2.13 logs a deprecation for each Enum that torchao registers with pytree.
+    """
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_import_noise()
     args = _parser().parse_args(argv)
     if args.command == "warm":
         return main_warm()
