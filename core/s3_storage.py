@@ -509,8 +509,23 @@ class S3Storage(Storage):
     def _download_tree(self, key: str, index: dict, dest: Path) -> None:
         make_private_dir(self._tmp_dir)
         tmp = self._tmp_dir / uuid.uuid4().hex
+        files = sorted(index["files"].items())
+        # Each file is hashed in a thread while the next one downloads (a checkpoint in 5 GB shards: ~4.5 s
+        # of sha256 per shard that no longer waits in line); every file is checked before the rename.
+        hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, 8)),
+                                                        thread_name_prefix="sdpo-s3-sha256")
+        checks: list[tuple[str, dict, Path, concurrent.futures.Future[str]]] = []
+
+        def check(done_only: bool) -> None:
+            for rel, meta, target, digest in checks:
+                if done_only and not digest.done():
+                    continue
+                if digest.result() != meta["sha256"] or target.stat().st_size != meta["bytes"]:
+                    raise CorruptObject(f"{rel}: sha256 mismatch after download")
+
         try:
-            for rel, meta in sorted(index["files"].items()):
+            for rel, meta in files:
+                check(done_only=True)  # a corrupt file already hashed stops the download early
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -518,9 +533,8 @@ class S3Storage(Storage):
                         self.client.download_file(self.bucket, f"{key}/{rel}", str(target), Config=self.transfer)
                 except FileNotFoundError as exc:
                     raise CorruptObject(f"{rel}: missing from the store") from exc
-                digest = _sha256_file(target)
-                if digest != meta["sha256"] or target.stat().st_size != meta["bytes"]:
-                    raise CorruptObject(f"{rel}: sha256 mismatch after download")
+                checks.append((rel, meta, target, hashers.submit(_sha256_file, target)))
+            check(done_only=False)
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(tmp, dest)
@@ -528,6 +542,7 @@ class S3Storage(Storage):
                 if not dest.is_dir():  # else another process on this host filled the same entry first
                     raise
         finally:
+            hashers.shutdown(wait=True, cancel_futures=True)  # no thread still reads what is removed next
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _tar_stream(self, key: str, index: dict) -> Iterator[bytes]:

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,6 +213,41 @@ def test_the_cache_verifies_downloads_and_serves_hits(s3, tmp_path, moto_server)
     with pytest.raises(CorruptObject, match="tok.json: missing"):
         other.cached_tree(uri)
     assert not list((tmp_path / "other-cache" / "trees").glob("*"))
+
+
+def test_a_sharded_tree_is_hashed_beside_its_downloads_and_every_shard_checked(s3, tmp_path, moto_server, monkeypatch):
+    """A checkpoint in several shards: each downloaded file is hashed in a worker thread while the next one
+    downloads; one shard changed in the store is refused by name and nothing is cached or left behind."""
+    from core import s3_storage
+    from core.s3_storage import S3Storage
+
+    src = tmp_path / "sharded"
+    src.mkdir()
+    for k in range(5):
+        (src / f"model-0000{k + 1}-of-00005.safetensors").write_bytes(bytes([k]) * (200_000 + k))
+    (src / "model.safetensors.index.json").write_text("{}")
+    uri = s3.store.put_tree(src, "checkpoints/j/sharded")
+    hashed_in: list[str] = []
+    real = s3_storage._sha256_file
+
+    def spy(path):
+        hashed_in.append(threading.current_thread().name)
+        return real(path)
+
+    monkeypatch.setattr(s3_storage, "_sha256_file", spy)
+    first = S3Storage(s3.store.url, tmp_path / "cache-1", max_attempts=2)
+    got, hit = first.cached_tree(uri)
+    assert not hit and sorted(p.name for p in got.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert all((got / p.name).read_bytes() == p.read_bytes() for p in src.iterdir())
+    assert len(hashed_in) == 6 and all(name.startswith("sdpo-s3-sha256") for name in hashed_in)
+
+    key = "p/checkpoints/j/sharded/model-00004-of-00005.safetensors"
+    moto_server.client().put_object(Bucket=s3.store.bucket, Key=key, Body=bytes([3]) * 200_002 + b"X")
+    other = S3Storage(s3.store.url, tmp_path / "cache-2", max_attempts=2)
+    with pytest.raises(CorruptObject, match="model-00004-of-00005.safetensors: sha256 mismatch"):
+        other.cached_tree(uri)
+    assert not list((tmp_path / "cache-2" / "trees").glob("*"))
+    assert not [p for p in (tmp_path / "cache-2" / ".tmp").rglob("*") if p.is_file()]
 
 
 def test_move_tree_seeds_the_cache_and_the_cache_is_bounded(s3, tmp_path):
