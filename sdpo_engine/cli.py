@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "pair_scores"):
             print(json.dumps(event), file=sys.stderr)
         elif event.get("event") == "warning":
-            print(f"warning: step {event.get('step')}: {event.get('code')}: {event.get('message')}", file=sys.stderr)
+            where = f"step {event['step']}: " if event.get("step") is not None else ""
+            print(f"warning: {where}{event.get('code')}: {event.get('message')}", file=sys.stderr)
 
     try:
         summary = run_sdpo(

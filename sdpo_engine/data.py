@@ -283,6 +283,80 @@ def load_numbered_pairs(
     return list(zip(collector.pair_lines, collector.pairs, strict=True))
 
 
+def held_out_overlap(
+    train_paths: Iterable[str | os.PathLike[str]],
+    held_out_path: str | os.PathLike[str],
+    *,
+    source_field: str | None = "source",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> dict[str, Any]:
+    """How much of a held-out (validation) file the training files already hold: held-out figures
+    (heldout_acc, the eval margins, the quality gate) measured on pairs the policy trained on read
+    as generalisation when they are memorisation. Texts compare as the duplicate check's
+    ``near_duplicate_pairs`` does (whitespace runs collapsed, case folded); a pair's source does not
+    count. Returns::
+
+        {"validation_pairs": M,          # valid pairs in the held-out file
+         "same_pairs": n,                # held-out pairs whose prompt, chosen and rejected are a training pair's
+         "same_pair_lines": [...],       # their 1-based lines (Parquet: rows), the first 10
+         "same_prompts": k,              # other held-out pairs whose prompt (every message) is a training prompt
+         "same_prompt_lines": [...]}
+
+    Streams each file once (invalid lines are skipped: the files were validated at upload); memory is
+    two `DigestSet`s over the training pairs, 16-32 bytes each.
+    """
+    pairs, prompts = DigestSet(), DigestSet()
+
+    def digests(pair: dict[str, Any]) -> tuple[bytes, bytes]:
+        prompt = [(m["role"], _normalised(m["content"])) for m in pair["prompt"]]
+        chosen, rejected = _normalised(pair["chosen"][0]["content"]), _normalised(pair["rejected"][0]["content"])
+        return _pair_digest(prompt, chosen, rejected), _pair_digest(prompt, "", "")
+
+    for path in train_paths:
+        for result in _scan(path, source_field=source_field, max_line_bytes=max_line_bytes):
+            if result.pair is not None:
+                pair_digest, prompt_digest = digests(result.pair)
+                pairs.add(pair_digest)
+                prompts.add(prompt_digest)
+    out: dict[str, Any] = {"validation_pairs": 0, "same_pairs": 0, "same_pair_lines": [], "same_prompts": 0,
+                           "same_prompt_lines": []}
+    for result in _scan(held_out_path, source_field=source_field, max_line_bytes=max_line_bytes):
+        if result.pair is None:
+            continue
+        out["validation_pairs"] += 1
+        pair_digest, prompt_digest = digests(result.pair)
+        kind = "same_pair" if pair_digest in pairs else "same_prompt" if prompt_digest in prompts else None
+        if kind is not None:
+            out[f"{kind}s"] += 1
+            if len(out[f"{kind}_lines"]) < _SAMPLE_LINES:
+                out[f"{kind}_lines"].append(result.line)
+    return out
+
+
+def describe_held_out_overlap(overlap: dict[str, Any], validation: str, training: str) -> str | None:
+    """One sentence for a `held_out_overlap` result, or None when nothing is shared. `validation` names
+    the held-out file as the sentence's subject ("Validation file file-abc"), `training` the training
+    files ("file-1, file-2")."""
+    same, prompts, total = overlap["same_pairs"], overlap["same_prompts"], overlap["validation_pairs"]
+    if not (same or prompts):
+        return None
+
+    def lines(key: str, count: int) -> str:
+        shown = ", ".join(str(n) for n in overlap[key])
+        return f"line{'s' if count > 1 else ''} {shown}{', …' if count > len(overlap[key]) else ''}"
+
+    parts = []
+    if same:
+        parts.append(f"{same} of its {total} pairs are also in the training data (same prompt, chosen and rejected, "
+                     f"ignoring case and whitespace; {lines('same_pair_lines', same)})")
+    if prompts:
+        whose = f"{prompts} more" if same else f"{prompts} of its {total} pairs"
+        parts.append(f"{whose} {'have' if prompts > 1 else 'has'} a training prompt with other answers "
+                     f"({lines('same_prompt_lines', prompts)})")
+    return (f"{validation} overlaps the training data ({training}): {'; '.join(parts)}. The held-out figures "
+            "(heldout_acc, the eval margins, a quality gate) count these pairs as unseen.")
+
+
 def write_pairs(pairs: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """Write normalised pairs as JSONL, plus ``source`` when set.
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import StepConfig
-from .data import load_pairs, write_pairs
+from .data import describe_held_out_overlap, held_out_overlap, load_pairs, write_pairs
 from .manifest import read_manifest
 from .partition import PartitionError, pair_order, partition, source_order
 from .protocol import PAIR_CURRICULUM_STRATEGIES, PARTITION_STRATEGIES, check_training_settings
@@ -182,6 +182,12 @@ def run_sdpo(model: str, out_dir: str | Path, *, step_files: list[str] | None = 
     for f in (step_files or []) + ([train_file] if train_file else []) + ([eval_file] if eval_file else []):
         check_training_text(f, tokenizer, text_format=text_format, source_field=source_field,
                             model_name=str(model))
+    if eval_file:
+        trained_on = (step_files or []) + ([train_file] if train_file else [])
+        overlap = held_out_overlap(trained_on, eval_file, source_field=source_field)
+        message = describe_held_out_overlap(overlap, f"The held-out file {eval_file}", ", ".join(map(str, trained_on)))
+        if message is not None:
+            user_emit({"event": "warning", "code": "validation_overlap", "message": message})
 
     metrics_path = out_dir / "metrics.jsonl"
     metrics_fh = metrics_path.open("a", encoding="utf-8")

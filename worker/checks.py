@@ -1,6 +1,7 @@
 """Checks before training: the text checks a job passes before any chunk or step (every file against
 the model's tokenizer: markup in the text, message lists without a chat template), so a job that
-cannot train as asked fails at preparation, not hours later; and the check a training worker passes
+cannot train as asked fails at preparation, not hours later; the held-out overlap a job is warned of
+(`held_out_warning`: validation pairs the training data already holds); and the check a training worker passes
 at start (`training_host_problem`), so a setting this host cannot train with stops the worker, not
 every user's job at its first step."""
 
@@ -12,7 +13,13 @@ import sys
 from pathlib import Path
 
 from core.settings import Settings
-from sdpo_engine.data import DataError, load_numbered_pairs, validate_file
+from sdpo_engine.data import (
+    DataError,
+    describe_held_out_overlap,
+    held_out_overlap,
+    load_numbered_pairs,
+    validate_file,
+)
 from sdpo_engine.markup import check_pairs, read_tokenizer_files
 from sdpo_engine.protocol import SpecError, check_training_settings
 from worker.workdir import local_path
@@ -97,3 +104,15 @@ def check_text(files: list[tuple[str, str]], base: Path, model_id: str, text_for
             return checked["code"], (f"File {file_id} cannot be trained on {model_id}: {where}{first['reason']}"
                                      + (f" ({more} more problem(s) of this kind in the file)" if more > 0 else ""))
     return None
+
+
+def held_out_warning(training: list[tuple[str, str]], validation: tuple[str, str], *,
+                     source_field: str) -> tuple[str, dict] | None:
+    """(message, data) for a warn event when the validation file ([file id, storage URI]) shares pairs or
+    prompts with the `training` files (`sdpo_engine.data.held_out_overlap`), else None. A warning, not a
+    refusal: some users hold out on purpose from the same prompts; everyone should know the held-out
+    figures are then not measured on unseen data."""
+    val_id, val_uri = validation
+    overlap = held_out_overlap([local_path(uri) for _, uri in training], local_path(val_uri), source_field=source_field)
+    message = describe_held_out_overlap(overlap, f"Validation file {val_id}", ", ".join(fid for fid, _ in training))
+    return None if message is None else (message, {"code": "validation_overlap", "validation_file": val_id, **overlap})

@@ -69,7 +69,7 @@ from sdpo_engine.protocol import (
     ExitCode,
 )
 from worker import broker, db, tracking, trainer_state, workdir
-from worker.checks import check_text
+from worker.checks import check_text, held_out_warning
 from worker.relay import Relay, backfill_metrics
 from worker.supervisor import CANCEL, GO, PAUSE, engine_command, supervise
 from worker.workdir import describe_os_error, local_path
@@ -118,6 +118,7 @@ def prepare_job(job_id: str, *, settings: Settings) -> Outcome:
         return Outcome.STOP  # cancelled, paused or finished before it started
     plan, model_id = found.plan, found.base_model[1]
     base: Path | None = None
+    warnings: list[tuple[str, dict]] = []  # warn events written with the job's start
     if not found.started:
         # Before any chunk or step: every file against the model's tokenizer (markup in the text,
         # message lists without a chat template), so a job that cannot train as asked fails here.
@@ -136,6 +137,11 @@ def prepare_job(job_id: str, *, settings: Settings) -> Outcome:
                              source_field=plan.get("source_field") or "source")
         if refused is not None:
             return _fail_job(job_id, None, *refused)
+        if found.validation is not None:
+            warning = held_out_warning(found.training, found.validation,
+                                       source_field=plan.get("source_field") or "source")
+            if warning is not None:
+                warnings.append(warning)
     written: list[tuple[str, dict]] = []
     if found.needs_chunks:
         # the sources (or, pair_easy_to_hard, the pairs) are scored with the model
@@ -148,7 +154,7 @@ def prepare_job(job_id: str, *, settings: Settings) -> Outcome:
                                                  text=found.text)
         except (PartitionError, ValueError) as e:
             return _fail_job(job_id, None, "partition_failed", str(e))
-    if _in_session(lifecycle.start_job, job_id, written, plan, what=f"start {job_id}"):
+    if _in_session(lifecycle.start_job, job_id, written, plan, warnings, what=f"start {job_id}"):
         return Outcome.CONTINUE
     for uri, _ in written:
         db.storage().delete(uri)

@@ -10,7 +10,7 @@ overwrite each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -185,6 +185,8 @@ class JobInputs:
     plan: dict[str, Any]  # jobs.partition: strategy, n_steps, sizes, source_field, …
     train_uri: str
     files: list[tuple[str, str]]  # (file id, storage URI): training, per-step and validation files
+    training: list[tuple[str, str]]  # the training and per-step files among them
+    validation: tuple[str, str] | None  # the validation file, if any
     base_model: tuple[str, str, str]  # (source, id, uri): repository.starting_model
     text: tuple[str, str | None]  # text_options
     started: bool  # already running: a chain re-sent by the reaper, the file checks were done
@@ -199,20 +201,23 @@ def job_inputs(session: Session, job_id: str) -> JobInputs | None:
     if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return None
     steps = get_steps(session, job_id)
-    files = [job.training_file_id] + [st.training_file_id for st in steps if st.training_file_id]
-    if job.validation_file_id:
-        files.append(job.validation_file_id)
+    training = list(dict.fromkeys([job.training_file_id] + [st.training_file_id for st in steps if st.training_file_id]))
+    files = training + ([job.validation_file_id] if job.validation_file_id else [])
     return JobInputs(
         needs_chunks=bool(job.partition) and any(st.chunk_uri is None for st in steps),
         plan=dict(job.partition or {}), train_uri=file_uri(session, job.training_file_id),
         files=[(f, file_uri(session, f)) for f in dict.fromkeys(files)],
+        training=[(f, file_uri(session, f)) for f in training],
+        validation=(job.validation_file_id, file_uri(session, job.validation_file_id)) if job.validation_file_id else None,
         base_model=starting_model(session, job), text=text_options(job), started=job.status == JobStatus.RUNNING,
         max_length=job.hyperparameters.get("max_length", 512), seed=job.seed)
 
 
-def start_job(session: Session, job_id: str, chunks: list[tuple[str, dict]], plan: dict[str, Any]) -> bool:
+def start_job(session: Session, job_id: str, chunks: list[tuple[str, dict]], plan: dict[str, Any],
+              warnings: Sequence[tuple[str, dict[str, Any]]] = ()) -> bool:
     """The job's chunks are written (or it has none): record them, queue its first unfinished step and
-    move it to running ("Job started: …"). False when the job is gone or no longer queued/running:
+    move it to running ("Job started: …"), with `warnings` ([(message, data)]) as warn events in the
+    same transaction, so they are written once. False when the job is gone or no longer queued/running:
     the caller deletes the `chunks` ([(uri, stats)]) it wrote, and the chain stops."""
     job = get_job(session, job_id, for_update=True)
     if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
@@ -234,6 +239,8 @@ def start_job(session: Session, job_id: str, chunks: list[tuple[str, dict]], pla
         order = f" (order: {' -> '.join(plan['source_order'])})" if plan.get("source_order") else ""
         add_event(session, job_id, f"Job started: {job.n_steps} step(s){desc}{order}.",
                   data={"partition": plan} if plan else None)
+        for message, data in warnings:
+            add_event(session, job_id, message, level="warn", data=data)
     return True
 
 

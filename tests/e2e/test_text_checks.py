@@ -71,3 +71,31 @@ def test_markup_and_no_signal_through_the_api(service, tmp_path):
     (warning,) = [e for e in _events(client, job["id"]) if "dropped" in e["message"]]
     assert warning["level"] == "warn"
     assert "4 of 8 pair(s) dropped" in warning["message"] and "lines 1, 2, 3, 4" in warning["message"]
+
+
+@pytest.mark.slow  # a real worker trains two small jobs: ~30 s
+def test_a_validation_file_that_overlaps_the_training_data_is_warned_of_once(service, tmp_path):
+    service.start_api()
+    service.start_worker("w1")
+    client = service.client()
+
+    def pairs(path: Path, numbers) -> str:
+        path.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}.",
+                                            "rejected": f"{i + 2}."}) + "\n" for i in numbers))
+        return upload(client, path)
+
+    train = pairs(tmp_path / "train.jsonl", range(8))
+    leaked = pairs(tmp_path / "leaked.jsonl", range(5, 11))  # 3 of 6 in training
+    unseen = pairs(tmp_path / "unseen.jsonl", range(20, 24))
+    for validation, expected in ((leaked, 1), (unseen, 0)):
+        job = wait_job(client, client.post("/v1/fine_tuning/jobs",
+                                           json={**_dpo(train), "validation_file": validation}).json()["id"])
+        assert job["status"] == "succeeded", service.logs()
+        warned = [e for e in _events(client, job["id"]) if "overlaps the training data" in e["message"]]
+        assert len(warned) == expected, warned
+        if expected:
+            (event,) = warned
+            assert event["level"] == "warn"
+            assert f"Validation file {leaked} overlaps the training data ({train}): 3 of its 6 pairs" in event["message"]
+            assert "lines 1, 2, 3)" in event["message"]
+            assert event["data"]["code"] == "validation_overlap" and event["data"]["same_pairs"] == 3

@@ -175,3 +175,52 @@ def test_invalid_lines_do_not_feed_warnings(tmp_path):
     report = validate_file(_write(tmp_path, rows))
     assert not report["valid"]
     assert [(w["code"], w["lines"]) for w in report["warnings"]] == [("duplicate_pairs", [3])]
+
+
+def test_held_out_overlap_counts_the_validation_pairs_and_prompts_training_already_holds(tmp_path):
+    """A validation file against the training files: same pairs (up to case and whitespace, any source),
+    same prompts with other answers (every message of a conversation), lines named; invalid lines skipped;
+    a Parquet validation file reads the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sdpo_engine.data import held_out_overlap
+
+    train_a = _write(tmp_path, [_pair("Greet Ada.", "Hello Ada!", "Go away.", source="easy"),
+                                _pair("What is 2 + 2?", "4.", "5.")], "train_a.jsonl")
+    train_b = _write(tmp_path, [_pair(f"Count to {i}.", "ok", "no") for i in range(30)], "train_b.jsonl")
+    held_rows = [
+        _pair("greet  ADA.", "hello ada!", " Go away. ", source="hard"),  # 1: the same pair, other case/space/source
+        _pair("What is 2 + 2?", "Four.", "5."),  # 2: a training prompt, other answers
+        _pair("What is 3 + 3?", "6.", "7."),  # 3: unseen
+        *[_pair(f"Count to {i}.", "ok", "no") for i in range(12)],  # 4-15: in the second training file
+    ]
+    held = _write(tmp_path, held_rows, "held.jsonl")
+    got = held_out_overlap([train_a, train_b], held)
+    assert got == {"validation_pairs": 15, "same_pairs": 13, "same_pair_lines": [1, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+                   "same_prompts": 1, "same_prompt_lines": [2]}
+    # Invalid lines do not count and do not stop the scan.
+    with open(held, "a", encoding="utf-8") as fh:
+        fh.write("{not json\n")
+        fh.write(json.dumps(_pair("Greet Ada.", "Hello Ada!", "Go away.")) + "\n")
+    got = held_out_overlap([train_a, train_b], held)
+    assert (got["validation_pairs"], got["same_pairs"]) == (16, 14)
+    # No overlap at all; and a Parquet validation file against JSONL training.
+    assert held_out_overlap([train_b], _write(tmp_path, held_rows[:3], "h2.jsonl"))["same_pairs"] == 0
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "source"} for r in held_rows[:3]])
+    pq.write_table(table, tmp_path / "held.parquet")
+    got = held_out_overlap([train_a], tmp_path / "held.parquet")
+    assert (got["validation_pairs"], got["same_pairs"], got["same_prompts"]) == (3, 1, 1)
+
+    # Conversations: the prompt is every message, not the last one.
+    def chat(*turns: str) -> dict:
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return {"prompt": messages, "chosen": [{"role": "assistant", "content": "3"}],
+                "rejected": [{"role": "assistant", "content": "4"}]}
+
+    train_c = _write(tmp_path, [chat("Hi", "Hello!", "Add 1 and 2")], "train_c.jsonl")
+    held_c = _write(tmp_path, [chat("Hey", "Hello!", "Add 1 and 2"), chat("Hi", "Hello!", "Add 1 and 2"),
+                               {**chat("Hi", "Hello!", "Add 1 and 2"), "chosen": [{"role": "assistant", "content": "three"}]}],
+                    "held_c.jsonl")
+    got = held_out_overlap([train_c], held_c)
+    assert (got["same_pairs"], got["same_pair_lines"], got["same_prompts"], got["same_prompt_lines"]) == (1, [2], 1, [3])

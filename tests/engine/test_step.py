@@ -230,3 +230,21 @@ def test_preload_takes_the_first_from_pretrained_and_the_import_heap_off_the_ste
         assert len(gc.get_objects()) < 1_000  # what a collection still walks: only what came after
     finally:
         gc.unfreeze()
+
+
+def test_run_warns_when_the_held_out_file_overlaps_the_training_data(tmp_path, tiny_model, chunk_files):
+    """`sdpo_engine run` (run_sdpo) with an eval file the training data holds: a validation_overlap warning
+    before any step, naming both files; a disjoint one: none."""
+    from sdpo_engine.sample_data import write_jsonl
+
+    c1, _c2, _ev = chunk_files
+    pairs = load_pairs(c1)
+    leaked = write_jsonl([{"prompt": p["prompt"][0]["content"], "chosen": p["chosen"][0]["content"],
+                           "rejected": p["rejected"][0]["content"]} for p in pairs[:3]]
+                         + [{"prompt": "Unseen?", "chosen": "yes", "rejected": "no"}], tmp_path / "leaked.jsonl")
+    events: list[dict] = []
+    run_sdpo(str(tiny_model), tmp_path / "run", step_files=[str(c1)], eval_file=str(leaked),
+             hyperparameters={**TINY_HPARAMS, "n_epochs": 1}, device="cpu", emit=events.append)
+    (warning,) = [e for e in events if e["event"] == "warning" and e["code"] == "validation_overlap"]
+    assert warning["message"].startswith(f"The held-out file {leaked} overlaps the training data ({c1}): 3 of its 4 pairs")
+    assert events.index(warning) < next(i for i, e in enumerate(events) if e["event"] == "metrics")
