@@ -50,6 +50,34 @@ def make_pairs(n_per_source: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# More names for the demo's sample than NAMES (which the tiny tokenizer was trained on: changing it would
+# change the tiny model): 60 greetings, each a different name, so no pair repeats and none held out is trained on.
+SAMPLE_NAMES = NAMES + ["Alma", "Bo", "Cyd", "Dara", "Elio", "Faye", "Gil", "Hugo", "Iris", "Joel", "Kira", "Leo",
+                        "Maya", "Nils", "Olga", "Paz", "Rafe", "Sven", "Theo", "Una", "Vera", "Wes", "Xena", "Yusuf",
+                        "Zoe", "Arlo", "Bea", "Cruz", "Dina", "Emil", "Flor", "Gwen", "Hiro", "Ines", "Juno", "Lars"]
+SAMPLE_TRAIN_PER_SOURCE, SAMPLE_HELDOUT_PER_SOURCE = 48, 12
+
+
+def demo_sample(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The bundled sample (sdpo_engine/assets/sample_train.jsonl and sample_heldout.jsonl, what `sdpo demo`
+    uploads): 48 training and 12 held-out pairs of each source, interleaved. Every pair differs from every
+    other and no held-out prompt is a training prompt (a held-out figure measured on trained pairs would
+    read memorisation as generalisation; the service warns of such a validation file)."""
+    rng = random.Random(seed)
+    total = SAMPLE_TRAIN_PER_SOURCE + SAMPLE_HELDOUT_PER_SOURCE
+    names = rng.sample(SAMPLE_NAMES, total)
+    sums = rng.sample([(a, b) for a in range(50) for b in range(50)], total)
+    rows = []
+    for name, (a, b) in zip(names, sums, strict=True):
+        rows.append({"prompt": f"Greet {name}.", "chosen": f"Hello {name}, nice to meet you!",
+                     "rejected": f"Go away {name}.", "source": "greeting"})
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                     "rejected": f"{a} + {b} = {wrong}.", "source": "arithmetic"})
+    cut = 2 * SAMPLE_TRAIN_PER_SOURCE
+    return rows[:cut], rows[cut:]
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

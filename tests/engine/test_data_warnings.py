@@ -224,3 +224,20 @@ def test_held_out_overlap_counts_the_validation_pairs_and_prompts_training_alrea
                     "held_c.jsonl")
     got = held_out_overlap([train_c], held_c)
     assert (got["same_pairs"], got["same_pair_lines"], got["same_prompts"], got["same_prompt_lines"]) == (1, [2], 1, [3])
+
+
+def test_the_bundled_sample_is_the_generators_and_has_no_repeat_or_leak():
+    """sdpo demo's files: what `demo_sample` writes, no duplicate pair and no warning in either file, and no
+    held-out pair or prompt in training (else the demo's heldout_acc would count trained pairs)."""
+    from sdpo_engine.data import held_out_overlap
+    from sdpo_engine.sample_data import demo_sample
+
+    assets = Path(__file__).resolve().parents[2] / "sdpo_engine" / "assets"
+    train, heldout = demo_sample()
+    for rows, name in ((train, "sample_train.jsonl"), (heldout, "sample_heldout.jsonl")):
+        assert [json.loads(line) for line in (assets / name).read_text().splitlines()] == rows
+        report = validate_file(assets / name)
+        assert report["valid"] and report["warnings"] == [], report["warnings"]
+        assert {r["source"] for r in rows} == {"greeting", "arithmetic"}
+    overlap = held_out_overlap([assets / "sample_train.jsonl"], assets / "sample_heldout.jsonl")
+    assert overlap["validation_pairs"] == 24 and overlap["same_pairs"] == overlap["same_prompts"] == 0
