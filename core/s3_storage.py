@@ -512,7 +512,8 @@ class S3Storage(Storage):
         files = sorted(index["files"].items())
         # Each file is hashed in a thread while the next one downloads (a checkpoint in 5 GB shards: ~4.5 s
         # of sha256 per shard that no longer waits in line); every file is checked before the rename.
-        hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1, 8)),
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        hashers = concurrent.futures.ThreadPoolExecutor(max(1, min(len(files), cpus, 8)),
                                                         thread_name_prefix="sdpo-s3-sha256")
         checks: list[tuple[str, dict, Path, concurrent.futures.Future[str]]] = []
 
