@@ -68,13 +68,13 @@ def run_demo(url: str, key: str, *, n_epochs: int = 2, timeout: float = 900, out
     print(f"final checkpoint: {final['id']}", file=out)
     cli = f"sdpo checkpoints download {job['id']} -o model --extract"
     if service_stays:
-        print(f"download: {cli}", file=out)
+        print(f"download: {cli} --url {shlex.quote(url)}", file=out)
         if key_shell:
             print(f"      or: curl -fH \"Authorization: Bearer {key_shell}\" "
                   f"{url}/v1/fine_tuning/jobs/{job['id']}/checkpoints/{final['id']}/content -o model.tar", file=out)
     else:
-        print(f"download: the demo's service has stopped (`sdpo demo --keep-running` leaves it up); "
-              f"`sdpo up`, then {cli}", file=out)
+        print(f"download: the demo's service has stopped (`sdpo demo --keep-running` leaves it up); start it "
+              f"with `sdpo up` (it stays in the foreground), then in another terminal: {cli}", file=out)
     local = storage_dir / "checkpoints" / job["id"] / final["id"] if storage_dir else None
     if local is not None and local.is_dir():
         print(f"on this machine: {local}", file=out)

@@ -347,7 +347,8 @@ def describe_held_out_overlap(overlap: dict[str, Any], validation: str, training
 
     parts = []
     if same:
-        parts.append(f"{same} of its {total} pairs are also in the training data (same prompt, chosen and rejected, "
+        parts.append(f"{same} of its {total} pairs {'are' if same > 1 else 'is'} also in the training data "
+                     "(same prompt, chosen and rejected, "
                      f"ignoring case and whitespace; {lines('same_pair_lines', same)})")
     if prompts:
         whose = f"{prompts} more" if same else f"{prompts} of its {total} pairs"

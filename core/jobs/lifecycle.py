@@ -18,6 +18,7 @@ from typing import Any, Literal
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from core import ids
 from core.celery_config import JOB_ENDED
 from core.clock import utcnow
 from core.errors import Conflict
@@ -25,6 +26,7 @@ from core.jobs import gates
 from core.jobs.repository import (
     add_event,
     claim_step_row,
+    existing_event_ids,
     file_uri,
     get_job,
     get_steps,
@@ -217,7 +219,8 @@ def start_job(session: Session, job_id: str, chunks: list[tuple[str, dict]], pla
               warnings: Sequence[tuple[str, dict[str, Any]]] = ()) -> bool:
     """The job's chunks are written (or it has none): record them, queue its first unfinished step and
     move it to running ("Job started: …"), with `warnings` ([(message, data)]) as warn events in the
-    same transaction, so they are written once. False when the job is gone or no longer queued/running:
+    same transaction. A warning is written once per job and `data["code"]`: a resumed job starts again
+    and is warned of nothing twice. False when the job is gone or no longer queued/running:
     the caller deletes the `chunks` ([(uri, stats)]) it wrote, and the chain stops."""
     job = get_job(session, job_id, for_update=True)
     if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
@@ -240,7 +243,9 @@ def start_job(session: Session, job_id: str, chunks: list[tuple[str, dict]], pla
         add_event(session, job_id, f"Job started: {job.n_steps} step(s){desc}{order}.",
                   data={"partition": plan} if plan else None)
         for message, data in warnings:
-            add_event(session, job_id, message, level="warn", data=data)
+            event_id = ids.derived_id(ids.EVENT, job_id, "start-warning", str(data.get("code")))
+            if not existing_event_ids(session, [event_id]):
+                add_event(session, job_id, message, level="warn", data=data, event_id=event_id)
     return True
 
 

@@ -234,7 +234,7 @@ def test_preload_takes_the_first_from_pretrained_and_the_import_heap_off_the_ste
 
 def test_run_warns_when_the_held_out_file_overlaps_the_training_data(tmp_path, tiny_model, chunk_files):
     """`sdpo_engine run` (run_sdpo) with an eval file the training data holds: a validation_overlap warning
-    before any step, naming both files; a disjoint one: none."""
+    before any step, naming both files."""
     from sdpo_engine.sample_data import write_jsonl
 
     c1, _c2, _ev = chunk_files

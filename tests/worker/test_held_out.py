@@ -32,4 +32,7 @@ def test_the_warning_names_the_files_counts_and_lines(tmp_path):
     only_prompts = _file(tmp_path / "val2", [("Q1?", "a", "b"), ("Q2?", "c", "d")])
     message, _ = held_out_warning([train], only_prompts, source_field="source")
     assert ": 2 of its 2 pairs have a training prompt with other answers (lines 1, 2)." in message
+    one = _file(tmp_path / "val4", [("Q1?", "yes", "no"), ("New?", "a", "b")])
+    message, _ = held_out_warning([train], one, source_field="source")
+    assert ": 1 of its 2 pairs is also in the training data (" in message and "; line 1)." in message
     assert held_out_warning([train], _file(tmp_path / "val3", [("New?", "a", "b")]), source_field="source") is None

@@ -78,6 +78,30 @@ def test_start_job_records_the_chunks_queues_step_1_and_logs_the_start_once(db, 
     assert _messages(db, job.id) == ["Job started: 2 step(s), partition random."]
 
 
+def test_start_job_writes_each_warning_once_across_a_pause_and_resume(db, make_job, app):
+    """A warning given with the job's start (the validation overlap) is one event per code: a chain re-sent
+    by the reaper writes nothing, and neither does the start after a resume (the job went back to queued)."""
+    job = make_job(status="queued", n_steps=2)
+    overlap = ("Validation file file-v overlaps the training data (file-t): …", {"code": "validation_overlap"})
+    other = ("Something else.", {"code": "another_warning"})
+    assert lifecycle.start_job(db, job.id, [], {}, [overlap]) is True
+    db.commit()
+    assert lifecycle.start_job(db, job.id, [], {}, [overlap]) is True  # re-sent while running: no start at all
+    db.commit()
+    lifecycle.pause_job(db, db.get(Job, job.id))
+    db.commit()
+    if db.get(Job, job.id).status != "paused":  # pausing a running job waits for its step
+        lifecycle.claim_step(db, job.id, 1, worker="w")
+        db.commit()
+    lifecycle.resume_job(db, db.get(Job, job.id), app)
+    db.commit()
+    assert db.get(Job, job.id).status == "queued"
+    assert lifecycle.start_job(db, job.id, [], {}, [overlap, other]) is True
+    db.commit()
+    warned = [e for e in db.scalars(select(Event).where(Event.job_id == job.id, Event.level == "warn"))]
+    assert sorted((e.data or {}).get("code") for e in warned) == ["another_warning", "validation_overlap"]
+
+
 def test_start_job_of_a_cancelled_job_refuses(db, make_job):
     job = make_job(status="cancelled")
     assert lifecycle.start_job(db, job.id, [("local://chunks/x", {})], {}) is False
