@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,23 +124,10 @@ def write_checkpoint_atomically(out_dir: str | Path, write: Callable[[Path], Non
         write(tmp)
         # The files go to disk while they are hashed (both read the same page cache; fsync waits on the
         # disk, hashing on the CPU), instead of one after the other.
-        synced: list[BaseException | None] = []
-
-        def sync() -> None:
-            try:
-                _fsync_files(tmp)
-                synced.append(None)
-            except BaseException as e:  # raised below, in the caller's thread
-                synced.append(e)
-
-        syncer = threading.Thread(target=sync, name="sdpo-fsync", daemon=True)
-        syncer.start()
-        try:
+        with ThreadPoolExecutor(1, thread_name_prefix="sdpo-fsync") as syncer:
+            synced = syncer.submit(_fsync_files, tmp)
             hashes = file_hashes(tmp)
-        finally:
-            syncer.join()
-        if synced[0] is not None:
-            raise synced[0]
+        synced.result()  # an fsync error is raised here, in the caller's thread
         manifest = {**manifest, "files": hashes, "checkpoint_sha256": tree_digest(hashes)}
         manifest_path = tmp / MANIFEST_NAME
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
